@@ -1,0 +1,44 @@
+"""hfquant: post-training quantization for Hugging Face models — calibrate, quantize, evaluate, save, push.
+
+Public API for users and plugin authors; the tensor math lives in `hfquant.quant`.
+"""
+
+from .hookspecs import hookimpl
+from .observer import Observer
+from .quant import QuantArgs, QuantArgsError, compute_qparams, dequantize, fake_quantize, quantize
+from .registry import PluginError, UnknownNameError
+from .scheme import QuantScheme, SchemeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Observer",
+    "PluginError",
+    "QuantArgs",
+    "QuantArgsError",
+    "QuantScheme",
+    "SchemeError",
+    "UnknownNameError",
+    "__version__",
+    "compute_qparams",
+    "dequantize",
+    "fake_quantize",
+    "get_observer",
+    "get_scheme",
+    "hookimpl",
+    "quantize",
+]
+
+
+def get_observer(name: str):
+    """The observer class registered as `name` (built-in or from an installed plugin)."""
+    from .plugins import registries
+
+    return registries().observers.get(name)
+
+
+def get_scheme(name: str) -> QuantScheme:
+    """The scheme preset registered as `name`."""
+    from .plugins import registries
+
+    return registries().schemes.get(name)

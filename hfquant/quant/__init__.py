@@ -1,0 +1,30 @@
+"""Pure tensor math for quantization: arguments, qparams, the integer mapping, packing and error metrics."""
+
+from .args import STRATEGIES, QuantArgs, QuantArgsError
+from .metrics import max_abs_error, mse, sqnr_db
+from .pack import PACKABLE_BITS, pack, storage_bits, unpack
+from .primitives import code_dtype, dequantize, expand_qparam, fake_quantize, quantize
+from .qparams import check_finite, compute_qparams, dynamic_qparams, min_max, reduce_by_strategy
+
+__all__ = [
+    "PACKABLE_BITS",
+    "STRATEGIES",
+    "QuantArgs",
+    "QuantArgsError",
+    "check_finite",
+    "code_dtype",
+    "compute_qparams",
+    "dequantize",
+    "dynamic_qparams",
+    "expand_qparam",
+    "fake_quantize",
+    "max_abs_error",
+    "min_max",
+    "mse",
+    "pack",
+    "quantize",
+    "reduce_by_strategy",
+    "sqnr_db",
+    "storage_bits",
+    "unpack",
+]

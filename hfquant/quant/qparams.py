@@ -1,0 +1,98 @@
+"""Observed ranges and the scale / zero point they imply; pure functions of tensors and `QuantArgs`."""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+
+from .args import QuantArgs
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
+    """Refuse NaN/Inf early: they would silently poison every scale computed from them."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{what} contains NaN or Inf ({bad} of {x.numel()} values); quantization needs finite "
+            "values — check the model weights or the calibration data"
+        )
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (for exact reference math); everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def reduce_by_strategy(x: torch.Tensor, args: QuantArgs, reduce_last: Reducer) -> torch.Tensor:
+    """Apply `reduce_last` (reduces the last dim, keepdim) over the slices that share one scale.
+
+    Result shapes broadcast against `x`: tensor → (), channel → (out, 1, ...), token → (..., 1),
+    group → (out, n_groups) where the last group may be smaller than `group_size`.
+    """
+    if args.strategy == "tensor":
+        return reduce_last(x.reshape(1, -1)).reshape(())
+    if args.strategy == "channel":
+        if x.dim() < 2:
+            raise ValueError(f"strategy='channel' needs a tensor with >= 2 dims, got shape {tuple(x.shape)}")
+        return reduce_last(x.reshape(x.shape[0], -1)).reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+    if args.strategy == "token":
+        return reduce_last(x.reshape(-1, x.shape[-1])).reshape(tuple(x.shape[:-1]) + (1,))
+    # group
+    if x.dim() != 2:
+        raise ValueError(f"strategy='group' needs a 2-D weight (out, in), got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    g = args.group_size
+    full = (cols // g) * g
+    parts = []
+    if full:
+        parts.append(reduce_last(x[:, :full].reshape(rows, cols // g, g)).reshape(rows, cols // g))
+    if full < cols:
+        parts.append(reduce_last(x[:, full:]).reshape(rows, 1))
+    return torch.cat(parts, dim=1)
+
+
+def min_max(x: torch.Tensor, args: QuantArgs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The observed (min, max) for each slice that shares a scale."""
+    check_finite(x)
+    xf = x.to(compute_dtype(x))
+    lo = reduce_by_strategy(xf, args, lambda t: t.amin(dim=-1, keepdim=True))
+    hi = reduce_by_strategy(xf, args, lambda t: t.amax(dim=-1, keepdim=True))
+    return lo, hi
+
+
+def compute_qparams(
+    min_vals: torch.Tensor, max_vals: torch.Tensor, args: QuantArgs
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point for an observed range.
+
+    The range is widened to include 0 so that real zero is exactly representable (padding, ReLU zeros).
+    Asymmetric: scale = (max - min) / (qmax - qmin), zero_point = round(qmin - min / scale), clamped.
+    Symmetric: scale = max(|min|, |max|) / ((qmax - qmin) // 2), zero point 0 (signed) or the mid code.
+    """
+    min_vals = torch.as_tensor(min_vals)
+    max_vals = torch.as_tensor(max_vals)
+    dtype = torch.float64 if torch.float64 in (min_vals.dtype, max_vals.dtype) else torch.float32
+    check_finite(min_vals, "observed minimum")
+    check_finite(max_vals, "observed maximum")
+    lo = torch.clamp(min_vals.to(dtype), max=0.0)
+    hi = torch.clamp(max_vals.to(dtype), min=0.0)
+    if args.symmetric:
+        half_range = (args.qmax - args.qmin) // 2
+        scale = torch.maximum(-lo, hi) / half_range
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        mid = 0 if args.signed else (args.qmin + args.qmax + 1) // 2
+        zero_point = torch.full_like(scale, mid, dtype=torch.int32)
+    else:
+        scale = (hi - lo) / (args.qmax - args.qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = torch.round(args.qmin - lo / scale).clamp(args.qmin, args.qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def dynamic_qparams(x: torch.Tensor, args: QuantArgs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams of `x` itself, as used for dynamic (run-time) activation quantization."""
+    return compute_qparams(*min_max(x, args), args)

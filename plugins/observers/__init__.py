@@ -1,0 +1,1 @@
+"""Built-in observers, one plugin module each."""
