@@ -11,6 +11,23 @@ from .scheme import QuantScheme, SchemeError
 
 __version__ = "0.1.0"
 
+
+def load_quantized(path: str, task: str = "causal-lm", **kwargs):
+    """Reload a folder saved by hfquant (`<output_dir>/model`)."""
+    from .pipeline.save import load_quantized as _load
+
+    return _load(path, task, **kwargs)
+
+
+def _register_format() -> None:
+    # `import hfquant` is what makes `AutoModelForCausalLM.from_pretrained(<hfquant folder>)` work.
+    from .formats import register_with_transformers
+
+    register_with_transformers()
+
+
+_register_format()
+
 __all__ = [
     "Observer",
     "PluginError",
@@ -26,6 +43,7 @@ __all__ = [
     "get_observer",
     "get_scheme",
     "hookimpl",
+    "load_quantized",
     "quantize",
 ]
 

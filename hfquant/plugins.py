@@ -29,6 +29,12 @@ BUILTIN_MODULES = (
     "hfquant_builtins.observers.percentile",
     "hfquant_builtins.observers.mse",
     "hfquant_builtins.schemes",
+    "hfquant_builtins.datasets.pydoc",
+    "hfquant_builtins.datasets.text",
+    "hfquant_builtins.datasets.hub",
+    "hfquant_builtins.evaluators.perplexity",
+    "hfquant_builtins.evaluators.embedding_similarity",
+    "hfquant_builtins.backends.fake",
 )
 
 

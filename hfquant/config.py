@@ -1,0 +1,164 @@
+"""Validate a composed Hydra config into a `RunSpec` before anything expensive happens.
+
+Every error names the config key and the allowed values, so `hfquant observer=percentil` or
+`scheme.weights.group_size=0` fail in milliseconds, before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from .plugins import registries
+from .quant import QuantArgsError
+from .registry import UnknownNameError
+from .scheme import QuantScheme, SchemeError
+
+DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size"}
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and what is allowed."""
+
+
+@dataclass
+class DataSpec:
+    name: str
+    options: Dict[str, Any]
+    seq_len: int
+    num_samples: int = 0
+    seed: int = 0
+    max_windows: Optional[int] = None
+    evaluators: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunSpec:
+    model: Dict[str, Any]
+    scheme: QuantScheme
+    observer: str
+    observer_options: Dict[str, Any]
+    backend: str  # may be "auto" until resolved
+    calibration: Optional[DataSpec]
+    evaluation: Optional[DataSpec]
+    output_dir: str
+    overwrite: bool
+    resume: bool
+    device: str
+    hub: Dict[str, Any]
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_config(node) else node
+
+
+def _known(kind: str, name: str, key: str) -> None:
+    try:
+        getattr(registries(), kind).entry(name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _check_options(cls, options: dict, key: str) -> None:
+    """Options must be accepted by the plugin's constructor (checked without building anything heavy)."""
+    sig = inspect.signature(cls.__init__)
+    params = [p for p in sig.parameters.values() if p.name != "self"]
+    allowed = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"args"}
+    allowed |= set(getattr(cls, "options", ()) or ())
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(f"{key}: unknown option(s) {sorted(unknown)} for {cls.__name__}; allowed: {sorted(allowed) or 'none'}")
+
+
+def _positive_int(value, key: str, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _scheme(cfg) -> QuantScheme:
+    raw = _plain(cfg.scheme)
+    name = raw.get("name")
+    _known("schemes", name, "scheme")
+    try:
+        return QuantScheme.from_dict(raw)
+    except QuantArgsError as exc:
+        part = "weights" if raw.get("weights") else "input_activations"
+        raise ConfigError(f"scheme.{part}: {exc}") from None
+    except (SchemeError, TypeError) as exc:
+        raise ConfigError(f"scheme: {exc}") from None
+
+
+def _data(node, key: str, need_samples: bool) -> Optional[DataSpec]:
+    raw = _plain(node)
+    if raw is None or raw.get("name") in (None, "none"):
+        return None
+    name = raw["name"]
+    _known("datasets", name, f"{key}.name")
+    options = {k: v for k, v in raw.items() if k not in DATASET_PROTOCOL_KEYS}
+    _check_options(registries().datasets.get(name), options, key)
+    spec = DataSpec(name, options, _positive_int(raw.get("seq_len"), f"{key}.seq_len"), seed=int(raw.get("seed", 0)))
+    if need_samples:
+        spec.num_samples = _positive_int(raw.get("num_samples"), f"{key}.num_samples")
+    else:
+        spec.max_windows = _positive_int(raw.get("max_windows"), f"{key}.max_windows", allow_none=True)
+        spec.evaluators = list(raw.get("evaluators") or [])
+        for ev in spec.evaluators:
+            _known("evaluators", ev, f"{key}.evaluators")
+    return spec
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Turn the composed config into a `RunSpec`, or raise `ConfigError` naming the bad key."""
+    scheme = _scheme(cfg)
+    observer = cfg.observer.name
+    _known("observers", observer, "observer")
+    options = _plain(cfg.observer.get("options")) or {}
+    obs_cls = registries().observers.get(observer)
+    _check_options(obs_cls, options, "observer.options")
+    try:
+        obs_cls(scheme.weights or scheme.input_activations, **options)  # option values validated by the observer
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"observer.options: {exc}") from None
+    scheme = scheme.with_observer(observer)
+
+    backend = cfg.backend.name
+    device = str(cfg.get("device", "cpu"))
+    if backend != "auto":
+        _known("backends", backend, "backend")
+        reason = registries().backends.get(backend).supports(scheme, device)
+        if reason:
+            able = [n for n in registries().backends.names() if not registries().backends.get(n).supports(scheme, device)]
+            raise ConfigError(f"backend={backend} cannot run scheme {scheme.name!r} on {device}: {reason}. "
+                              f"Backends that can: {', '.join(able) or 'none'}")
+    elif not any(registries().backends.get(n).supports(scheme, device) is None for n in registries().backends.names()):
+        reasons = "; ".join(f"{n}: {registries().backends.get(n).supports(scheme, device)}" for n in registries().backends.names())
+        raise ConfigError(f"no backend can run scheme {scheme.name!r} on {device} ({reasons})")
+
+    model = _plain(cfg.model)
+    if model.get("task", "causal-lm") not in ("causal-lm", "embedding"):
+        raise ConfigError(f"model.task={model.get('task')!r}; allowed: causal-lm, embedding")
+    if model.get("dtype", "float32") not in ("float32", "float16", "bfloat16", "auto"):
+        raise ConfigError(f"model.dtype={model.get('dtype')!r}; allowed: float32, float16, bfloat16, auto")
+    if not model.get("path"):
+        raise ConfigError("model.path is empty; give a Hub id or a local folder, e.g. model.path=/models/foo")
+
+    calibration = _data(cfg.calibration, "calibration", need_samples=True)
+    if scheme.needs_calibration_data and calibration is None:
+        raise ConfigError(f"scheme {scheme.name!r} calibrates static activations: set calibration=pydoc (or another dataset), not none")
+    evaluation = _data(cfg.evaluation, "evaluation", need_samples=False)
+    if evaluation is not None and not evaluation.evaluators:
+        raise ConfigError("evaluation.evaluators is empty; e.g. evaluation.evaluators=[perplexity]")
+    hub = _plain(cfg.get("hub")) or {}
+    if hub.get("push") and not hub.get("repo_id"):
+        raise ConfigError("hub.push=true needs hub.repo_id=<org>/<name>")
+    output_dir = cfg.get("output_dir")
+    if not output_dir:
+        raise ConfigError("output_dir is empty")
+    return RunSpec(model, scheme, observer, options, backend, calibration, evaluation, str(output_dir),
+                   bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub)

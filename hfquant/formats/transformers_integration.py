@@ -1,0 +1,116 @@
+"""Registers hfquant's format with transformers, so `from_pretrained(folder)` reloads it after `import hfquant`.
+
+The saved ``config.json`` carries ``quantization_config = {"quant_method": "hfquant", "format_version": 1,
+"scheme": ..., "modules": {name: {"weights": QuantArgs, "input_activations": QuantArgs | null}}, ...}``.
+On load, the listed Linear modules are swapped for `QuantLinear` on the meta device before weights load.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..quant import QuantArgs
+from .qlinear import QuantLinear
+
+QUANT_METHOD = "hfquant"
+FORMAT_VERSION = 1
+
+
+class HfQuantConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of an hfquant folder (versioned; unknown future versions are refused)."""
+
+    def __init__(
+        self,
+        scheme: str = "",
+        modules: Optional[Dict[str, Dict[str, Any]]] = None,
+        ignore: Optional[list] = None,
+        backend: str = "fake",
+        observer: Optional[str] = None,
+        format_version: int = FORMAT_VERSION,
+        hfquant_version: Optional[str] = None,
+        **kwargs,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        if int(format_version) > FORMAT_VERSION:
+            raise ValueError(
+                f"this folder uses hfquant format_version {format_version}, newer than this hfquant understands "
+                f"({FORMAT_VERSION}); upgrade hfquant (pip install -U hfquant)"
+            )
+        self.format_version = int(format_version)
+        self.scheme = scheme
+        self.modules = dict(modules or {})
+        self.ignore = list(ignore or [])
+        self.backend = backend
+        self.observer = observer
+        self.hfquant_version = hfquant_version
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "hfquant_version": self.hfquant_version,
+            "scheme": self.scheme,
+            "backend": self.backend,
+            "observer": self.observer,
+            "ignore": self.ignore,
+            "modules": self.modules,
+        }
+
+
+class HfQuantQuantizer(HfQuantizer):
+    """Swaps the quantized Linear modules for `QuantLinear` before the saved codes and scales load into them."""
+
+    requires_calibration = True  # only pre-quantized folders load; quantizing happens in the hfquant pipeline
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_linears(model, self.quantization_config.modules, device="meta")
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def replace_linears(model: torch.nn.Module, modules: Dict[str, Dict[str, Any]], device=None) -> None:
+    """Replace each named Linear by an empty `QuantLinear` with the saved per-module args."""
+    for name, spec in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        if isinstance(linear, QuantLinear):
+            continue
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(f"quantization_config lists {name!r}, but the model has a {type(linear).__name__} there")
+        w_args = QuantArgs.from_dict(spec["weights"])
+        a_args = QuantArgs.from_dict(spec["input_activations"]) if spec.get("input_activations") else None
+        dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
+        q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, w_args, a_args,
+                        dtype=dtype, device=device if device is not None else linear.weight.device)
+        setattr(parent, child, q)
+
+
+def register_with_transformers() -> None:
+    """Idempotent: make transformers dispatch ``quant_method: hfquant`` to our config and quantizer."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(HfQuantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(HfQuantQuantizer)

@@ -1,0 +1,1 @@
+"""The pipeline stages, one module each: load, data, calibrate, quantize, evaluate, save; `run` ties them."""

@@ -1,0 +1,55 @@
+"""Quantize: pick the backend, measure the weight error the plan implies, convert the model in place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import torch
+
+from ..plugins import registries
+from ..quant import fake_quantize
+
+log = logging.getLogger("hfquant")
+
+# `backend=auto` tries these in order and takes the first that supports the scheme on the device.
+AUTO_PREFERENCE = ("fake",)
+
+
+def resolve_backend(name: str, scheme, device: str) -> Tuple[str, str]:
+    """(backend name, why it was chosen)."""
+    if name != "auto":
+        return name, "asked for by backend=" + name
+    backends = registries().backends
+    order = [n for n in AUTO_PREFERENCE if n in backends] + [n for n in backends.names() if n not in AUTO_PREFERENCE]
+    refusals = []
+    for candidate in order:
+        reason = backends.get(candidate).supports(scheme, device)
+        if reason is None:
+            why = f"auto: first of {', '.join(order)} that runs {scheme.name} on {device}"
+            if refusals:
+                why += " (" + "; ".join(refusals) + ")"
+            return candidate, why
+        refusals.append(f"{candidate}: {reason}")
+    raise ValueError(f"no backend runs scheme {scheme.name!r} on {device}: " + "; ".join(refusals))
+
+
+@torch.no_grad()
+def weight_error(model, plan) -> dict:
+    """Relative MSE and SQNR of all quantized weights together, from the plan's qparams."""
+    err, energy = 0.0, 0.0
+    for name, mp in plan.modules.items():
+        if mp.weight_args is None:
+            continue
+        w = model.get_submodule(name).weight.detach().float()
+        err += float((fake_quantize(w, *mp.weight_qparams, mp.weight_args) - w).pow(2).sum())
+        energy += float(w.pow(2).sum())
+    rel = err / energy if energy else 0.0
+    sqnr = float("inf") if rel == 0 else -10.0 * torch.log10(torch.tensor(rel)).item()
+    return {"weight_relative_mse": rel, "weight_sqnr_db": sqnr}
+
+
+def convert(model, plan, backend_name: str):
+    backend = registries().backends.get(backend_name)()
+    log.info("quantizing %d modules with backend %s", len(plan.modules), backend_name)
+    return backend.convert(model, plan)

@@ -1,0 +1,82 @@
+"""report.json (everything, for machines) and report.md / the console table (what a person needs)."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import List, Optional
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("hfquant", "torch", "transformers", "accelerate", "datasets", "bitsandbytes", "huggingface_hub", "hydra-core"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000.0
+    return str(n)
+
+
+def summary_rows(report: dict) -> List[List[str]]:
+    """[metric, baseline, quantized, change] rows shared by the console table and report.md."""
+    b, q = report["baseline"], report["quantized"]
+    rows = []
+    bp, qp = b.get("perplexity", {}).get("perplexity"), q.get("perplexity", {}).get("perplexity")
+    if bp is not None and qp is not None:
+        rows.append(["perplexity", f"{bp:.4f}", f"{qp:.4f}", f"{(qp / bp - 1) * 100:+.2f}%"])
+        rows.append(["KL divergence (nats/token)", "0", f"{q['perplexity']['kl_divergence']:.5f}", ""])
+        rows.append(["top-1 agreement", "100%", f"{q['perplexity']['top1_agreement'] * 100:.2f}%", ""])
+    emb = q.get("embedding-similarity")
+    if emb:
+        rows.append(["embedding cosine (mean / min)", "1 / 1", f"{emb['cosine_mean']:.5f} / {emb['cosine_min']:.5f}", ""])
+    bs, qs = b.get("size", {}), q.get("size", {})
+    if qs.get("bytes_on_disk"):
+        rows.append(["size on disk", _fmt_bytes(bs.get("bytes")), _fmt_bytes(qs["bytes_on_disk"]),
+                     f"{qs['bytes_on_disk'] / bs['bytes']:.3f}×" if bs.get("bytes") else ""])
+        rows.append(["bits per parameter", f"{bs.get('bits_per_parameter', 0):.2f}", f"{qs['bits_per_parameter']:.2f}", ""])
+    return rows
+
+
+def table(rows: List[List[str]], header=("metric", "baseline", "quantized", "change")) -> str:
+    widths = [max(len(str(r[i])) for r in [list(header)] + rows) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def markdown(report: dict) -> str:
+    run = report["run"]
+    lines = [
+        f"# hfquant report: {run['model']} — {run['scheme']}",
+        "",
+        f"Scheme `{run['scheme']}`, observer `{run['observer']}`, backend `{run['backend']}` ({run['backend_reason']}).",
+        "",
+        table(summary_rows(report)),
+        "",
+        "## Protocol",
+        "",
+    ]
+    for key, value in report.get("protocol", {}).items():
+        lines.append(f"- **{key}**: {value}")
+    q = report.get("quantization", {})
+    lines += ["", "## Quantization", "",
+              f"- modules quantized: {q.get('modules')}; ignored: {', '.join(q.get('ignore', [])) or 'none'}",
+              f"- weight SQNR: {q.get('weight_sqnr_db', float('nan')):.2f} dB (relative weight MSE {q.get('weight_relative_mse', float('nan')):.3e})",
+              f"- calibration: {report.get('calibration', {}).get('status')}",
+              f"- reload check (max |Δlogit|, reloaded vs in memory): {report.get('reload_check', {}).get('max_abs_logit_difference')}",
+              "", "## Timings (s) and memory", ""]
+    for stage, secs in report.get("timings", {}).items():
+        lines.append(f"- {stage}: {secs:.1f}")
+    lines.append(f"- peak RSS: {_fmt_bytes(report.get('peak_memory', {}).get('rss_bytes'))}")
+    lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""One run: validate → load → data → baseline → calibrate → quantize → save → reload check → evaluate → report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import RunSpec, validate
+from ..plugins import registries
+from . import data as data_mod
+from .calibrate import build_plan
+from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
+from .load import load_model
+from .output import has_finished_model, model_dir, prepare_output, write_atomic, write_json
+from .quantize import convert, resolve_backend, weight_error
+from .report import markdown, summary_rows, table, versions
+from .save import load_quantized, max_logit_difference, save_quantized
+from .size import folder_bytes, quantized_weight_stats, state_bytes, unique_parameter_count
+
+log = logging.getLogger("hfquant")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.timings = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        log.info("stage: %s", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _windows(loaded, spec, part: str):
+    dspec = spec.calibration if part == "calibration" else spec.evaluation
+    dataset = registries().datasets.get(dspec.name)(**dspec.options)
+    stream = data_mod.token_stream(loaded.tokenizer, dataset.texts(part))
+    if part == "calibration":
+        w = data_mod.calibration_windows(stream, dspec.num_samples, dspec.seq_len, dspec.seed)
+    else:
+        w = data_mod.evaluation_windows(stream, dspec.seq_len, dspec.max_windows)
+    describe = getattr(dataset, "describe", lambda: {"name": dspec.name})()
+    w.protocol = dict(w.protocol, dataset=describe, token_sha256=w.token_hash)
+    return w
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the pipeline for one composed config; returns the report (also written to output_dir)."""
+    spec: RunSpec = validate(cfg)  # fails fast: nothing loaded yet
+    prepare_output(spec.output_dir, spec.overwrite, spec.resume)
+    backend, backend_reason = resolve_backend(spec.backend, spec.scheme, spec.device)
+    log.info("backend %s (%s)", backend, backend_reason)
+    timer = Timer()
+    m = spec.model
+    with timer.stage("load"):
+        loaded = load_model(m["path"], m.get("task", "causal-lm"), m.get("gguf_file"), m.get("dtype", "float32"),
+                            m.get("device_map"), bool(m.get("trust_remote_code", False)),
+                            bool(m.get("allow_pickle", False)), m.get("revision"))
+    model = loaded.model
+    if m.get("device_map") is None and spec.device != "cpu":
+        model.to(spec.device)
+    params, baseline_bytes = unique_parameter_count(model), state_bytes(model)
+
+    eval_windows = calib_windows = None
+    with timer.stage("data"):
+        if spec.evaluation:
+            eval_windows = _windows(loaded, spec, "evaluation")
+        if spec.calibration and spec.scheme.needs_calibration_data and not spec.resume:
+            calib_windows = _windows(loaded, spec, "calibration")
+
+    evaluators = make_evaluators(spec.evaluation.evaluators) if spec.evaluation else {}
+    baseline = {}
+    if spec.evaluation:
+        with timer.stage("evaluate baseline"):
+            baseline = evaluate_baseline(model, eval_windows, evaluators, loaded.fingerprint)
+
+    report_quant = {}
+    reload_check = {}
+    out_model = model_dir(spec.output_dir)
+    if spec.resume and has_finished_model(spec.output_dir):
+        log.info("resume: reusing the finished quantization in %s", out_model)
+        del model
+        with timer.stage("load quantized"):
+            qmodel = load_quantized(out_model, m.get("task", "causal-lm"))
+        qcfg = qmodel.config.quantization_config
+        qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+        report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
+        calibration_status = "reused from the finished run (resume=true)"
+    else:
+        with timer.stage("calibrate"):
+            obs_cls = registries().observers.get(spec.observer)
+            plan = build_plan(model, spec.scheme, spec.observer, obs_cls, spec.observer_options, calib_windows)
+        if spec.scheme.needs_calibration_data:
+            calibration_status = f"static activations observed on {calib_windows.protocol}"
+        else:
+            calibration_status = "skipped: weights are observed directly and activations are dynamic or not quantized"
+        with timer.stage("quantize"):
+            report_quant = dict(weight_error(model, plan), modules=len(plan.modules), ignore=list(spec.scheme.ignore))
+            qmodel = convert(model, plan, backend)
+        with timer.stage("save"):
+            save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir)
+        if eval_windows is not None:
+            with timer.stage("reload check"):
+                reloaded = load_quantized(out_model, m.get("task", "causal-lm"))
+                ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])]
+                diff = max_logit_difference(qmodel, reloaded, ids)
+                reload_check = {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4}
+                del reloaded
+                if diff > 1e-4:
+                    raise RuntimeError(f"the saved model does not reproduce the quantized model (max |Δlogit| = {diff:.3g}); not reporting it")
+    report_quant.update(quantized_weight_stats(qmodel))
+
+    quantized = {}
+    if spec.evaluation:
+        with timer.stage("evaluate quantized"):
+            quantized = evaluate_quantized(qmodel, eval_windows, evaluators, baseline)
+    on_disk = folder_bytes(out_model)
+    report = {
+        "run": {"model": m.get("name") or m["path"], "model_source": loaded.source, "task": m.get("task", "causal-lm"),
+                "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
+                "backend": backend, "backend_reason": backend_reason, "output_dir": os.path.abspath(spec.output_dir),
+                "resumed": spec.resume},
+        "scheme": spec.scheme.to_dict(),
+        "protocol": dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
+        "calibration": {"status": calibration_status, **({"windows": calib_windows.protocol} if calib_windows else {})},
+        "baseline": {**{k: public(v) for k, v in baseline.items()},
+                     "size": {"bytes": baseline_bytes, "parameters": params, "bits_per_parameter": 8 * baseline_bytes / params}},
+        "quantized": {**{k: public(v) for k, v in quantized.items()},
+                      "size": {"bytes_on_disk": on_disk, "bits_per_parameter": 8 * on_disk / params}},
+        "quantization": report_quant,
+        "reload_check": reload_check,
+        "timings": timer.timings,
+        "peak_memory": {"rss_bytes": peak_rss_bytes(),
+                        **({"cuda_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {})},
+        "versions": versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_atomic(os.path.join(spec.output_dir, "report.md"), markdown(report))
+    write_json(os.path.join(spec.output_dir, "report.json"), report)  # last: marks the run complete
+    print(table(summary_rows(report)))
+    print(f"\nsaved to {out_model}; report in {os.path.join(spec.output_dir, 'report.md')}")
+    return report

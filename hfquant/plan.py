@@ -1,0 +1,55 @@
+"""`QuantPlan`: what calibration decided for each target module — the input every backend converts from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .quant import QuantArgs
+from .scheme import QuantScheme
+
+QParams = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModulePlan:
+    name: str
+    weight_args: Optional[QuantArgs]
+    weight_qparams: Optional[QParams] = None
+    input_args: Optional[QuantArgs] = None
+    input_qparams: Optional[QParams] = None  # static activations only
+
+    def to_config(self) -> dict:
+        return {
+            "weights": self.weight_args.to_dict() if self.weight_args else None,
+            "input_activations": self.input_args.to_dict() if self.input_args else None,
+        }
+
+
+@dataclass
+class QuantPlan:
+    scheme: QuantScheme
+    observer: str
+    observer_options: dict = field(default_factory=dict)
+    modules: Dict[str, ModulePlan] = field(default_factory=dict)
+
+
+def target_modules(model: torch.nn.Module, scheme: QuantScheme) -> Dict[str, torch.nn.Linear]:
+    """The Linear modules `scheme` quantizes, by name (ignore list applied)."""
+    found = {}
+    for name, module in model.named_modules():
+        if name and scheme.is_target(name, module):
+            if not isinstance(module, torch.nn.Linear):
+                raise ValueError(
+                    f"scheme {scheme.name!r} targets {name!r}, a {type(module).__name__}; only Linear layers "
+                    "can be quantized — narrow scheme.targets"
+                )
+            found[name] = module
+    if not found:
+        raise ValueError(
+            f"scheme {scheme.name!r} matched no module of {type(model).__name__} "
+            f"(targets={list(scheme.targets)}, ignore={list(scheme.ignore)})"
+        )
+    return found

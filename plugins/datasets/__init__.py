@@ -1,0 +1,1 @@
+"""Built-in text sources for calibration and evaluation."""
