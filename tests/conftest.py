@@ -11,10 +11,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own baseline/GGUF cache, so tests never read a user's cache."""
-    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path_factory.getbasetemp() / "hfquant-cache"))
+def pytest_configure(config):
+    """Each test session gets its own baseline/GGUF cache (set before any fixture or subprocess runs), so tests
+    never read a user's cache and "computed once" is observable."""
+    import tempfile
+
+    os.environ["HFQUANT_CACHE"] = tempfile.mkdtemp(prefix="hfquant-test-cache-")
 
 
 def _tokenizer(vocab_size: int = 400):

@@ -1,0 +1,73 @@
+"""Slow: the real embedded models, end to end, through the console script as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def hfquant(*args, timeout=900):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "hfquant", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "run"
+    result = hfquant(f"output_dir={out}")  # everything else is the embedded default
+    return out, result
+
+
+def test_default_run_prints_the_table_offline(default_run):
+    out, result = default_run
+    for row in ("perplexity", "KL divergence", "top-1 agreement", "size on disk", "bits per parameter"):
+        assert row in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["scheme"] == "w4a16" and report["run"]["observer"] == "minmax"
+    assert report["run"]["backend"] == "fake"
+    assert report["protocol"]["windows"] >= 10 and report["protocol"]["seq_len"] == 512
+    base = report["baseline"]["perplexity"]["perplexity"]
+    assert 5 < base < 30  # SmolLM2-135M on English documentation
+    assert report["quantized"]["size"]["bytes_on_disk"] < 0.5 * report["baseline"]["size"]["bytes"]
+    assert report["reload_check"]["max_abs_logit_difference"] == 0.0
+    assert "Traceback" not in result.stderr
+
+
+def test_default_folder_reloads_through_plain_transformers(default_run):
+    out, _ = default_run
+    code = ("import torch, hfquant\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out / 'model')!r})\n"
+            f"t = AutoTokenizer.from_pretrained({str(out / 'model')!r})\n"
+            "ids = t('def quantize(x):', return_tensors='pt').input_ids\n"
+            "print(type(m.model.layers[0].mlp.down_proj).__name__, m.generate(ids, max_new_tokens=5, do_sample=False).shape[1] > ids.shape[1])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.stdout.split() == ["QuantLinear", "True"], result.stderr[-2000:]
+
+
+def test_w8a16_costs_under_one_percent_perplexity(default_run, tmp_path):
+    out = tmp_path / "w8"
+    hfquant("scheme=w8a16", f"output_dir={out}")
+    report = json.loads((out / "report.json").read_text())
+    base = report["baseline"]["perplexity"]["perplexity"]
+    quant = report["quantized"]["perplexity"]["perplexity"]
+    assert quant / base - 1 < 0.01, (base, quant)
+    assert report["baseline"]["perplexity"]["cached"]  # computed once, by the default run
+
+
+def test_encoder_embedding_similarity_on_minilm(tmp_path):
+    out = tmp_path / "minilm"
+    hfquant("model=minilm", "evaluation=embedding", "scheme=w8a16", "evaluation.max_windows=16", f"output_dir={out}")
+    report = json.loads((out / "report.json").read_text())
+    emb = report["quantized"]["embedding-similarity"]
+    assert emb["cosine_mean"] > 0.99, emb
+    from hfquant import load_quantized
+
+    model = load_quantized(str(out / "model"), task="embedding")
+    assert model.encoder.layer[0].attention.self.query.weight_packed.dtype == torch.uint8
