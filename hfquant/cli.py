@@ -30,7 +30,6 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
     regs = registries()
     for name in regs.schemes.names():
         d = regs.schemes.get(name).to_dict()
-        d.pop("format", None)
         cs.store(group="scheme", name=name, node=d)
     for name in regs.observers.names():
         cs.store(group="observer", name=name, node={"name": name, "options": observer_defaults(regs.observers.get(name))})

@@ -35,6 +35,8 @@ BUILTIN_MODULES = (
     "hfquant_builtins.evaluators.perplexity",
     "hfquant_builtins.evaluators.embedding_similarity",
     "hfquant_builtins.backends.fake",
+    "hfquant_builtins.backends.cpu",
+    "hfquant_builtins.backends.bitsandbytes",
 )
 
 

@@ -29,6 +29,7 @@ class QuantScheme:
     ignore: Tuple[str, ...] = ("lm_head",)
     description: str = ""
     format: str = field(default="int")  # "int" = hfquant's integer-code format; backends may define others
+    options: dict = field(default_factory=dict, hash=False)  # backend-specific settings (e.g. bitsandbytes)
 
     def __post_init__(self) -> None:
         if self.weights is None and self.input_activations is None:
@@ -87,6 +88,7 @@ class QuantScheme:
                 data[key] = QuantArgs.from_dict(dict(data[key]))
         data["targets"] = tuple(data.get("targets", ("Linear",)))
         data["ignore"] = tuple(data.get("ignore", ("lm_head",)))
+        data["options"] = dict(data.get("options") or {})
         return cls(**data)
 
 

@@ -77,6 +77,10 @@ class HfQuantQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.quantization_config.backend == "cpu":
+            from .kernels import to_cpu_kernels
+
+            to_cpu_kernels(model)
         return model
 
     def update_dtype(self, dtype):

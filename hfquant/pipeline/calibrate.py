@@ -24,18 +24,20 @@ def build_plan(
     observer_options: dict,
     windows=None,
     activation_observer_cls: Optional[Type[Observer]] = None,
+    observe: bool = True,
 ) -> QuantPlan:
-    """Observe every target module's weight (and inputs, for static activation schemes) into a `QuantPlan`."""
+    """Observe every target module's weight (and inputs, for static activation schemes) into a `QuantPlan`.
+    `observe=False` only lists the modules (for backends that compute their own statistics)."""
     targets = target_modules(model, scheme)
     plan = QuantPlan(scheme, observer_name, dict(observer_options))
     for name, module in tqdm(targets.items(), desc="observe weights", unit="module", leave=False):
         mp = ModulePlan(name, scheme.weights, input_args=scheme.input_activations)
-        if scheme.weights is not None:
+        if scheme.weights is not None and observe:
             obs = observer_cls(scheme.weights, **observer_options)
             obs.observe(module.weight)
             mp.weight_qparams = obs.qparams()
         plan.modules[name] = mp
-    if scheme.needs_calibration_data:
+    if scheme.needs_calibration_data and observe:
         if windows is None:
             raise ValueError(f"scheme {scheme.name!r} has static activations and needs calibration data; set calibration=pydoc (or another dataset)")
         act_qparams = observe_activations(model, targets, scheme, activation_observer_cls or observer_cls, observer_options, windows)

@@ -12,8 +12,9 @@ from ..quant import fake_quantize
 
 log = logging.getLogger("hfquant")
 
-# `backend=auto` tries these in order and takes the first that supports the scheme on the device.
-AUTO_PREFERENCE = ("fake",)
+# `backend=auto` tries these in order and takes the first that supports the scheme on the device: real
+# integer kernels first, the simulated reference last.
+AUTO_PREFERENCE = ("cpu", "bitsandbytes", "fake")
 
 
 def resolve_backend(name: str, scheme, device: str) -> Tuple[str, str]:

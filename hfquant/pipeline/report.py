@@ -71,7 +71,8 @@ def markdown(report: dict) -> str:
     q = report.get("quantization", {})
     lines += ["", "## Quantization", "",
               f"- modules quantized: {q.get('modules')}; ignored: {', '.join(q.get('ignore', [])) or 'none'}",
-              f"- weight SQNR: {q.get('weight_sqnr_db', float('nan')):.2f} dB (relative weight MSE {q.get('weight_relative_mse', float('nan')):.3e})",
+              (f"- weight SQNR: {q['weight_sqnr_db']:.2f} dB (relative weight MSE {q['weight_relative_mse']:.3e})"
+               if "weight_sqnr_db" in q else "- weight SQNR: not measured (the backend quantizes with its own statistics)"),
               f"- calibration: {report.get('calibration', {}).get('status')}",
               f"- reload check (max |Δlogit|, reloaded vs in memory): {report.get('reload_check', {}).get('max_abs_logit_difference')}",
               "", "## Timings (s) and memory", ""]

@@ -101,21 +101,27 @@ def run(cfg: DictConfig) -> dict:
         report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
         calibration_status = "reused from the finished run (resume=true)"
     else:
+        own_format = getattr(registries().backends.get(backend), "format", "hfquant") == "hfquant"
         with timer.stage("calibrate"):
             obs_cls = registries().observers.get(spec.observer)
-            plan = build_plan(model, spec.scheme, spec.observer, obs_cls, spec.observer_options, calib_windows)
-        if spec.scheme.needs_calibration_data:
+            plan = build_plan(model, spec.scheme, spec.observer, obs_cls, spec.observer_options, calib_windows,
+                              observe=own_format)
+        if not own_format:
+            calibration_status = f"skipped: backend {backend} quantizes with its own statistics (observers do not apply)"
+        elif spec.scheme.needs_calibration_data:
             calibration_status = f"static activations observed on {calib_windows.protocol}"
         else:
             calibration_status = "skipped: weights are observed directly and activations are dynamic or not quantized"
         with timer.stage("quantize"):
-            report_quant = dict(weight_error(model, plan), modules=len(plan.modules), ignore=list(spec.scheme.ignore))
+            report_quant = dict(weight_error(model, plan) if own_format else {}, modules=len(plan.modules),
+                                ignore=list(spec.scheme.ignore))
             qmodel = convert(model, plan, backend)
         with timer.stage("save"):
-            save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir)
+            save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir, own_format=own_format)
         if eval_windows is not None:
             with timer.stage("reload check"):
-                reloaded = load_quantized(out_model, m.get("task", "causal-lm"))
+                extra = {} if spec.device == "cpu" else {"device_map": {"": spec.device}}
+                reloaded = load_quantized(out_model, m.get("task", "causal-lm"), **extra)
                 ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])]
                 diff = max_logit_difference(qmodel, reloaded, ids)
                 reload_check = {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4}

@@ -22,9 +22,11 @@ def quantization_config(plan, backend: str) -> HfQuantConfig:
     )
 
 
-def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: str = "") -> str:
-    """Write into a temporary folder, then rename it to `<output_dir>/model` (never a half-written `model/`)."""
-    model.config.quantization_config = quantization_config(plan, backend)
+def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: str = "", own_format: bool = True) -> str:
+    """Write into a temporary folder, then rename it to `<output_dir>/model` (never a half-written `model/`).
+    `own_format=False`: the backend's model already carries its own `quantization_config` (bitsandbytes)."""
+    if own_format:
+        model.config.quantization_config = quantization_config(plan, backend)
     tmp = partial_dir(output_dir)
     try:
         model.save_pretrained(tmp)
@@ -51,7 +53,8 @@ def load_quantized(path: str, task: str = "causal-lm", **kwargs):
 @torch.no_grad()
 def max_logit_difference(a, b, input_ids: torch.Tensor) -> float:
     """Largest absolute difference of the two models' outputs on `input_ids` (the reload check)."""
-    out_a, out_b = a(input_ids=input_ids), b(input_ids=input_ids)
+    out_a = a(input_ids=input_ids.to(next(a.parameters()).device))
+    out_b = b(input_ids=input_ids.to(next(b.parameters()).device))
     ta = out_a.logits if hasattr(out_a, "logits") else out_a[0]
     tb = out_b.logits if hasattr(out_b, "logits") else out_b[0]
-    return float((ta.float() - tb.float()).abs().max())
+    return float((ta.float().cpu() - tb.float().cpu()).abs().max())

@@ -4,6 +4,8 @@ It is the accuracy reference every other backend is compared with, and its modul
 format (see `hfquant.formats.QuantLinear`).
 """
 
+from tqdm.auto import tqdm
+
 from hfquant import hookimpl
 from hfquant.formats import QuantLinear
 from hfquant.quant import PACKABLE_BITS
@@ -15,6 +17,8 @@ class FakeBackend:
 
     @staticmethod
     def supports(scheme, device):
+        if scheme.format != "int":
+            return f"scheme format {scheme.format!r} is not integer codes (use the backend that defines it)"
         for part, args in (("weights", scheme.weights), ("input_activations", scheme.input_activations)):
             if args is not None and part == "weights" and args.num_bits not in PACKABLE_BITS:
                 return f"scheme.{part}.num_bits={args.num_bits} has no packed storage format (allowed: {', '.join(map(str, PACKABLE_BITS))})"
@@ -23,7 +27,7 @@ class FakeBackend:
         return None
 
     def convert(self, model, plan):
-        for name, mp in plan.modules.items():
+        for name, mp in tqdm(plan.modules.items(), desc="quantize", unit="module", leave=False):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             linear = getattr(parent, child)

@@ -1,0 +1,149 @@
+"""CPU kernel modules built from a `QuantLinear`; they save back into hfquant's format, so a folder written
+by the `cpu` backend is the same format as any other, and reloads onto the same kernels.
+
+Only the kernel's own integer tensors stay resident (plus the packed codes for int4, 0.5 byte/weight), never
+a dequantized float copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import pack, unpack
+from .qlinear import QuantLinear
+
+KERNEL_GROUPS = (256, 128, 64, 32)
+
+
+def kernel_group_size(group_size: int, in_features: int):
+    """The largest int4pack group size that tiles both the scheme's groups and the (possibly ragged) row;
+    e.g. groups of 128 over 576 columns run as 64-column kernel groups sharing each scale."""
+    for g in KERNEL_GROUPS:
+        if group_size % g == 0 and in_features % g == 0 and (in_features % group_size) % g == 0:
+            return g
+    return None
+
+
+class _KernelLinear(torch.nn.Module):
+    """Common parts: keeps the `QuantLinear` args and writes hfquant-format keys on save."""
+
+    def __init__(self, q: QuantLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = q.in_features, q.out_features
+        self.weight_args, self.input_args = q.weight_args, q.input_args
+        self.register_buffer("weight_scale", q.weight_scale.clone())
+        self.register_buffer("weight_zero_point", q.weight_zero_point.clone())
+        self.bias = q.bias
+
+    def codes(self) -> torch.Tensor:  # (out, in) integer codes
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight_packed"] = pack(self.codes(), self.weight_args)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={type(self).__name__}"
+
+
+class Int8WeightLinear(_KernelLinear):
+    """w8a16: `torch._weight_int8pack_mm(x_bf16, w_int8 (out, in), scale_bf16)`."""
+
+    def __init__(self, q: QuantLinear) -> None:
+        super().__init__(q)
+        self.register_buffer("weight_int8", q.codes().to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer("_scale_bf16", q.weight_scale.reshape(-1).to(torch.bfloat16), persistent=False)
+
+    def codes(self):
+        return self.weight_int8
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self._scale_bf16)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4WeightLinear(_KernelLinear):
+    """w4a16: `torch._weight_int4pack_mm_for_cpu` with w = (q_u − 8)·scale + zero, q_u = code + 8, zero = −scale·zp."""
+
+    def __init__(self, q: QuantLinear) -> None:
+        super().__init__(q)
+        args = q.weight_args
+        g = kernel_group_size(args.group_size, q.in_features)
+        if g is None:
+            raise ValueError(f"no int4 kernel group size tiles in_features={q.in_features} with group_size={args.group_size}")
+        self.kernel_group = g
+        self.register_buffer("weight_packed", q.weight_packed.clone())
+        # The kernel computes w = (q_u - 8) * scale + zero with q_u in 0..15. Our codes are c in [qmin, qmax] with
+        # w = scale * (c - zp); q_u = c - qmin, so zero = -scale * zp (signed) or scale * (8 - zp) (unsigned).
+        codes_u = (q.codes().to(torch.int32) - args.qmin).contiguous()
+        self.register_buffer("_packed_kernel", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_u, 1), persistent=False)
+        repeat = args.group_size // g
+        scale = q.weight_scale.repeat_interleave(repeat, dim=1)[:, : q.in_features // g]
+        zp = q.weight_zero_point.to(torch.float32).repeat_interleave(repeat, dim=1)[:, : q.in_features // g]
+        zero = -scale * zp if args.signed else scale * (8 - zp)
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (groups, out, 2)
+        self.register_buffer("_scales_zeros", sz, persistent=False)
+
+    def codes(self):
+        return unpack(self.weight_packed, self.weight_args, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # weight_packed is a persistent buffer here already: the plain Module behaviour writes it.
+        torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self._packed_kernel,
+                                              self.kernel_group, self._scales_zeros)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int8DynamicLinear(_KernelLinear):
+    """w8a8: int8 activations quantized per token (symmetric) at run time × int8 weights on `torch._int_mm`."""
+
+    def __init__(self, q: QuantLinear) -> None:
+        super().__init__(q)
+        self.register_buffer("weight_int8_t", q.codes().to(torch.int8).t().contiguous(), persistent=False)  # (in, out)
+        self.register_buffer("_scale_row", q.weight_scale.reshape(1, -1).float(), persistent=False)
+
+    def codes(self):
+        return self.weight_int8_t.t()
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        amax = x2.abs().amax(dim=-1, keepdim=True)
+        s_x = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        xq = torch.round(x2 / s_x).clamp_(-127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.weight_int8_t).float() * s_x * self._scale_row
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+KERNEL_CLASSES = (Int8WeightLinear, Int4WeightLinear, Int8DynamicLinear)
+
+
+def kernel_module_for(q: QuantLinear) -> torch.nn.Module:
+    """The CPU kernel module for a `QuantLinear` (same numbers, integer kernels)."""
+    w, a = q.weight_args, q.input_args
+    if a is not None:
+        return Int8DynamicLinear(q)
+    if w.num_bits == 8:
+        return Int8WeightLinear(q)
+    if w.num_bits == 4:
+        return Int4WeightLinear(q)
+    raise ValueError(f"no CPU kernel for {w.num_bits}-bit weights")
+
+
+def to_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every `QuantLinear` for its CPU kernel module (after a folder saved by the `cpu` backend loads)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, kernel_module_for(module))
+    return model

@@ -1,0 +1,61 @@
+"""`cpu`: hfquant's CPU kernels — integer weights stay integers in memory and run on torch's integer kernels.
+
+- w8a16: int8 per-channel weights on `torch._weight_int8pack_mm`, 16-bit (bf16) activations.
+- w4a16: int4 group-wise weights on `torch._weight_int4pack_mm_for_cpu`, bf16 activations (a 128-column group
+  is fed to the kernel as two 64-column groups with the same scale, so ragged shapes like 576 need no padding).
+- w8a8: int8 per-channel weights × int8 activations quantized per token at run time, on `torch._int_mm`
+  (int32 accumulation), rescaled by the token and channel scales.
+
+Scales are rounded to bf16 *before* the codes are computed, so the saved folder (hfquant's format) holds
+exactly the numbers the kernels use, and a reload reproduces the logits bit for bit.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from hfquant import hookimpl
+from hfquant.formats import QuantLinear
+from hfquant.formats.kernels import kernel_module_for
+
+class CpuBackend:
+    name = "cpu"
+    format = "hfquant"
+
+    @staticmethod
+    def supports(scheme, device):
+        if scheme.format != "int":
+            return f"scheme format {scheme.format!r} is not integer codes"
+        if not str(device).startswith("cpu"):
+            return f"runs on CPU only (device is {device})"
+        w, a = scheme.weights, scheme.input_activations
+        if w is None:
+            return "needs quantized weights"
+        if a is not None:
+            if not a.dynamic or a.strategy != "token" or a.num_bits != 8 or not a.symmetric:
+                return "activations must be int8 symmetric dynamic per-token (static activation scales are not supported)"
+            if not (w.num_bits == 8 and w.strategy == "channel" and w.symmetric):
+                return "w8a8 needs int8 per-channel symmetric weights"
+            return None
+        if w.num_bits == 8:
+            return None if (w.strategy == "channel" and w.symmetric) else "8-bit weights must be per-channel symmetric"
+        if w.num_bits == 4:
+            if w.strategy != "group" or w.group_size % 32:
+                return "4-bit weights must be per-group with a group size that is a multiple of 32"
+            return None
+        return f"{w.num_bits}-bit weights have no CPU kernel (allowed: 8, 4)"
+
+    def convert(self, model, plan):
+        for name, mp in tqdm(plan.modules.items(), desc="quantize (cpu kernels)", unit="module", leave=False):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, child)
+            scale, zp = mp.weight_qparams
+            scale = scale.to(torch.bfloat16).float()  # what the kernels will use, exactly
+            q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, mp.input_qparams)
+            setattr(parent, child, kernel_module_for(q))
+        return model
+
+
+@hookimpl
+def register_backends(register):
+    register("cpu", CpuBackend)

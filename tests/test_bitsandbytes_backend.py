@@ -1,0 +1,69 @@
+"""The `bitsandbytes` backend: transformers' native format, reloadable without hfquant; CUDA tests skip cleanly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hfquant
+from hfquant.config import ConfigError, validate
+from hfquant.pipeline.run import run
+from tests.conftest import compose, tiny_overrides
+
+RELOAD_WITHOUT_HFQUANT = """
+import sys, torch
+sys.modules["hfquant"] = None  # any attempt to import hfquant now fails
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map={"": "cpu"})
+with torch.no_grad():
+    torch.save(model(torch.arange(1, 40)[None]).logits, sys.argv[2])
+print(type(model.model.layers[0].mlp.up_proj).__module__)
+"""
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "fp4", "llm-int8"])
+def test_bitsandbytes_folder_reloads_with_plain_transformers(tiny_llm_dir, tmp_path, scheme):
+    out = tmp_path / "run"
+    report = run(compose(tiny_overrides(tiny_llm_dir, out, f"scheme={scheme}", "backend=bitsandbytes")))
+    assert report["reload_check"]["max_abs_logit_difference"] == 0.0
+    assert "own statistics" in report["calibration"]["status"]
+    qcfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "bitsandbytes"
+    assert qcfg["load_in_4bit"] is (scheme != "llm-int8") and qcfg["llm_int8_skip_modules"] == ["lm_head"]
+    logits_path = tmp_path / "logits.pt"
+    result = subprocess.run([sys.executable, "-c", RELOAD_WITHOUT_HFQUANT, str(out / "model"), str(logits_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith("bitsandbytes")
+    with torch.no_grad():
+        here = hfquant.load_quantized(str(out / "model"), device_map={"": "cpu"})(torch.arange(1, 40)[None]).logits
+    assert torch.equal(torch.load(logits_path), here)
+    assert report["quantized"]["size"]["bytes_on_disk"] < 0.6 * report["baseline"]["size"]["bytes"]
+
+
+def test_auto_picks_bitsandbytes_for_its_formats_and_says_why(tiny_llm_dir, tmp_path):
+    report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "r", "scheme=nf4")))
+    assert report["run"]["backend"] == "bitsandbytes"
+    assert "cpu: scheme format 'bitsandbytes' is not integer codes" in report["run"]["backend_reason"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scheme=w8a8-static", "backend=bitsandbytes"], r"bitsandbytes cannot run scheme 'w8a8-static'.*scheme=llm-int8, nf4 or fp4.*Backends that can: fake"),
+    (["scheme=nf4", "backend=cpu"], r"backend=cpu cannot run scheme 'nf4'.*Backends that can: bitsandbytes"),
+])
+def test_impossible_combinations_fail_at_config_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(["output_dir=/tmp/x", *overrides]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["nf4", "llm-int8"])
+def test_bitsandbytes_on_cuda(tiny_llm_dir, tmp_path, scheme):
+    out = tmp_path / "cuda"
+    report = run(compose(tiny_overrides(tiny_llm_dir, out, f"scheme={scheme}", "backend=bitsandbytes", "device=cuda")))
+    assert report["reload_check"]["max_abs_logit_difference"] <= 1e-4
+    model = hfquant.load_quantized(str(out / "model"), device_map={"": "cuda"})
+    assert next(model.parameters()).is_cuda

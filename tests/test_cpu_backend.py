@@ -1,0 +1,75 @@
+"""The `cpu` backend: integer kernels that equal the reference math, save in hfquant's format, and reload."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hfquant.config import ConfigError, validate
+from hfquant.formats import QuantLinear
+from hfquant.formats.kernels import Int4WeightLinear, Int8DynamicLinear, Int8WeightLinear, kernel_group_size, kernel_module_for
+from hfquant.pipeline.run import run
+from hfquant.quant import QuantArgs, compute_qparams, min_max
+from tests.conftest import compose, tiny_overrides
+
+CASES = [
+    (QuantArgs(num_bits=8, strategy="channel"), None, Int8WeightLinear, 5e-3),
+    (QuantArgs(num_bits=4, strategy="group", group_size=128), None, Int4WeightLinear, 5e-3),
+    (QuantArgs(num_bits=4, strategy="group", group_size=128, symmetric=False), None, Int4WeightLinear, 5e-3),
+    (QuantArgs(num_bits=4, strategy="group", group_size=64, symmetric=False, signed=False), None, Int4WeightLinear, 5e-3),
+    (QuantArgs(num_bits=8, strategy="channel"), QuantArgs(num_bits=8, strategy="token", dynamic=True), Int8DynamicLinear, 1e-5),
+]
+
+
+@pytest.mark.parametrize("w_args, a_args, cls, tol", CASES, ids=["w8a16", "w4a16", "w4a16-asym", "w4-unsigned-g64", "w8a8"])
+def test_kernels_match_the_reference_and_keep_the_format(w_args, a_args, cls, tol):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192)  # 576 = 4.5 groups of 128: the ragged case
+    s, z = compute_qparams(*min_max(lin.weight, w_args), w_args)
+    q = QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z, a_args)
+    k = kernel_module_for(q)
+    assert isinstance(k, cls)
+    x = torch.randn(7, 576)
+    ref = q(x)
+    # bf16 activations (the "a16") cost ~2e-3 relative; the int8 x int8 path is exact up to float sums.
+    assert float((k(x) - ref).norm() / ref.norm()) < tol
+    sd_q, sd_k = q.state_dict(), k.state_dict()
+    assert set(sd_q) == set(sd_k) and all(torch.equal(sd_q[n], sd_k[n]) for n in sd_q)
+
+
+def test_resident_weight_bytes_drop():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 576, bias=False)
+    fp32 = lin.weight.numel() * 4
+    for args, limit in ((QuantArgs(num_bits=4, strategy="group", group_size=128), 0.3), (QuantArgs(num_bits=8, strategy="channel"), 0.27)):
+        s, z = compute_qparams(*min_max(lin.weight, args), args)
+        k = kernel_module_for(QuantLinear.from_linear(lin, args, s.bfloat16().float(), z))
+        resident = sum(b.numel() * b.element_size() for b in k.buffers())
+        assert resident <= limit * fp32, (args, resident / fp32)
+
+
+def test_kernel_group_tiles_ragged_rows():
+    assert kernel_group_size(128, 576) == 64 and kernel_group_size(128, 1536) == 128 and kernel_group_size(32, 100) is None
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16", "w4a16-asym", "w8a8"])
+def test_cpu_backend_runs_saves_and_reloads_onto_the_kernels(tiny_llm_dir, tmp_path, scheme):
+    out = tmp_path / "run"
+    extra = ["scheme.weights.group_size=32"] if scheme.startswith("w4") else []
+    report = run(compose(tiny_overrides(tiny_llm_dir, out, f"scheme={scheme}", "backend=cpu", *extra)))
+    assert report["run"]["backend"] == "cpu" and report["reload_check"]["max_abs_logit_difference"] == 0.0
+    assert json.loads((out / "model" / "config.json").read_text())["quantization_config"]["backend"] == "cpu"
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(model.model.layers[0].mlp.up_proj).__name__ in ("Int8WeightLinear", "Int4WeightLinear", "Int8DynamicLinear")
+    assert report["quantized"]["perplexity"]["top1_agreement"] > 0.5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scheme=w8a8-static", "backend=cpu"], r"backend=cpu cannot run scheme 'w8a8-static'.*static activation scales are not supported.*Backends that can: fake"),
+    (["scheme=w4a16", "scheme.weights.group_size=48", "backend=cpu"], r"multiple of 32.*Backends that can: fake"),
+    (["scheme=w4a16", "scheme.weights.num_bits=2", "backend=cpu"], r"2-bit weights have no CPU kernel"),
+])
+def test_cpu_backend_refuses_what_it_cannot_run_at_config_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(["output_dir=/tmp/x", *overrides]))
