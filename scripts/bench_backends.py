@@ -33,11 +33,17 @@ from hfquant.plugins import registries  # noqa: E402
 def resident_bytes(model) -> int:
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():  # torch.ao packed params live outside parameters()/buffers()
-        packed = getattr(m, "_packed_params", None)
+    for m in model.modules():
+        packed = getattr(m, "_packed_params", None)  # torch.ao keeps packed weights outside parameters()
         if packed is not None and hasattr(packed, "_weight_bias"):
             w, b = packed._weight_bias()
             tensors.append(w.int_repr() if w.is_quantized else w)
+        cached = getattr(m, "_dequantized", None)  # the fake backend's float copy of its weights
+        if isinstance(cached, torch.Tensor):
+            tensors.append(cached)
+        state = getattr(getattr(m, "weight", None), "quant_state", None)  # bitsandbytes 4-bit block scales
+        if state is not None and hasattr(state, "absmax"):
+            tensors.append(state.absmax)
     for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
@@ -88,8 +94,9 @@ def hfquant_variant(base, scheme_name, backend, observer="minmax"):
     scheme = registries().schemes.get(scheme_name).with_observer(observer)
     model = copy.deepcopy(base)
     t = time.perf_counter()
-    plan = build_plan(model, scheme, observer, registries().observers.get(observer), {})
-    registries().backends.get(backend)().convert(model, plan)
+    own = getattr(registries().backends.get(backend), "format", "hfquant") == "hfquant"
+    plan = build_plan(model, scheme, observer, registries().observers.get(observer), {}, observe=own)
+    model = registries().backends.get(backend)().convert(model, plan)
     return model, time.perf_counter() - t
 
 
@@ -123,7 +130,10 @@ def main() -> None:
         "hfquant fake w8a8": lambda: hfquant_variant(base, "w8a8", "fake"),
         "hfquant cpu w8a8": lambda: hfquant_variant(base, "w8a8", "cpu"),
         "torch.ao quantize_dynamic (per-channel, all Linear)": lambda: ao_dynamic(base),
+        "bitsandbytes llm-int8 (CPU)": lambda: hfquant_variant(base, "llm-int8", "bitsandbytes"),
+        "bitsandbytes nf4 (CPU)": lambda: hfquant_variant(base, "nf4", "bitsandbytes"),
     }
+
     if args.only:
         keep = {v.strip() for v in args.only.split(",")}
         variants = {k: v for k, v in variants.items() if k in keep}

@@ -19,7 +19,7 @@ MISSING_MODEL = ["model=hub", "model.path=/nonexistent/model", "output_dir=/tmp/
         (["scheme.weights.num_bits=3"], r"backend.*cannot run scheme 'w4a16'|no backend can run.*num_bits=3 has no packed storage format \(allowed: 2, 4, 8\)"),
         (["scheme.weights.num_bits=3", "backend=fake"], r"backend=fake cannot run scheme 'w4a16'.*allowed: 2, 4, 8.*Backends that can: none"),
         (["scheme.weights.strategy=row"], r"scheme.weights: strategy='row' is unknown; allowed: tensor, channel, group, token"),
-        (["backend.name=cuda-magic"], r"backend: unknown backend 'cuda-magic'; registered: cpu, fake"),
+        (["backend.name=cuda-magic"], r"backend: unknown backend 'cuda-magic'; registered: bitsandbytes, cpu, fake"),
         (["+observer.options.upper_pct=99"], r"observer.options: unknown option\(s\) \['upper_pct'\]"),
         (["observer=percentile", "observer.options.upper=101"], r"observer.options: percentile needs 0 <= lower < upper <= 100"),
         (["evaluation.name=wikitext3"], r"evaluation.name: unknown dataset 'wikitext3'.*Did you mean 'wikitext2'"),
