@@ -61,6 +61,11 @@ class Observer:
         """Merge a new batch's statistics into the running ones (default: running min / max)."""
         return torch.minimum(self.min_vals, lo), torch.maximum(self.max_vals, hi)
 
+    def running_average(self, lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A `combine` for observers whose per-batch ranges are estimates: their mean over batches."""
+        n = self.count
+        return (self.min_vals * n + lo) / (n + 1), (self.max_vals * n + hi) / (n + 1)
+
     def reduce(self, x: torch.Tensor, reduce_last) -> torch.Tensor:
         """Reduce the slices of `x` that share a scale; activations (…, hidden) are flattened per tensor."""
         return reduce_by_strategy(x, self.args, reduce_last)

@@ -24,9 +24,7 @@ class SigmaObserver(hfquant.Observer):
         std = self.reduce(x, lambda t: t.std(-1, keepdim=True, unbiased=False))
         return torch.maximum(mean - self.k * std, lo_obs), torch.minimum(mean + self.k * std, hi_obs)
 
-    def combine(self, lo, hi):
-        n = self.count
-        return (self.min_vals * n + lo) / (n + 1), (self.max_vals * n + hi) / (n + 1)
+    combine = hfquant.Observer.running_average
 
 
 @hfquant.hookimpl

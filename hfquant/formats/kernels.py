@@ -143,7 +143,5 @@ def to_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Swap every `QuantLinear` for its CPU kernel module (after a folder saved by the `cpu` backend loads)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, kernel_module_for(module))
+            model.set_submodule(name, kernel_module_for(module))
     return model

@@ -8,7 +8,7 @@ faster backends replace it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +113,27 @@ def _qparam_shape(args: QuantArgs, rows: int, cols: int):
     if args.strategy == "group":
         return (rows, -(-cols // args.group_size))
     raise ValueError(f"weights cannot use strategy {args.strategy!r}")
+
+
+def quantize_into(model: torch.nn.Module, plan, make: Callable[["QuantLinear"], torch.nn.Module] = lambda q: q,
+                  round_scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, desc: str = "quantize"):
+    """Replace every Linear in `plan` by `make(QuantLinear)` built from the plan's qparams (shared by backends
+    that keep hfquant's format; `round_scale` lets a kernel fix scales to the precision it computes in)."""
+    from tqdm.auto import tqdm
+
+    for name, mp in tqdm(plan.modules.items(), desc=desc, unit="module", leave=False):
+        scale, zp = mp.weight_qparams
+        if round_scale is not None:
+            scale = round_scale(scale)
+        q = QuantLinear.from_linear(model.get_submodule(name), mp.weight_args, scale, zp, mp.input_args, mp.input_qparams)
+        model.set_submodule(name, make(q))
+    return model
+
+
+def integer_format_problem(scheme) -> Optional[str]:
+    """Why `scheme` cannot be stored as hfquant integer codes, or None (shared by backends keeping this format)."""
+    if scheme.format != "int":
+        return f"scheme format {scheme.format!r} is not integer codes (use the backend that defines it)"
+    if scheme.weights is None:
+        return "activation-only schemes are not supported: the storage format quantizes weights"
+    return None

@@ -97,9 +97,7 @@ class HfQuantQuantizer(HfQuantizer):
 def replace_linears(model: torch.nn.Module, modules: Dict[str, Dict[str, Any]], device=None) -> None:
     """Replace each named Linear by an empty `QuantLinear` with the saved per-module args."""
     for name, spec in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if isinstance(linear, QuantLinear):
             continue
         if not isinstance(linear, torch.nn.Linear):
@@ -109,7 +107,7 @@ def replace_linears(model: torch.nn.Module, modules: Dict[str, Dict[str, Any]], 
         dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
         q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, w_args, a_args,
                         dtype=dtype, device=device if device is not None else linear.weight.device)
-        setattr(parent, child, q)
+        model.set_submodule(name, q)
 
 
 def register_with_transformers() -> None:

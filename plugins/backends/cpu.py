@@ -11,11 +11,11 @@ exactly the numbers the kernels use, and a reload reproduces the logits bit for 
 """
 
 import torch
-from tqdm.auto import tqdm
 
 from hfquant import hookimpl
-from hfquant.formats import QuantLinear
 from hfquant.formats.kernels import kernel_module_for
+from hfquant.formats.qlinear import integer_format_problem, quantize_into
+
 
 class CpuBackend:
     name = "cpu"
@@ -23,13 +23,12 @@ class CpuBackend:
 
     @staticmethod
     def supports(scheme, device):
-        if scheme.format != "int":
-            return f"scheme format {scheme.format!r} is not integer codes"
+        problem = integer_format_problem(scheme)
+        if problem:
+            return problem
         if not str(device).startswith("cpu"):
             return f"runs on CPU only (device is {device})"
         w, a = scheme.weights, scheme.input_activations
-        if w is None:
-            return "needs quantized weights"
         if a is not None:
             if not a.dynamic or a.strategy != "token" or a.num_bits != 8 or not a.symmetric:
                 return "activations must be int8 symmetric dynamic per-token (static activation scales are not supported)"
@@ -45,15 +44,9 @@ class CpuBackend:
         return f"{w.num_bits}-bit weights have no CPU kernel (allowed: 8, 4)"
 
     def convert(self, model, plan):
-        for name, mp in tqdm(plan.modules.items(), desc="quantize (cpu kernels)", unit="module", leave=False):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            linear = getattr(parent, child)
-            scale, zp = mp.weight_qparams
-            scale = scale.to(torch.bfloat16).float()  # what the kernels will use, exactly
-            q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, mp.input_qparams)
-            setattr(parent, child, kernel_module_for(q))
-        return model
+        # Scales are rounded to bf16 first: what the kernels will use, exactly, and what gets saved.
+        return quantize_into(model, plan, make=kernel_module_for, round_scale=lambda s: s.to(torch.bfloat16).float(),
+                             desc="quantize (cpu kernels)")
 
 
 @hookimpl

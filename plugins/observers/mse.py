@@ -47,9 +47,7 @@ class MSEObserver(Observer):
                     break
         return best_lo, best_hi
 
-    def combine(self, lo, hi):
-        n = self.count
-        return (self.min_vals * n + lo) / (n + 1), (self.max_vals * n + hi) / (n + 1)
+    combine = Observer.running_average
 
 
 @hookimpl

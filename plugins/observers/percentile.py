@@ -30,9 +30,7 @@ class PercentileObserver(Observer):
         hi = self.reduce(x, lambda t: _kth(t, self.upper))
         return lo, hi
 
-    def combine(self, lo, hi):
-        n = self.count
-        return (self.min_vals * n + lo) / (n + 1), (self.max_vals * n + hi) / (n + 1)
+    combine = Observer.running_average
 
 
 @hookimpl
