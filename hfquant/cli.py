@@ -41,12 +41,13 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://hfquant.conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     from .formats import register_with_transformers
+    from .pipeline.push import PushError
     from .pipeline.run import run
 
     register_with_transformers()
     try:
         run(cfg)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, PushError) as exc:
         log.error("%s", exc)
         print(f"hfquant: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -62,6 +63,9 @@ def precheck_group_overrides(argv) -> None:
 
     for arg in argv:
         key, sep, value = arg.partition("=")
+        if "token" in key.lower():
+            raise ConfigError(f"{key.lstrip('+~')}: never pass a token on the command line (Hydra saves overrides "
+                              "with the run); set HF_TOKEN or run `hf auth login`")
         if not sep or key not in GROUP_KINDS:
             continue
         for name in value.split(","):

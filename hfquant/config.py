@@ -157,9 +157,9 @@ def validate(cfg: DictConfig) -> RunSpec:
     hub = _plain(cfg.get("hub")) or {}
     if hub.get("push") and not hub.get("repo_id"):
         raise ConfigError("hub.push=true needs hub.repo_id=<org>/<name>")
-    if hub.get("push"):
-        raise ConfigError("hub.push=true: pushing to the Hub is not available in this version yet; upload "
-                          "<output_dir>/model with `huggingface-cli upload` meanwhile")
+    if any("token" in str(k).lower() for k in hub):
+        raise ConfigError("hub: never put a token in the config (it would be saved with the run); set HF_TOKEN "
+                          "or run `hf auth login`")
     output_dir = cfg.get("output_dir")
     if not output_dir:
         raise ConfigError("output_dir is empty")

@@ -18,7 +18,9 @@ from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
 from .load import load_model
+from .card import render as render_card
 from .output import has_finished_model, model_dir, prepare_output, write_atomic, write_json
+from .push import PushError, push
 from .quantize import convert, resolve_backend, weight_error
 from .report import markdown, summary_rows, table, versions
 from .save import load_quantized, max_logit_difference, save_quantized
@@ -91,6 +93,7 @@ def run(cfg: DictConfig) -> dict:
     report_quant = {}
     reload_check = {}
     out_model = model_dir(spec.output_dir)
+    previous_check = _previous_reload_reference(spec.output_dir) if spec.resume else None
     if spec.resume and has_finished_model(spec.output_dir):
         log.info("resume: reusing the finished quantization in %s", out_model)
         del model
@@ -100,6 +103,8 @@ def run(cfg: DictConfig) -> dict:
         qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
         report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
         calibration_status = "reused from the finished run (resume=true)"
+        if previous_check is not None:
+            reload_check = _compare_with_reference(qmodel, previous_check)
     else:
         own_format = getattr(registries().backends.get(backend), "format", "hfquant") == "hfquant"
         with timer.stage("calibrate"):
@@ -124,7 +129,8 @@ def run(cfg: DictConfig) -> dict:
                 reloaded = load_quantized(out_model, m.get("task", "causal-lm"), **extra)
                 ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])]
                 diff = max_logit_difference(qmodel, reloaded, ids)
-                reload_check = {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4}
+                reload_check = {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4,
+                                "reference": _reference(qmodel, ids)}
                 del reloaded
                 if diff > 1e-4:
                     raise RuntimeError(f"the saved model does not reproduce the quantized model (max |Δlogit| = {diff:.3g}); not reporting it")
@@ -155,8 +161,58 @@ def run(cfg: DictConfig) -> dict:
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    repo_id = spec.hub.get("repo_id") if spec.hub.get("push") else None
+    write_atomic(os.path.join(out_model, "README.md"), render_card(report, m, repo_id))
     write_atomic(os.path.join(spec.output_dir, "report.md"), markdown(report))
-    write_json(os.path.join(spec.output_dir, "report.json"), report)  # last: marks the run complete
+    write_json(os.path.join(spec.output_dir, "report.json"), report)  # marks the run complete
     print(table(summary_rows(report)))
     print(f"\nsaved to {out_model}; report in {os.path.join(spec.output_dir, 'report.md')}")
+    if spec.hub.get("push"):
+        if not reload_check.get("ok"):
+            raise PushError("refusing to push: the saved folder was not checked against the quantized model "
+                               f"({reload_check or 'no reload check ran: evaluation=none or no reference from the first run'})")
+        with timer.stage("push"):
+            report["push"] = push(out_model, spec.hub["repo_id"], bool(spec.hub.get("private")), spec.hub.get("revision"),
+                                  spec.hub.get("commit_message"), bool(spec.hub.get("dry_run")))
+        write_json(os.path.join(spec.output_dir, "report.json"), report)
+        p = report["push"]
+        if p["dry_run"]:
+            print(f"\ndry run: would upload to {p['repo_id']}@{p['revision']} ({p['bytes']} bytes):")
+            for f in p["files"]:
+                print(f"  {f['path']}  {f['size']} bytes")
+        else:
+            print(f"\npushed to {p['url']} (commit {p['commit']})")
     return report
+
+
+REFERENCE_POSITIONS, REFERENCE_TOP_K = 16, 5
+
+
+@torch.no_grad()
+def _reference(model, ids) -> dict:
+    """A small fingerprint of the quantized model's logits, kept in report.json so that a resumed run can
+    prove the folder still reproduces them before pushing."""
+    ids = ids[:, :REFERENCE_POSITIONS]
+    logits = model(input_ids=ids.to(next(model.parameters()).device)).logits[0].float().cpu()
+    values, indices = logits.topk(REFERENCE_TOP_K, dim=-1)
+    return {"input_ids": ids[0].tolist(), "top_values": values.tolist(), "top_indices": indices.tolist()}
+
+
+def _previous_reload_reference(output_dir: str):
+    import json
+
+    try:
+        with open(os.path.join(output_dir, "report.json"), encoding="utf-8") as f:
+            return json.load(f).get("reload_check", {}).get("reference")
+    except (OSError, ValueError):
+        return None
+
+
+@torch.no_grad()
+def _compare_with_reference(model, reference: dict) -> dict:
+    ids = torch.tensor([reference["input_ids"]])
+    logits = model(input_ids=ids.to(next(model.parameters()).device)).logits[0].float().cpu()
+    idx = torch.tensor(reference["top_indices"])
+    diff = float((logits.gather(1, idx) - torch.tensor(reference["top_values"])).abs().max())
+    return {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4,
+            "against": "the logits recorded when the folder was written", "reference": reference}

@@ -1,0 +1,119 @@
+"""The model card (README.md in the saved folder): Hub metadata plus what was done and what it cost.
+
+Everything comes from the run's report, so the card says exactly what was measured; no token or secret is
+ever read here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .report import summary_rows, table
+
+PIPELINE_TAGS = {"causal-lm": "text-generation", "embedding": "feature-extraction"}
+
+
+def base_license(source: str) -> Optional[str]:
+    """The base model's license from its own card, when the source folder has one."""
+    readme = os.path.join(source, "README.md") if os.path.isdir(source) else None
+    if readme and os.path.isfile(readme):
+        try:
+            return ModelCard.load(readme).data.to_dict().get("license")
+        except Exception:
+            return None
+    return None
+
+
+def reproduce_command(config: dict) -> str:
+    """The overrides that reproduce this run (outputs and secrets excluded)."""
+    overrides = [a for a in sys.argv[1:] if not a.startswith(("output_dir=", "hub.", "overwrite=", "resume=", "-m", "--"))]
+    return "hfquant " + " ".join(overrides) if overrides else "hfquant"
+
+
+def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
+    run, scheme = report["run"], report["scheme"]
+    tags = ["hfquant", run["scheme"], "quantized", f"backend-{run['backend']}"]
+    data = ModelCardData(
+        base_model=model_cfg.get("base_model") or None,
+        base_model_relation="quantized" if model_cfg.get("base_model") else None,
+        library_name="transformers",
+        tags=tags,
+        pipeline_tag=PIPELINE_TAGS.get(run["task"]),
+        license=model_cfg.get("license") or base_license(run["model_source"]),
+    )
+    cal = report.get("calibration", {})
+    proto = report.get("protocol", {})
+    windows = cal.get("windows")
+    cal_lines = (f"- dataset: {windows['dataset']}, {windows['num_samples']} samples × {windows['seq_len']} tokens "
+                 f"(seed {windows['seed']}), token-id sha256 {windows['token_sha256']}" if windows else f"- {cal.get('status')}")
+    load_path = repo_id or "path/to/this/folder"
+    q = report.get("quantization", {})
+    versions = report.get("versions", {})
+    body = f"""
+# {run['model']} — {run['scheme']} (hfquant)
+
+Quantized from `{model_cfg.get('base_model') or run['model']}` with hfquant {versions.get('hfquant')}, evaluated
+against the unquantized model on the same text.
+
+## What was done
+
+- scheme: `{run['scheme']}` — {scheme.get('description') or ''}
+- weights: `{scheme.get('weights')}`
+- activations: `{scheme.get('input_activations')}`
+- observer: `{run['observer']}` {run.get('observer_options') or ''}; backend: `{run['backend']}` ({run['backend_reason']})
+- modules quantized: {q.get('modules')}; left unquantized: {', '.join(scheme.get('ignore') or []) or 'none'}
+- bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}
+
+## Calibration data
+
+{cal_lines}
+
+## Evaluation
+
+Protocol: {proto.get('dataset')}; {proto.get('windows')} windows × {proto.get('seq_len')} tokens, stride {proto.get('stride')};
+{proto.get('bos')}; {proto.get('level')}. {proto.get('kl', '')}
+Evaluation token-id sha256: {proto.get('token_sha256')}.
+
+{table(summary_rows(report))}
+
+## How to load it
+
+```python
+import hfquant  # registers hfquant's format with transformers (not needed for bitsandbytes backends)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{load_path}")
+tokenizer = AutoTokenizer.from_pretrained("{load_path}")
+```
+
+## Reproduce
+
+```
+{reproduce_command(report.get('config', {}))}
+```
+
+## Versions
+
+{', '.join(f'{k} {v}' for k, v in versions.items())}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def validate_metadata(content: str) -> dict:
+    """Offline equivalent of the Hub's metadata check: YAML parses, required keys have valid values."""
+    card = ModelCard(content)
+    meta = card.data.to_dict()
+    problems = []
+    if meta.get("library_name") != "transformers":
+        problems.append("library_name must be 'transformers'")
+    if "hfquant" not in (meta.get("tags") or []):
+        problems.append("tags must include 'hfquant'")
+    if meta.get("base_model") and meta.get("base_model_relation") != "quantized":
+        problems.append("base_model_relation must be 'quantized'")
+    if problems:
+        raise ValueError("model card metadata: " + "; ".join(problems))
+    return meta
