@@ -193,9 +193,16 @@ def _reference(model, ids) -> dict:
     """A small fingerprint of the quantized model's logits, kept in report.json so that a resumed run can
     prove the folder still reproduces them before pushing."""
     ids = ids[:, :REFERENCE_POSITIONS]
-    logits = model(input_ids=ids.to(next(model.parameters()).device)).logits[0].float().cpu()
+    logits = _first_output(model, ids)
     values, indices = logits.topk(REFERENCE_TOP_K, dim=-1)
     return {"input_ids": ids[0].tolist(), "top_values": values.tolist(), "top_indices": indices.tolist()}
+
+
+def _first_output(model, ids) -> torch.Tensor:
+    """Logits of a causal LM, or the last hidden state of an encoder, for the first sequence, on CPU."""
+    out = model(input_ids=ids.to(next(model.parameters()).device))
+    main = out.logits if hasattr(out, "logits") else out[0]
+    return main[0].float().cpu()
 
 
 def _previous_reload_reference(output_dir: str):
@@ -211,7 +218,7 @@ def _previous_reload_reference(output_dir: str):
 @torch.no_grad()
 def _compare_with_reference(model, reference: dict) -> dict:
     ids = torch.tensor([reference["input_ids"]])
-    logits = model(input_ids=ids.to(next(model.parameters()).device)).logits[0].float().cpu()
+    logits = _first_output(model, ids)
     idx = torch.tensor(reference["top_indices"])
     diff = float((logits.gather(1, idx) - torch.tensor(reference["top_values"])).abs().max())
     return {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4,
