@@ -14,7 +14,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -51,28 +50,12 @@ def resident_bytes(model) -> int:
     return total
 
 
-@torch.no_grad()
-def quality(model, windows, reference, k=100):
-    nll, n, kl, agree, refs = 0.0, 0, 0.0, 0, []
-    for i in range(len(windows)):
-        ids = windows.input_ids[i : i + 1]
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        tgt = ids[0, 1:]
-        nll += float(-logp.gather(1, tgt[:, None]).sum())
-        n += tgt.numel()
-        if reference is None:
-            refs.append(logp.topk(k, -1))
-        else:
-            v, idx = reference[i]
-            q = logp.gather(1, idx)
-            tail_p = torch.log1p(-v.exp().sum(-1).clamp(max=1 - 1e-7))
-            tail_q = torch.log1p(-q.exp().sum(-1).clamp(max=1 - 1e-7))
-            kl += float(((v.exp() * (v - q)).sum(-1) + tail_p.exp() * (tail_p - tail_q)).clamp(min=0).sum())
-            agree += int((logp.argmax(-1) == idx[:, 0]).sum())
-    out = {"perplexity": math.exp(nll / n)}
-    if reference is not None:
-        out.update(kl=kl / n, top1=agree / n)
-    return out, refs
+def quality(model, windows, reference):
+    """Perplexity, and KL / top-1 against the fp32 reference: the pipeline's own `perplexity` evaluator."""
+    result = registries().evaluators.get("perplexity")().evaluate(model, windows, reference=reference)
+    if reference is None:
+        return {"perplexity": result["perplexity"]}, result
+    return {"perplexity": result["perplexity"], "kl": result["kl_divergence"], "top1": result["top1_agreement"]}, None
 
 
 @torch.no_grad()

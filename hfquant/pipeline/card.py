@@ -28,7 +28,7 @@ def base_license(source: str) -> Optional[str]:
     return None
 
 
-def reproduce_command(config: dict) -> str:
+def reproduce_command() -> str:
     """The overrides that reproduce this run (outputs and secrets excluded)."""
     overrides = [a for a in sys.argv[1:] if not a.startswith(("output_dir=", "hub.", "overwrite=", "resume=", "-m", "--"))]
     return "hfquant " + " ".join(overrides) if overrides else "hfquant"
@@ -93,7 +93,7 @@ tokenizer = AutoTokenizer.from_pretrained("{load_path}")
 ## Reproduce
 
 ```
-{reproduce_command(report.get('config', {}))}
+{reproduce_command()}
 ```
 
 ## Versions

@@ -23,7 +23,7 @@ from .output import has_finished_model, model_dir, prepare_output, write_atomic,
 from .push import PushError, push
 from .quantize import convert, resolve_backend, weight_error
 from .report import markdown, summary_rows, table, versions
-from .save import load_quantized, max_logit_difference, save_quantized
+from .save import compare_with_reference, load_quantized, reload_check as check_reload, save_quantized
 from .size import folder_bytes, quantized_weight_stats, state_bytes, unique_parameter_count
 
 log = logging.getLogger("hfquant")
@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> dict:
         report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
         calibration_status = "reused from the finished run (resume=true)"
         if previous_check is not None:
-            reload_check = _compare_with_reference(qmodel, previous_check)
+            reload_check = compare_with_reference(qmodel, previous_check)
     else:
         own_format = getattr(registries().backends.get(backend), "format", "hfquant") == "hfquant"
         with timer.stage("calibrate"):
@@ -128,11 +128,10 @@ def run(cfg: DictConfig) -> dict:
                 extra = {} if spec.device == "cpu" else {"device_map": {"": spec.device}}
                 reloaded = load_quantized(out_model, m.get("task", "causal-lm"), **extra)
                 ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])]
-                diff = max_logit_difference(qmodel, reloaded, ids)
-                reload_check = {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4,
-                                "reference": _reference(qmodel, ids)}
+                reload_check = check_reload(qmodel, reloaded, ids)
                 del reloaded
-                if diff > 1e-4:
+                diff = reload_check["max_abs_logit_difference"]
+                if not reload_check["ok"]:
                     raise RuntimeError(f"the saved model does not reproduce the quantized model (max |Δlogit| = {diff:.3g}); not reporting it")
     report_quant.update(quantized_weight_stats(qmodel))
 
@@ -185,26 +184,6 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-REFERENCE_POSITIONS, REFERENCE_TOP_K = 16, 5
-
-
-@torch.no_grad()
-def _reference(model, ids) -> dict:
-    """A small fingerprint of the quantized model's logits, kept in report.json so that a resumed run can
-    prove the folder still reproduces them before pushing."""
-    ids = ids[:, :REFERENCE_POSITIONS]
-    logits = _first_output(model, ids)
-    values, indices = logits.topk(REFERENCE_TOP_K, dim=-1)
-    return {"input_ids": ids[0].tolist(), "top_values": values.tolist(), "top_indices": indices.tolist()}
-
-
-def _first_output(model, ids) -> torch.Tensor:
-    """Logits of a causal LM, or the last hidden state of an encoder, for the first sequence, on CPU."""
-    out = model(input_ids=ids.to(next(model.parameters()).device))
-    main = out.logits if hasattr(out, "logits") else out[0]
-    return main[0].float().cpu()
-
-
 def _previous_reload_reference(output_dir: str):
     import json
 
@@ -213,13 +192,3 @@ def _previous_reload_reference(output_dir: str):
             return json.load(f).get("reload_check", {}).get("reference")
     except (OSError, ValueError):
         return None
-
-
-@torch.no_grad()
-def _compare_with_reference(model, reference: dict) -> dict:
-    ids = torch.tensor([reference["input_ids"]])
-    logits = _first_output(model, ids)
-    idx = torch.tensor(reference["top_indices"])
-    diff = float((logits.gather(1, idx) - torch.tensor(reference["top_values"])).abs().max())
-    return {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": diff <= 1e-4,
-            "against": "the logits recorded when the folder was written", "reference": reference}

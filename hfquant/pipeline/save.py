@@ -50,11 +50,30 @@ def load_quantized(path: str, task: str = "causal-lm", **kwargs):
     return auto.from_pretrained(path, **kwargs).eval()
 
 
+REFERENCE_TOP_K = 5
+
+
 @torch.no_grad()
-def max_logit_difference(a, b, input_ids: torch.Tensor) -> float:
-    """Largest absolute difference of the two models' outputs on `input_ids` (the reload check)."""
-    out_a = a(input_ids=input_ids.to(next(a.parameters()).device))
-    out_b = b(input_ids=input_ids.to(next(b.parameters()).device))
-    ta = out_a.logits if hasattr(out_a, "logits") else out_a[0]
-    tb = out_b.logits if hasattr(out_b, "logits") else out_b[0]
-    return float((ta.float().cpu() - tb.float().cpu()).abs().max())
+def model_output(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, or the last hidden state of an encoder, for the first sequence, on CPU."""
+    out = model(input_ids=input_ids.to(next(model.parameters()).device))
+    main = out.logits if hasattr(out, "logits") else out[0]
+    return main[0].float().cpu()
+
+
+def reload_check(quantized, reloaded, input_ids: torch.Tensor) -> dict:
+    """Max |Δ| between the in-memory and reloaded models, plus a small fingerprint (top-k logits) of the
+    in-memory output, kept in report.json so a resumed run can re-check the folder before pushing."""
+    a, b = model_output(quantized, input_ids), model_output(reloaded, input_ids)
+    diff = float((a - b).abs().max())
+    values, indices = a.topk(min(REFERENCE_TOP_K, a.shape[-1]), dim=-1)
+    reference = {"input_ids": input_ids[0].tolist(), "top_values": values.tolist(), "top_indices": indices.tolist()}
+    return {"max_abs_logit_difference": diff, "tokens": int(input_ids.numel()), "ok": diff <= 1e-4, "reference": reference}
+
+
+def compare_with_reference(model, reference: dict) -> dict:
+    """The reload check of a resumed run: the folder's output against the fingerprint recorded when it was written."""
+    out = model_output(model, torch.tensor([reference["input_ids"]]))
+    diff = float((out.gather(1, torch.tensor(reference["top_indices"])) - torch.tensor(reference["top_values"])).abs().max())
+    return {"max_abs_logit_difference": diff, "tokens": len(reference["input_ids"]), "ok": diff <= 1e-4,
+            "against": "the logits recorded when the folder was written", "reference": reference}
