@@ -17,6 +17,16 @@ from .quant import QuantArgsError
 from .registry import UnknownNameError
 from .scheme import QuantScheme, SchemeError
 
+def _if_path(path, demo_path, then, otherwise=None):
+    """`${hfquant.if_path:${.path},<demo path>,<value>,<else>}`: a model config's demo-only fields (its GGUF file,
+    base model, license) apply only while model.path is still the demo's own path."""
+    return then if path == demo_path else otherwise
+
+
+if not OmegaConf.has_resolver("hfquant.if_path"):
+    OmegaConf.register_new_resolver("hfquant.if_path", _if_path)
+
+PIPELINES = ("auto", "streaming", "in_memory")
 DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size"}
 
 
@@ -49,6 +59,8 @@ class RunSpec:
     resume: bool
     device: str
     hub: Dict[str, Any]
+    pipeline: str = "auto"
+    max_shard_size: Any = "5GB"
 
 
 def _plain(node) -> Any:
@@ -160,8 +172,21 @@ def validate(cfg: DictConfig) -> RunSpec:
     if any("token" in str(k).lower() for k in hub):
         raise ConfigError("hub: never put a token in the config (it would be saved with the run); set HF_TOKEN "
                           "or run `hf auth login`")
+    pipeline = str(cfg.get("pipeline", "auto"))
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"pipeline={pipeline!r}; allowed: {', '.join(PIPELINES)}")
+    max_shard_size = cfg.get("max_shard_size", "5GB")
+    try:
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        size = max_shard_size if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) \
+            else parse_size_to_int(str(max_shard_size))
+        if size <= 0:
+            raise ValueError("must be positive")
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"max_shard_size={max_shard_size!r} is not a size ({exc}); e.g. max_shard_size=5GB") from None
     output_dir = cfg.get("output_dir")
     if not output_dir:
         raise ConfigError("output_dir is empty")
     return RunSpec(model, scheme, observer, options, backend, calibration, evaluation, str(output_dir),
-                   bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub)
+                   bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub, pipeline, max_shard_size)

@@ -82,25 +82,26 @@ def fingerprint(source: str, gguf_file: Optional[str], revision: Optional[str]) 
 
 def load_model(path: str, task: str = "causal-lm", gguf_file: Optional[str] = None, dtype: str = "float32",
                device_map=None, trust_remote_code: bool = False, allow_pickle: bool = False,
-               revision: Optional[str] = None, _use_cache: bool = True) -> LoadedModel:
-    """Load model + tokenizer; offline and not cached → `ModelNotFoundError` with what to do."""
+               revision: Optional[str] = None, _use_cache: bool = True, need_tokenizer: bool = True) -> LoadedModel:
+    """Load model + tokenizer; offline and not cached → `ModelNotFoundError` with what to do. Without
+    `need_tokenizer` (nothing to tokenize: calibration and evaluation off) a folder may lack a tokenizer."""
     import time
 
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     start = time.perf_counter()
     source = check_model_source(path, gguf_file, allow_pickle)
     fp = fingerprint(source, gguf_file, revision)
     if gguf_file and device_map is None and _use_cache:
         cached = gguf_cache(source, gguf_file, fp, dtype, trust_remote_code)
-        result = load_model(cached, task, None, dtype, device_map, trust_remote_code, False, None)
+        result = load_model(cached, task, None, dtype, device_map, trust_remote_code, False, None, need_tokenizer=need_tokenizer)
         return LoadedModel(result.model, result.tokenizer, os.path.join(source, gguf_file), fp, time.perf_counter() - start)
     common = dict(trust_remote_code=trust_remote_code, revision=revision)
     if gguf_file:
         common["gguf_file"] = gguf_file
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        tokenizer = load_tokenizer(source, required=need_tokenizer, **common)
         model = auto.from_pretrained(source, dtype=DTYPES[dtype], device_map=device_map,
                                      use_safetensors=None if (allow_pickle or gguf_file) else True, **common)
     except OSError as exc:
@@ -115,6 +116,52 @@ def load_model(path: str, task: str = "causal-lm", gguf_file: Optional[str] = No
     if gguf_file:
         plain_after_gguf(model)
     return LoadedModel(model, tokenizer, source, fp, time.perf_counter() - start)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False, required: bool = True, **kwargs):
+    """The tokenizer, or None when it is not `required` and the folder has none (it is then not saved either)."""
+    from transformers import AutoTokenizer
+
+    if not required and os.path.isdir(source) and not kwargs.get("gguf_file") \
+            and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        if required:
+            if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+                raise ModelNotFoundError(
+                    f"{source!r} has no tokenizer, which calibration and evaluation need; add the tokenizer files "
+                    "(tokenizer.json …) to the folder, or run with calibration=none evaluation=none") from exc
+            raise
+        return None
+
+
+def checkpoint_folder(path: str, gguf_file: Optional[str], dtype: str, trust_remote_code: bool,
+                      revision: Optional[str]):
+    """(local folder holding safetensors, source to report) without loading the model: local folders as they
+    are; GGUF through the safetensors cache (built once, in memory: GGUF cannot be read tensor by tensor
+    here); Hub ids through the local Hub cache (`snapshot_download`, weights and configs only)."""
+    source = check_model_source(path, gguf_file)
+    if gguf_file:
+        fp = fingerprint(source, gguf_file, revision)
+        return gguf_cache(source, gguf_file, fp, dtype, trust_remote_code), os.path.join(source, gguf_file)
+    if is_local(source):
+        return source, source
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(source, revision=revision,
+                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+    except Exception as exc:  # offline, unknown repo, gated: all say the same thing to the user
+        raise ModelNotFoundError(
+            f"could not fetch {source!r} from the Hub or its cache ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
+            "Offline, the model must already be in the Hugging Face cache; otherwise download it once and point "
+            "model.path at the local folder (e.g. model.path=/models/my-model)") from exc
+    return folder, source
 
 
 def plain_after_gguf(model) -> None:

@@ -1,4 +1,5 @@
-"""One run: validate → load → data → baseline → calibrate → quantize → save → reload check → evaluate → report."""
+"""One run: validate → load → data → baseline → calibrate → quantize → save → reload check → evaluate → report
+(in memory), or validate → stream quantize → report for weight-only runs that evaluate nothing (streaming)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import resource
 import time
 from contextlib import contextmanager
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,13 +18,14 @@ from ..plugins import registries
 from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
-from .load import load_model
+from .load import checkpoint_folder, load_model, load_tokenizer
 from .card import render as render_card
 from .output import has_finished_model, model_dir, prepare_output, write_atomic, write_json
 from .push import PushError, push
 from .quantize import convert, resolve_backend, weight_error
 from .report import markdown, summary_rows, table, versions
 from .save import compare_with_reference, load_quantized, reload_check as check_reload, save_quantized
+from .streaming import StreamingError, stream_quantize, streaming_problem
 from .size import folder_bytes, quantized_weight_stats, state_bytes, unique_parameter_count
 
 log = logging.getLogger("hfquant")
@@ -60,18 +62,80 @@ def _windows(loaded, spec, part: str):
     return w
 
 
+def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
+    """("streaming" | "in_memory", why). `pipeline=auto` streams whenever it can: same folder, bounded memory."""
+    problem = streaming_problem(spec, backend)
+    if spec.pipeline == "streaming":
+        if problem:
+            raise StreamingError(f"pipeline=streaming cannot run this: {problem}. Use pipeline=in_memory (or auto)")
+        return "streaming", "asked for by pipeline=streaming"
+    if spec.pipeline == "in_memory":
+        return "in_memory", "asked for by pipeline=in_memory"
+    if spec.resume:
+        return "in_memory", "auto: resume re-checks and evaluates a loaded model"
+    if problem:
+        return "in_memory", f"auto: cannot stream ({problem})"
+    return "streaming", "auto: weight-only scheme and nothing to evaluate, so the model is never loaded"
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for one composed config; returns the report (also written to output_dir)."""
     spec: RunSpec = validate(cfg)  # fails fast: nothing loaded yet
-    prepare_output(spec.output_dir, spec.overwrite, spec.resume)
     backend, backend_reason = resolve_backend(spec.backend, spec.scheme, spec.device)
+    pipeline, pipeline_reason = choose_pipeline(spec, backend)
+    prepare_output(spec.output_dir, spec.overwrite, spec.resume)
     log.info("backend %s (%s)", backend, backend_reason)
+    log.info("pipeline %s (%s)", pipeline, pipeline_reason)
     timer = Timer()
+    if pipeline == "streaming":
+        report = _run_streaming(spec, backend, timer)
+    else:
+        report = _run_in_memory(spec, backend, timer)
+    report["run"].update(backend=backend, backend_reason=backend_reason, pipeline=pipeline, pipeline_reason=pipeline_reason)
+    report.update(timings=timer.timings,
+                  peak_memory={"rss_bytes": peak_rss_bytes(),
+                               **({"cuda_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {})},
+                  versions=versions(), config=OmegaConf.to_container(cfg, resolve=True))
+    return _finish(report, spec, timer)
+
+
+def _run_header(spec: RunSpec, source: str) -> dict:
     m = spec.model
+    return {"model": m.get("name") or m["path"], "model_source": source, "task": m.get("task", "causal-lm"),
+            "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
+            "output_dir": os.path.abspath(spec.output_dir), "resumed": spec.resume}
+
+
+def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
+    m = spec.model
+    with timer.stage("load"):
+        folder, source = checkpoint_folder(m["path"], m.get("gguf_file"), m.get("dtype", "float32"),
+                                           bool(m.get("trust_remote_code", False)), m.get("revision"))
+        tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=False)
+    with timer.stage("stream quantize"):
+        streamed = stream_quantize(folder, spec, backend, tokenizer, spec.output_dir, spec.max_shard_size)
+    params, out_model = streamed["parameters"], model_dir(spec.output_dir)
+    on_disk = folder_bytes(out_model)
+    return {
+        "run": _run_header(spec, source),
+        "scheme": spec.scheme.to_dict(),
+        "protocol": {},
+        "calibration": {"status": "skipped: weights are observed directly, tensor by tensor (streaming)"},
+        "baseline": {"size": {"bytes": streamed["baseline_bytes"], "parameters": params,
+                              "bits_per_parameter": 8 * streamed["baseline_bytes"] / params}},
+        "quantized": {"size": {"bytes_on_disk": on_disk, "bits_per_parameter": 8 * on_disk / params}},
+        "quantization": streamed["quantization"],
+        "reload_check": {},
+    }
+
+
+def _run_in_memory(spec: RunSpec, backend: str, timer: Timer) -> dict:
+    m = spec.model
+    need_tokenizer = bool(spec.evaluation or (spec.calibration and spec.scheme.needs_calibration_data and not spec.resume))
     with timer.stage("load"):
         loaded = load_model(m["path"], m.get("task", "causal-lm"), m.get("gguf_file"), m.get("dtype", "float32"),
                             m.get("device_map"), bool(m.get("trust_remote_code", False)),
-                            bool(m.get("allow_pickle", False)), m.get("revision"))
+                            bool(m.get("allow_pickle", False)), m.get("revision"), need_tokenizer=need_tokenizer)
     model = loaded.model
     if m.get("device_map") is None and spec.device != "cpu":
         model.to(spec.device)
@@ -122,7 +186,8 @@ def run(cfg: DictConfig) -> dict:
                                 ignore=list(spec.scheme.ignore))
             qmodel = convert(model, plan, backend)
         with timer.stage("save"):
-            save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir, own_format=own_format)
+            save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir, own_format=own_format,
+                           max_shard_size=spec.max_shard_size)
         if eval_windows is not None:
             with timer.stage("reload check"):
                 extra = {} if spec.device == "cpu" else {"device_map": {"": spec.device}}
@@ -140,11 +205,8 @@ def run(cfg: DictConfig) -> dict:
         with timer.stage("evaluate quantized"):
             quantized = evaluate_quantized(qmodel, eval_windows, evaluators, baseline)
     on_disk = folder_bytes(out_model)
-    report = {
-        "run": {"model": m.get("name") or m["path"], "model_source": loaded.source, "task": m.get("task", "causal-lm"),
-                "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
-                "backend": backend, "backend_reason": backend_reason, "output_dir": os.path.abspath(spec.output_dir),
-                "resumed": spec.resume},
+    return {
+        "run": _run_header(spec, loaded.source),
         "scheme": spec.scheme.to_dict(),
         "protocol": dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
         "calibration": {"status": calibration_status, **({"windows": calib_windows.protocol} if calib_windows else {})},
@@ -154,14 +216,15 @@ def run(cfg: DictConfig) -> dict:
                       "size": {"bytes_on_disk": on_disk, "bits_per_parameter": 8 * on_disk / params}},
         "quantization": report_quant,
         "reload_check": reload_check,
-        "timings": timer.timings,
-        "peak_memory": {"rss_bytes": peak_rss_bytes(),
-                        **({"cuda_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {})},
-        "versions": versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def _finish(report: dict, spec: RunSpec, timer: Timer) -> dict:
+    """Model card, report.md, report.json (last: it marks the run complete), the console table, then push."""
+    out_model = model_dir(spec.output_dir)
+    reload_check = report["reload_check"]
     repo_id = spec.hub.get("repo_id") if spec.hub.get("push") else None
-    write_atomic(os.path.join(out_model, "README.md"), render_card(report, m, repo_id))
+    write_atomic(os.path.join(out_model, "README.md"), render_card(report, spec.model, repo_id))
     write_atomic(os.path.join(spec.output_dir, "report.md"), markdown(report))
     write_json(os.path.join(spec.output_dir, "report.json"), report)  # marks the run complete
     print(table(summary_rows(report)))

@@ -22,14 +22,15 @@ def quantization_config(plan, backend: str) -> HfQuantConfig:
     )
 
 
-def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: str = "", own_format: bool = True) -> str:
+def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: str = "", own_format: bool = True,
+                   max_shard_size="5GB") -> str:
     """Write into a temporary folder, then rename it to `<output_dir>/model` (never a half-written `model/`).
     `own_format=False`: the backend's model already carries its own `quantization_config` (bitsandbytes)."""
     if own_format:
         model.config.quantization_config = quantization_config(plan, backend)
     tmp = partial_dir(output_dir)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card:

@@ -20,6 +20,12 @@ from hfquant.formats.qlinear import integer_format_problem, quantize_into
 class CpuBackend:
     name = "cpu"
     format = "hfquant"
+    streaming = True  # saves QuantLinear's state dict, so checkpoints can be quantized tensor by tensor
+
+    @staticmethod
+    def round_scale(scale):
+        """Scales are rounded to bf16 first: what the kernels will use, exactly, and what gets saved."""
+        return scale.to(torch.bfloat16).float()
 
     @staticmethod
     def supports(scheme, device):
@@ -44,9 +50,7 @@ class CpuBackend:
         return f"{w.num_bits}-bit weights have no CPU kernel (allowed: 8, 4)"
 
     def convert(self, model, plan):
-        # Scales are rounded to bf16 first: what the kernels will use, exactly, and what gets saved.
-        return quantize_into(model, plan, make=kernel_module_for, round_scale=lambda s: s.to(torch.bfloat16).float(),
-                             desc="quantize (cpu kernels)")
+        return quantize_into(model, plan, make=kernel_module_for, round_scale=self.round_scale, desc="quantize (cpu kernels)")
 
 
 @hookimpl

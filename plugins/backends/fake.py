@@ -12,6 +12,7 @@ from hfquant.quant import PACKABLE_BITS
 class FakeBackend:
     name = "fake"
     format = "hfquant"
+    streaming = True  # saves QuantLinear's state dict, so checkpoints can be quantized tensor by tensor
 
     @staticmethod
     def supports(scheme, device):

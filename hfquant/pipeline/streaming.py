@@ -1,0 +1,322 @@
+"""Streaming weight-only quantization: a safetensors checkpoint → an hfquant folder, one tensor at a time.
+
+Weight-only schemes observe weights, not activations, so no forward pass is needed and the model never has to
+exist in memory: the architecture is built on the meta device (for names, dtypes, tied weights and the state
+dict order), each checkpoint tensor is read, quantized and written to its output shard, then dropped. Peak
+memory is about one tensor plus its quantization temporaries, whatever the model size.
+
+The folder is byte-identical to what the in-memory path saves for the same scheme and backend: the same
+observer and `QuantLinear.from_linear` compute the numbers, the state dict order is the model's own, shards
+are split by the same function `save_pretrained` uses, and `StreamingSafetensorsWriter` lays files out as
+safetensors does (`tests/pipeline/test_streaming.py` compares whole folders).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..formats.qlinear import QuantLinear
+from ..formats.safetensors_stream import SafetensorsReader, StreamingSafetensorsWriter
+from ..plan import ModulePlan, QuantPlan, target_modules
+from ..plugins import registries
+from .load import DTYPES
+from .output import partial_dir, publish
+from .save import quantization_config
+
+log = logging.getLogger("hfquant")
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class StreamingError(ValueError):
+    """The checkpoint or the request cannot be streamed; the message says why and what to run instead."""
+
+
+def streaming_problem(spec, backend_name: str) -> Optional[str]:
+    """Why this run cannot use the streaming pipeline (decided from the config alone), or None."""
+    if spec.scheme.needs_calibration_data:
+        return f"scheme {spec.scheme.name!r} observes activations (static input scales), which needs forward passes"
+    backend = registries().backends.get(backend_name)
+    if not getattr(backend, "streaming", False):
+        able = [n for n in registries().backends.names() if getattr(registries().backends.get(n), "streaming", False)]
+        return f"backend {backend_name!r} does not write tensor by tensor (backends that do: {', '.join(able) or 'none'})"
+    if spec.evaluation is not None:
+        return "evaluation needs the model in memory (set evaluation=none to quantize and save only)"
+    if spec.model.get("device_map") is not None:
+        return "model.device_map places a loaded model; streaming never loads one"
+    if spec.model.get("task", "causal-lm") not in ("causal-lm", "embedding"):
+        return f"task {spec.model.get('task')!r}"
+    return None
+
+
+def checkpoint_files(folder: str) -> Dict[str, str]:
+    """Tensor name → safetensors file, from the index or the single weights file."""
+    index = os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(folder, file) for name, file in weight_map.items()}
+    single = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return {name: single for name in SafetensorsReader(single).tensors}
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if len(found) == 1:
+        return {name: os.path.join(folder, found[0]) for name in SafetensorsReader(os.path.join(folder, found[0])).tensors}
+    raise StreamingError(f"{folder!r} has no {WEIGHTS_NAME} or {INDEX_NAME} (safetensors files there: {found or 'none'}); "
+                         "streaming reads safetensors checkpoints only — use pipeline=in_memory for other formats")
+
+
+@dataclass
+class Skeleton:
+    """The model built on the meta device: names, dtypes, shapes and tied weights, no data."""
+
+    model: torch.nn.Module
+    config: object
+    dtype: torch.dtype
+
+
+def build_skeleton(folder: str, task: str, dtype: str, trust_remote_code: bool, first_float_dtype) -> Skeleton:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if dtype == "auto":
+        chosen = getattr(config, "dtype", None) or first_float_dtype or torch.float32
+        chosen = getattr(torch, chosen) if isinstance(chosen, str) else chosen
+    else:
+        chosen = DTYPES[dtype]
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=chosen, trust_remote_code=trust_remote_code)
+    return Skeleton(model.eval(), config, chosen)
+
+
+def _tied_free_state(model) -> Dict[str, torch.Tensor]:
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(model.state_dict(), model)
+
+
+def _backend_key_order(backend, plan_scheme, mp: ModulePlan, in_features: int, bias: bool, dtype) -> List[str]:
+    """The order in which `backend`'s module for this Linear writes its state dict (probed on a small copy)."""
+    linear = torch.nn.Linear(in_features, 32, bias=bias, dtype=dtype)
+    holder = torch.nn.Module()
+    holder.add_module("m", linear)
+    probe = QuantPlan(plan_scheme, "minmax")
+    scale_shape = QuantLinear(in_features, 32, bias, mp.weight_args, device="meta").weight_scale.shape
+    probe.modules["m"] = ModulePlan("m", mp.weight_args, (torch.ones(scale_shape), torch.zeros(scale_shape, dtype=torch.int32)),
+                                    mp.input_args, None)
+    backend.convert(holder, probe)
+    return [k[len("m."):] for k in holder.state_dict()]
+
+
+class StreamPlan:
+    """What to write: every output tensor's dtype and shape, in the model's state dict order, and where each
+    comes from (a checkpoint tensor, or a quantized module)."""
+
+    def __init__(self, skeleton: Skeleton, scheme, backend, files: Dict[str, str]) -> None:
+        model = skeleton.model
+        self.targets = target_modules(model, scheme)
+        state = _tied_free_state(model)
+        missing = [k for k in state if k not in files]
+        if missing:
+            raise StreamingError(
+                f"the checkpoint lacks {len(missing)} tensor(s) that {type(model).__name__} has (e.g. {missing[0]!r}); "
+                "the in-memory loader would initialise them, which streaming cannot reproduce — use pipeline=in_memory"
+            )
+        extra = sorted(set(files) - set(state))
+        if extra:
+            log.warning("ignoring %d checkpoint tensor(s) the model does not use (e.g. %s), as from_pretrained would", len(extra), extra[0])
+        self.entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {}
+        self.source: Dict[str, str] = {}  # output key → checkpoint key (plain tensors)
+        self.owner: Dict[str, Tuple[str, str]] = {}  # output key → (module, key inside the module)
+        self.module_plans: Dict[str, ModulePlan] = {}
+        orders: Dict[tuple, List[str]] = {}
+        for key, tensor in state.items():
+            module_name, _, leaf = key.rpartition(".")
+            if module_name not in self.targets:
+                self.entries[key] = (tensor.dtype, tuple(tensor.shape))
+                self.source[key] = key
+                continue
+            if leaf != "weight":
+                continue  # the module's whole block is emitted at its weight
+            linear = self.targets[module_name]
+            mp = ModulePlan(module_name, scheme.weights, input_args=scheme.input_activations)
+            self.module_plans[module_name] = mp
+            has_bias = linear.bias is not None
+            shapes = {k: (t.dtype, tuple(t.shape)) for k, t in QuantLinear(
+                linear.in_features, linear.out_features, has_bias, mp.weight_args, mp.input_args,
+                dtype=skeleton.dtype, device="meta").state_dict().items()}
+            sig = (linear.in_features, has_bias, repr(mp.weight_args), repr(mp.input_args))
+            if sig not in orders:
+                orders[sig] = _backend_key_order(backend, scheme, mp, linear.in_features, has_bias, skeleton.dtype)
+            for sub in orders[sig]:
+                if sub not in shapes:
+                    raise StreamingError(f"backend {backend.name!r} saves {sub!r}, which is not part of hfquant's format")
+                self.entries[f"{module_name}.{sub}"] = shapes[sub]
+                self.owner[f"{module_name}.{sub}"] = (module_name, sub)
+        self.entries = saved_order(model, self.entries)
+        for name in self.targets:
+            if f"{name}.weight" not in files:
+                raise StreamingError(f"{name}.weight is tied to another tensor; quantizing it unties them, which "
+                                     "streaming cannot do — add it to scheme.ignore or use pipeline=in_memory")
+        self.total_parameters = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[0] not in self.targets
+                                    or not n.endswith(".weight"))
+
+
+def saved_order(model, entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
+    """`entries` in the order `save_pretrained` hands them to the shard splitter: a model loaded by
+    `from_pretrained` passes its state dict through `revert_weight_conversion`, which sorts the keys (and would
+    rename them, had the checkpoint needed renaming — such checkpoints are refused above)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in entries.items()}
+    had = getattr(model, "_weight_conversions", None)
+    model._weight_conversions = []  # what from_pretrained leaves when no conversion applied to the checkpoint
+    try:
+        reverted = revert_weight_conversion(model, meta)
+    finally:
+        model._weight_conversions = had
+    if set(reverted) != set(entries):
+        raise StreamingError(f"transformers renames {type(model).__name__}'s weights when saving; streaming cannot "
+                             "reproduce that — use pipeline=in_memory")
+    return {k: entries[k] for k in reverted}
+
+
+class TensorSource:
+    """Checkpoint tensors by name, read one at a time."""
+
+    def __init__(self, files: Dict[str, str]) -> None:
+        self.files = files
+        self.readers = {path: SafetensorsReader(path) for path in sorted(set(files.values()))}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.readers[self.files[name]].get(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.readers[self.files[name]].tensors[name].torch_dtype
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(p) for p in self.readers)
+
+
+class ModuleQuantizer:
+    """One Linear's tensors → its quantized state dict, exactly as the in-memory path computes it."""
+
+    def __init__(self, observer_cls, observer_options: dict, round_scale, dtype: torch.dtype) -> None:
+        self.observer_cls, self.observer_options = observer_cls, observer_options
+        self.round_scale, self.dtype = round_scale, dtype
+        self.error = 0.0
+        self.energy = 0.0
+
+    @torch.no_grad()
+    def __call__(self, mp: ModulePlan, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        from ..quant import fake_quantize
+
+        weight = weight.to(self.dtype)
+        obs = self.observer_cls(mp.weight_args, **self.observer_options)
+        obs.observe(weight)
+        scale, zp = obs.qparams()
+        w = weight.float()
+        self.error += float((fake_quantize(w, scale, zp, mp.weight_args) - w).pow_(2).sum())
+        self.energy += float(w.pow(2).sum())
+        del w
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=self.dtype)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = torch.nn.Parameter(bias.to(self.dtype), requires_grad=False)
+        if self.round_scale is not None:
+            scale = self.round_scale(scale)
+        q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, None)
+        return dict(q.state_dict())
+
+    def stats(self) -> dict:
+        rel = self.error / self.energy if self.energy else 0.0
+        sqnr = float("inf") if rel == 0 else -10.0 * torch.log10(torch.tensor(rel)).item()
+        return {"weight_relative_mse": rel, "weight_sqnr_db": sqnr}
+
+
+def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer: ModuleQuantizer, max_shard_size) -> dict:
+    """Write every output shard (and the index when there is more than one), one tensor at a time."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from tqdm.auto import tqdm
+
+    meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in plan.entries.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    done: Dict[str, Dict[str, torch.Tensor]] = {}  # quantized modules whose tensors are not all written yet
+    bar = tqdm(total=len(plan.entries), desc="stream quantize", unit="tensor", leave=False)
+    for shard, names in split.filename_to_tensors.items():
+        with StreamingSafetensorsWriter(os.path.join(folder, shard), {n: plan.entries[n] for n in names}, {"format": "pt"}) as writer:
+            for name in names:
+                if name in plan.source:
+                    dtype = plan.entries[name][0]
+                    tensor = source.get(plan.source[name])
+                    writer.write(name, tensor.to(dtype) if tensor.dtype.is_floating_point else tensor)
+                else:
+                    module, sub = plan.owner[name]
+                    if module not in done:
+                        bias_key = f"{module}.bias"
+                        done[module] = quantizer(plan.module_plans[module], source.get(f"{module}.weight"),
+                                                 source.get(bias_key) if bias_key in source.files else None)
+                    writer.write(name, done[module].pop(sub))
+                    if not done[module]:
+                        del done[module]
+                bar.update()
+    bar.close()
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": plan.total_parameters, **split.metadata}, "weight_map": split.tensor_to_filename}
+        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return {"shards": len(split.filename_to_tensors), "bytes": split.metadata["total_size"]}
+
+
+def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir: str, max_shard_size) -> dict:
+    """Quantize the checkpoint in `folder` into `<output_dir>/model` without loading the model."""
+    from transformers import GenerationConfig
+
+    m = spec.model
+    files = checkpoint_files(folder)
+    source = TensorSource(files)
+    first_float = next((source.dtype(n) for n in files if source.dtype(n).is_floating_point), None)
+    skeleton = build_skeleton(folder, m.get("task", "causal-lm"), m.get("dtype", "float32"),
+                              bool(m.get("trust_remote_code", False)), first_float)
+    backend = registries().backends.get(backend_name)()
+    plan = StreamPlan(skeleton, spec.scheme, backend, files)
+    quant_plan = QuantPlan(spec.scheme, spec.observer, dict(spec.observer_options), dict(plan.module_plans))
+    quantizer = ModuleQuantizer(registries().observers.get(spec.observer), spec.observer_options,
+                                getattr(backend, "round_scale", None), skeleton.dtype)
+    log.info("streaming %d tensors (%d quantized modules) from %s", len(plan.entries), len(plan.module_plans), folder)
+    tmp = partial_dir(output_dir)
+    try:
+        written = write_shards(tmp, plan, source, quantizer, max_shard_size)
+        config = skeleton.config
+        config.dtype = str(skeleton.dtype).split(".")[1]
+        config.architectures = [type(skeleton.model).__name__]
+        config.quantization_config = quantization_config(quant_plan, backend_name)
+        config.save_pretrained(tmp)
+        if skeleton.model.can_generate():
+            if os.path.isfile(os.path.join(folder, "generation_config.json")):
+                generation = GenerationConfig.from_pretrained(folder)
+            else:
+                generation = GenerationConfig.from_model_config(config)
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        publish(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    params = sum(p.numel() for p in skeleton.model.parameters())
+    return {
+        "quantization": dict(quantizer.stats(), modules=len(plan.module_plans), ignore=list(spec.scheme.ignore),
+                             streamed={"input_bytes": source.nbytes(), **written}),
+        "parameters": params,
+        "baseline_bytes": sum(t.numel() * t.element_size() for t in _tied_free_state(skeleton.model).values()),
+    }
