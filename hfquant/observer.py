@@ -36,10 +36,17 @@ class Observer:
 
     def observe(self, x: torch.Tensor) -> None:
         """Fold one tensor (a weight, or one calibration batch of an activation) into the statistics."""
-        check_finite(x, "observed tensor")
         x = x.detach()
-        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        lo, hi = self.reduce_batch(x)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if type(self).reduce_batch is Observer.reduce_batch and x.dtype.is_floating_point:
+            # Plain min / max are exact in any float dtype: reduce a bf16 weight as it is, convert the result.
+            # They propagate NaN and show ±Inf, so checking them checks every element.
+            lo, hi = (t.to(work) for t in self.reduce_batch(x))
+            if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+                check_finite(x, "observed tensor")  # raises, counting the bad values
+        else:
+            check_finite(x, "observed tensor")
+            lo, hi = self.reduce_batch(x.to(work))
         if self.min_vals is None:
             self.min_vals, self.max_vals = lo, hi
         else:

@@ -53,12 +53,15 @@ class QuantLinear(torch.nn.Module):
         weight_zero_point: torch.Tensor,
         input_args: Optional[QuantArgs] = None,
         input_qparams=None,
+        codes: Optional[torch.Tensor] = None,
     ) -> "QuantLinear":
-        """Quantize `linear`'s weight with the given qparams (computed by an observer)."""
+        """Quantize `linear`'s weight with the given qparams (computed by an observer); `codes` if the caller
+        already has them (from `quantize_with_error`)."""
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_args, input_args,
                      dtype=w.dtype, device=w.device)
-        codes = quantize(w, weight_scale, weight_zero_point, weight_args)
+        if codes is None:
+            codes = quantize(w, weight_scale, weight_zero_point, weight_args)
         module.weight_packed.copy_(pack(codes, weight_args))
         module.weight_scale.copy_(weight_scale.reshape(module.weight_scale.shape).float())
         module.weight_zero_point.copy_(weight_zero_point.reshape(module.weight_zero_point.shape).to(module.weight_zero_point.dtype))

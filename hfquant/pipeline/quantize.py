@@ -8,7 +8,7 @@ from typing import Tuple
 import torch
 
 from ..plugins import registries
-from ..quant import fake_quantize
+from ..quant import quantize_with_error
 
 log = logging.getLogger("hfquant")
 
@@ -36,15 +36,21 @@ def resolve_backend(name: str, scheme, device: str) -> Tuple[str, str]:
 
 
 @torch.no_grad()
-def weight_error(model, plan) -> dict:
-    """Relative MSE and SQNR of all quantized weights together, from the plan's qparams."""
+def weight_error(model, plan, round_scale=None) -> dict:
+    """Relative MSE and SQNR of all quantized weights together, as stored (scales after the backend's
+    `round_scale`) — the same numbers the streaming pipeline reports."""
     err, energy = 0.0, 0.0
     for name, mp in plan.modules.items():
         if mp.weight_args is None:
             continue
-        w = model.get_submodule(name).weight.detach().float()
-        err += float((fake_quantize(w, *mp.weight_qparams, mp.weight_args) - w).pow(2).sum())
-        energy += float(w.pow(2).sum())
+        scale, zp = mp.weight_qparams
+        _, e, n = quantize_with_error(model.get_submodule(name).weight.detach(), round_scale(scale) if round_scale else scale, zp,
+                                      mp.weight_args, checked=True)
+        err, energy = err + e, energy + n
+    return error_stats(err, energy)
+
+
+def error_stats(err: float, energy: float) -> dict:
     rel = err / energy if energy else 0.0
     sqnr = float("inf") if rel == 0 else -10.0 * torch.log10(torch.tensor(rel)).item()
     return {"weight_relative_mse": rel, "weight_sqnr_db": sqnr}

@@ -182,7 +182,8 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer) -> dict:
         else:
             calibration_status = "skipped: weights are observed directly and activations are dynamic or not quantized"
         with timer.stage("quantize"):
-            report_quant = dict(weight_error(model, plan) if own_format else {}, modules=len(plan.modules),
+            round_scale = getattr(registries().backends.get(backend), "round_scale", None)
+            report_quant = dict(weight_error(model, plan, round_scale) if own_format else {}, modules=len(plan.modules),
                                 ignore=list(spec.scheme.ignore))
             qmodel = convert(model, plan, backend)
         with timer.stage("save"):

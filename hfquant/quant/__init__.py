@@ -3,7 +3,7 @@
 from .args import STRATEGIES, QuantArgs, QuantArgsError
 from .metrics import max_abs_error, mse, sqnr_db
 from .pack import PACKABLE_BITS, pack, storage_bits, unpack
-from .primitives import code_dtype, dequantize, expand_qparam, fake_quantize, quantize
+from .primitives import code_dtype, dequantize, expand_qparam, fake_quantize, quantize, quantize_with_error
 from .qparams import check_finite, compute_qparams, dynamic_qparams, min_max, reduce_by_strategy
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "mse",
     "pack",
     "quantize",
+    "quantize_with_error",
     "reduce_by_strategy",
     "sqnr_db",
     "storage_bits",

@@ -25,7 +25,9 @@ def storage_bits(num_bits: int) -> int:
 def pack(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Pack codes (int8/uint8 in [qmin, qmax]) into a uint8 tensor; last dim becomes ceil(n * bits / 8)."""
     bits = storage_bits(args.num_bits)
-    u = (q.to(torch.int16) - args.qmin).to(torch.uint8)
+    # code − qmin in uint8 arithmetic: wraps to the same bytes as the wide difference, without a wider copy
+    u = q.view(torch.uint8) if q.dtype == torch.int8 else q.to(torch.uint8)
+    u = u - (args.qmin & 0xFF) if args.qmin else u.clone()
     if bits == 8:
         return u
     per_byte = 8 // bits
@@ -34,8 +36,8 @@ def pack(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     if pad:
         u = torch.nn.functional.pad(u, (0, pad))
     u = u.reshape(*u.shape[:-1], -1, per_byte)
-    out = torch.zeros(u.shape[:-1], dtype=torch.uint8)
-    for i in range(per_byte):
+    out = u[..., 0].clone()
+    for i in range(1, per_byte):
         out |= u[..., i] << (bits * i)
     return out
 
