@@ -1,0 +1,142 @@
+"""Streaming quantization: the same folder, byte for byte, as the in-memory path; chosen automatically when
+it applies; clear errors (before any output) when it cannot; nothing half-written left behind."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hfquant.pipeline import streaming
+from hfquant.pipeline.run import run
+from hfquant.pipeline.streaming import StreamingError
+from tests.conftest import compose
+
+QUIET = ["calibration=none", "evaluation=none"]
+
+
+def _overrides(model_dir, out, *extra):
+    return ["model=hub", f"model.path={model_dir}", f"output_dir={out}", *QUIET, *extra]
+
+
+def assert_same_folder(a, b):
+    """Every file byte-identical except the model card (it names the pipeline and the command)."""
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b))
+    for name in names:
+        if name != "README.md":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("scheme,backend", [("w4a16", "cpu"), ("w8a16", "cpu"), ("w8a8", "cpu"), ("w4a16", "fake"),
+                                            ("int8-tensor", "fake"), ("w4a16-asym", "auto")])
+@pytest.mark.parametrize("shard", ["5GB", "20KB"])
+def test_streaming_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, scheme, backend, shard):
+    extra = [f"scheme={scheme}", f"backend={backend}", f"max_shard_size={shard}", "scheme.weights.group_size=32"] \
+        if scheme.startswith("w4") else [f"scheme={scheme}", f"backend={backend}", f"max_shard_size={shard}"]
+    mem = run(compose(_overrides(tiny_llm_dir, tmp_path / "mem", "pipeline=in_memory", *extra)))
+    streamed = run(compose(_overrides(tiny_llm_dir, tmp_path / "str", "pipeline=streaming", *extra)))
+    assert mem["run"]["pipeline"] == "in_memory" and streamed["run"]["pipeline"] == "streaming"
+    assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
+    if shard == "20KB":
+        assert (tmp_path / "str" / "model" / "model.safetensors.index.json").exists()
+    # the weight error is computed by the same function on both paths
+    assert streamed["quantization"]["weight_sqnr_db"] == pytest.approx(mem["quantization"]["weight_sqnr_db"], rel=1e-9)
+
+
+def test_auto_streams_only_when_nothing_needs_the_model(tiny_llm_dir, tmp_path):
+    r = run(compose(_overrides(tiny_llm_dir, tmp_path / "a", "scheme=w8a16")))
+    assert r["run"]["pipeline"] == "streaming" and "never loaded" in r["run"]["pipeline_reason"]
+    r = run(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'b'}", "scheme=w8a16",
+                     "calibration=none", "evaluation.seq_len=64", "evaluation.max_windows=2"]))
+    assert r["run"]["pipeline"] == "in_memory" and "evaluation" in r["run"]["pipeline_reason"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["scheme=w8a8-static", "calibration=pydoc"], "observes activations"),
+    (["scheme=nf4"], "does not write tensor by tensor"),
+    (["scheme=w8a16", "evaluation=pydoc"], "evaluation needs the model"),
+])
+def test_impossible_streaming_requests_fail_before_any_output(tiny_llm_dir, tmp_path, extra, message):
+    overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'x'}", "pipeline=streaming",
+                 "calibration=none", "evaluation=none", *extra]
+    with pytest.raises(StreamingError, match=message):
+        run(compose(overrides))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_without_tokenizer_quantizes_when_nothing_is_tokenized(tiny_llm_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(tiny_llm_dir):
+        if not name.startswith("tokenizer") and name != "special_tokens_map.json":
+            (bare / name).write_bytes((open(os.path.join(tiny_llm_dir, name), "rb")).read())
+    for pipeline in ("streaming", "in_memory"):
+        out = tmp_path / pipeline
+        run(compose(_overrides(bare, out, "scheme=w8a16", f"pipeline={pipeline}")))
+        assert not [f for f in os.listdir(out / "model") if f.startswith("tokenizer")]
+    assert_same_folder(tmp_path / "streaming" / "model", tmp_path / "in_memory" / "model")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        run(compose(["model=hub", f"model.path={bare}", f"output_dir={tmp_path / 'e'}", "calibration=none",
+                     "evaluation.seq_len=64"]))
+
+
+def test_missing_tensor_is_refused_naming_it(tiny_llm_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(tiny_llm_dir):
+        if not name.endswith(".safetensors"):
+            (broken / name).write_bytes(open(os.path.join(tiny_llm_dir, name), "rb").read())
+    state = load_file(os.path.join(tiny_llm_dir, "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StreamingError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*pipeline=in_memory"):
+        run(compose(_overrides(broken, tmp_path / "out", "scheme=w8a16", "pipeline=streaming")))
+    assert not os.path.exists(tmp_path / "out" / "model")
+    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".model")]
+
+
+def test_a_failure_mid_stream_leaves_no_folder_that_looks_complete(tiny_llm_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = streaming.ModuleQuantizer.__call__
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("disk on fire")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(streaming.ModuleQuantizer, "__call__", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run(compose(_overrides(tiny_llm_dir, tmp_path / "out", "scheme=w8a16", "max_shard_size=20KB")))
+    assert sorted(os.listdir(tmp_path / "out")) == []
+
+
+def test_reader_reads_one_tensor_at_a_time(tiny_llm_dir, tmp_path, monkeypatch):
+    """Memory is bounded by a tensor: every tensor read is dropped before the next one is read."""
+    import weakref
+
+    alive = []
+    original = streaming.TensorSource.get
+
+    def tracking(self, name):
+        tensor = original(self, name)
+        alive[:] = [r for r in alive if r() is not None]
+        assert len(alive) <= 1, f"{len(alive)} checkpoint tensors still alive when reading {name}"
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(streaming.TensorSource, "get", tracking)
+    run(compose(_overrides(tiny_llm_dir, tmp_path / "out", "scheme=w8a16", "pipeline=streaming")))
+    assert torch.is_tensor(load_file(str(tmp_path / "out" / "model" / "model.safetensors"))["model.norm.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_default_model_streams_to_the_same_bytes(tmp_path, scheme):
+    """The embedded SmolLM2 (the GGUF's safetensors cache): both paths, same folder."""
+    common = [f"scheme={scheme}", *QUIET]
+    run(compose([f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory", *common]))
+    report = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
+    assert report["quantization"]["modules"] == 210
+    assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
