@@ -18,7 +18,8 @@ from ..plugins import registries
 from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
-from .load import checkpoint_folder, load_model, load_tokenizer
+from .load import LoadedModel, checkpoint_folder, load_model, load_tokenizer
+from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .output import has_finished_model, model_dir, prepare_output, write_atomic, write_json
 from .push import PushError, push
@@ -75,6 +76,8 @@ def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
         return "in_memory", "auto: resume re-checks and evaluates a loaded model"
     if problem:
         return "in_memory", f"auto: cannot stream ({problem})"
+    if spec.scheme.needs_calibration_data:
+        return "streaming", "auto: nothing to evaluate; static activations are calibrated one layer at a time"
     return "streaming", "auto: weight-only scheme and nothing to evaluate, so the model is never loaded"
 
 
@@ -108,19 +111,31 @@ def _run_header(spec: RunSpec, source: str) -> dict:
 
 def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
     m = spec.model
+    static = spec.scheme.needs_calibration_data
     with timer.stage("load"):
         folder, source = checkpoint_folder(m["path"], m.get("gguf_file"), m.get("dtype", "float32"),
                                            bool(m.get("trust_remote_code", False)), m.get("revision"))
-        tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=False)
+        tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=static)
+    calib_windows = None
+    if static:
+        with timer.stage("data"):
+            calib_windows = _windows(LoadedModel(None, tokenizer, source, ""), spec, "calibration")
+
+    def calibrate(files, dtype):
+        with timer.stage("calibrate (layer by layer)"):
+            return calibrate_sequentially(folder, files, spec, calib_windows, registries().observers.get(spec.observer), dtype)
+
     with timer.stage("stream quantize"):
-        streamed = stream_quantize(folder, spec, backend, tokenizer, spec.output_dir, spec.max_shard_size)
+        streamed = stream_quantize(folder, spec, backend, tokenizer, spec.output_dir, spec.max_shard_size, calibrate)
     params, out_model = streamed["parameters"], model_dir(spec.output_dir)
     on_disk = folder_bytes(out_model)
+    status = (f"static activations observed layer by layer on {calib_windows.protocol}" if static
+              else "skipped: weights are observed directly, tensor by tensor (streaming)")
     return {
         "run": _run_header(spec, source),
         "scheme": spec.scheme.to_dict(),
         "protocol": {},
-        "calibration": {"status": "skipped: weights are observed directly, tensor by tensor (streaming)"},
+        "calibration": {"status": status, **({"windows": calib_windows.protocol} if calib_windows else {})},
         "baseline": {"size": {"bytes": streamed["baseline_bytes"], "parameters": params,
                               "bits_per_parameter": 8 * streamed["baseline_bytes"] / params}},
         "quantized": {"size": {"bytes_on_disk": on_disk, "bits_per_parameter": 8 * on_disk / params}},

@@ -44,8 +44,6 @@ class StreamingError(ValueError):
 
 def streaming_problem(spec, backend_name: str) -> Optional[str]:
     """Why this run cannot use the streaming pipeline (decided from the config alone), or None."""
-    if spec.scheme.needs_calibration_data:
-        return f"scheme {spec.scheme.name!r} observes activations (static input scales), which needs forward passes"
     backend = registries().backends.get(backend_name)
     if not getattr(backend, "streaming", False):
         able = [n for n in registries().backends.names() if getattr(registries().backends.get(n), "streaming", False)]
@@ -232,7 +230,7 @@ class ModuleQuantizer:
         linear.weight = torch.nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             linear.bias = torch.nn.Parameter(bias.to(self.dtype), requires_grad=False)
-        q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, None, codes=codes)
+        q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, mp.input_qparams, codes=codes)
         return dict(q.state_dict())
 
     def stats(self) -> dict:
@@ -274,8 +272,10 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
     return {"shards": len(split.filename_to_tensors), "bytes": split.metadata["total_size"]}
 
 
-def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir: str, max_shard_size) -> dict:
-    """Quantize the checkpoint in `folder` into `<output_dir>/model` without loading the model."""
+def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir: str, max_shard_size,
+                    calibrate=None) -> dict:
+    """Quantize the checkpoint in `folder` into `<output_dir>/model` without loading the model. `calibrate(files,
+    dtype)` returns static input qparams by module (sequential calibration) for schemes that need them."""
     from transformers import GenerationConfig
 
     m = spec.model
@@ -286,6 +286,11 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
                               bool(m.get("trust_remote_code", False)), first_float)
     backend = registries().backends.get(backend_name)()
     plan = StreamPlan(skeleton, spec.scheme, backend, files)
+    if spec.scheme.needs_calibration_data:
+        if calibrate is None:
+            raise StreamingError(f"scheme {spec.scheme.name!r} needs calibrated activation scales")
+        for name, qparams in calibrate(files, skeleton.dtype).items():
+            plan.module_plans[name].input_qparams = qparams
     quant_plan = QuantPlan(spec.scheme, spec.observer, dict(spec.observer_options), dict(plan.module_plans))
     quantizer = ModuleQuantizer(registries().observers.get(spec.observer), spec.observer_options,
                                 getattr(backend, "round_scale", None), skeleton.dtype)
