@@ -157,6 +157,12 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"model.task={model.get('task')!r}; allowed: causal-lm, embedding")
     if model.get("dtype", "float32") not in ("float32", "float16", "bfloat16", "auto"):
         raise ConfigError(f"model.dtype={model.get('dtype')!r}; allowed: float32, float16, bfloat16, auto")
+    if model.get("max_memory") is not None:
+        if not isinstance(model["max_memory"], dict):
+            raise ConfigError(f"model.max_memory must map devices to sizes, e.g. model.max_memory={{0:20GiB,cpu:60GiB}}; "
+                              f"got {model['max_memory']!r}")
+        if model.get("device_map") is None:
+            raise ConfigError("model.max_memory only applies with model.device_map (e.g. model.device_map=auto)")
     if not model.get("path"):
         raise ConfigError("model.path is empty; give a Hub id or a local folder, e.g. model.path=/models/foo")
 

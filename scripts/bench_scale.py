@@ -137,11 +137,11 @@ def floor_seconds(inputs, out_bytes: int, scratch: str) -> dict:
     return {"read_s": read_s, "write_s": write_s, "floor_s": read_s + write_s}
 
 
-def run_hfquant(model_dir: str, out_dir: str, scheme: str, extra=()) -> dict:
+def run_hfquant(model_dir, out_dir: str, scheme: str, extra=("calibration=none",)) -> dict:
     """The real command, as a user types it; peak RSS from the kernel's accounting of the child."""
     exe = os.path.join(os.path.dirname(sys.executable), "hfquant")
-    cmd = [exe, f"model.path={model_dir}", f"scheme={scheme}", "calibration=none", "evaluation=none",
-           f"output_dir={out_dir}", *extra]
+    model = [f"model.path={model_dir}"] if model_dir else []
+    cmd = [exe, *model, f"scheme={scheme}", "evaluation=none", f"output_dir={out_dir}", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read()
@@ -159,10 +159,12 @@ def run_hfquant(model_dir: str, out_dir: str, scheme: str, extra=()) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--sizes", type=float, nargs="*", default=[1, 4, 16])
     ap.add_argument("--schemes", nargs="+", default=["w8a16", "w4a16"])
     ap.add_argument("--dir", default="/var/tmp/hfquant-scale")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for the next run")
+    ap.add_argument("--sequential", action="store_true",
+                    help="also: w8a8-static calibration of the default model, layer by layer vs whole model")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_scale.json"))
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -195,6 +197,16 @@ def main() -> None:
                   f"(read {floor['read_s']:.1f} + write {floor['write_s']:.1f}) → {row['time_vs_floor']:.2f}× floor", flush=True)
         if not args.keep:
             shutil.rmtree(ckpt, ignore_errors=True)
+    if args.sequential:
+        results["sequential_calibration"] = []
+        for pipeline in ("in_memory", "streaming"):
+            out = os.path.join(args.dir, f"out-default-w8a8-static-{pipeline}")
+            shutil.rmtree(out, ignore_errors=True)
+            run = run_hfquant(None, out, "w8a8-static", extra=(f"pipeline={pipeline}",))
+            results["sequential_calibration"].append(run)
+            print(f"default model w8a8-static, pipeline={pipeline}: {run['wall_s']:.1f} s, "
+                  f"peak RSS {run['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

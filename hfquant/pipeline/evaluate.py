@@ -40,8 +40,17 @@ def _key(fingerprint: str, windows, name: str, evaluator) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def evaluate_baseline(model, windows, evaluators: dict, fingerprint: str, use_cache: bool = True) -> dict:
-    """{evaluator name: metrics} for the unquantized model, from the cache when possible."""
+def run_evaluator(ev, model, windows, reference, label: str, ranks=None) -> dict:
+    """`ev.evaluate`, or — across several processes, for evaluators that can split windows (`evaluate_windows`
+    + `combine`) — each process's share, gathered and combined in window order."""
+    if ranks is None or ranks.world == 1 or not hasattr(ev, "evaluate_windows"):
+        return ev.evaluate(model, windows, reference=reference, label=label)
+    mine = ev.evaluate_windows(model, windows, ranks.shard(len(windows)), reference, label)
+    return ev.combine([r for part in ranks.gather(mine) for r in part], reference)
+
+
+def evaluate_baseline(model, windows, evaluators: dict, fingerprint: str, use_cache: bool = True, ranks=None) -> dict:
+    """{evaluator name: metrics} for the unquantized model, from the cache when possible (only rank 0 writes it)."""
     results = {}
     for name, ev in evaluators.items():
         path = os.path.join(cache_dir(), _key(fingerprint, windows, name, ev) + ".pt")
@@ -52,8 +61,8 @@ def evaluate_baseline(model, windows, evaluators: dict, fingerprint: str, use_ca
                 continue
             except Exception:  # a corrupt cache entry is recomputed, never trusted
                 pass
-        metrics = ev.evaluate(model, windows, reference=None, label="baseline")
-        if use_cache:
+        metrics = run_evaluator(ev, model, windows, None, "baseline", ranks)
+        if use_cache and (ranks is None or ranks.main):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
             os.close(fd)
@@ -63,8 +72,8 @@ def evaluate_baseline(model, windows, evaluators: dict, fingerprint: str, use_ca
     return results
 
 
-def evaluate_quantized(model, windows, evaluators: dict, baseline: dict) -> dict:
-    return {name: ev.evaluate(model, windows, reference=baseline[name], label="quantized") for name, ev in evaluators.items()}
+def evaluate_quantized(model, windows, evaluators: dict, baseline: dict, ranks=None) -> dict:
+    return {name: run_evaluator(ev, model, windows, baseline[name], "quantized", ranks) for name, ev in evaluators.items()}
 
 
 def protocols(evaluators: dict) -> dict:

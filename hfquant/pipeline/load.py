@@ -82,7 +82,8 @@ def fingerprint(source: str, gguf_file: Optional[str], revision: Optional[str]) 
 
 def load_model(path: str, task: str = "causal-lm", gguf_file: Optional[str] = None, dtype: str = "float32",
                device_map=None, trust_remote_code: bool = False, allow_pickle: bool = False,
-               revision: Optional[str] = None, _use_cache: bool = True, need_tokenizer: bool = True) -> LoadedModel:
+               revision: Optional[str] = None, _use_cache: bool = True, need_tokenizer: bool = True,
+               max_memory=None) -> LoadedModel:
     """Load model + tokenizer; offline and not cached → `ModelNotFoundError` with what to do. Without
     `need_tokenizer` (nothing to tokenize: calibration and evaluation off) a folder may lack a tokenizer."""
     import time
@@ -94,15 +95,17 @@ def load_model(path: str, task: str = "causal-lm", gguf_file: Optional[str] = No
     fp = fingerprint(source, gguf_file, revision)
     if gguf_file and device_map is None and _use_cache:
         cached = gguf_cache(source, gguf_file, fp, dtype, trust_remote_code)
-        result = load_model(cached, task, None, dtype, device_map, trust_remote_code, False, None, need_tokenizer=need_tokenizer)
+        result = load_model(cached, task, None, dtype, device_map, trust_remote_code, False, None,
+                            need_tokenizer=need_tokenizer, max_memory=max_memory)
         return LoadedModel(result.model, result.tokenizer, os.path.join(source, gguf_file), fp, time.perf_counter() - start)
     common = dict(trust_remote_code=trust_remote_code, revision=revision)
+    placement = {"device_map": device_map, **({"max_memory": dict(max_memory)} if max_memory else {})}
     if gguf_file:
         common["gguf_file"] = gguf_file
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     try:
         tokenizer = load_tokenizer(source, required=need_tokenizer, **common)
-        model = auto.from_pretrained(source, dtype=DTYPES[dtype], device_map=device_map,
+        model = auto.from_pretrained(source, dtype=DTYPES[dtype], **placement,
                                      use_safetensors=None if (allow_pickle or gguf_file) else True, **common)
     except OSError as exc:
         if is_local(source):

@@ -18,6 +18,7 @@ from ..plugins import registries
 from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
+from .distributed import Ranks, ranks_from_env
 from .load import LoadedModel, checkpoint_folder, load_model, load_tokenizer
 from .sequential import calibrate_sequentially
 from .card import render as render_card
@@ -84,21 +85,39 @@ def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for one composed config; returns the report (also written to output_dir)."""
     spec: RunSpec = validate(cfg)  # fails fast: nothing loaded yet
+    ranks = ranks_from_env()
+    if ranks.world > 1:
+        spec.output_dir = ranks.broadcast(spec.output_dir)  # Hydra's timestamped folder may differ per process
+        if spec.device.startswith("cuda") and ":" not in spec.device:
+            spec.device = f"cuda:{ranks.local_rank}"
     backend, backend_reason = resolve_backend(spec.backend, spec.scheme, spec.device)
     pipeline, pipeline_reason = choose_pipeline(spec, backend)
-    prepare_output(spec.output_dir, spec.overwrite, spec.resume)
+    if ranks.main:
+        prepare_output(spec.output_dir, spec.overwrite, spec.resume)
+    ranks.barrier()
+    if pipeline == "streaming" and not ranks.main:
+        log.info("rank %d: streaming runs in one process; nothing to do here", ranks.rank)
+        ranks.barrier()
+        return {}
     log.info("backend %s (%s)", backend, backend_reason)
     log.info("pipeline %s (%s)", pipeline, pipeline_reason)
     timer = Timer()
     if pipeline == "streaming":
-        report = _run_streaming(spec, backend, timer)
+        try:
+            report = _run_streaming(spec, backend, timer)
+        finally:
+            ranks.barrier()
     else:
-        report = _run_in_memory(spec, backend, timer)
+        report = _run_in_memory(spec, backend, timer, ranks)
+    if ranks.world > 1:
+        report["run"]["processes"] = ranks.world
     report["run"].update(backend=backend, backend_reason=backend_reason, pipeline=pipeline, pipeline_reason=pipeline_reason)
     report.update(timings=timer.timings,
                   peak_memory={"rss_bytes": peak_rss_bytes(),
                                **({"cuda_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {})},
                   versions=versions(), config=OmegaConf.to_container(cfg, resolve=True))
+    if not ranks.main:
+        return report  # rank 0 writes the report, card and (if asked) pushes
     return _finish(report, spec, timer)
 
 
@@ -144,14 +163,16 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
     }
 
 
-def _run_in_memory(spec: RunSpec, backend: str, timer: Timer) -> dict:
+def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> dict:
     m = spec.model
     need_tokenizer = bool(spec.evaluation or (spec.calibration and spec.scheme.needs_calibration_data and not spec.resume))
     with timer.stage("load"):
         loaded = load_model(m["path"], m.get("task", "causal-lm"), m.get("gguf_file"), m.get("dtype", "float32"),
                             m.get("device_map"), bool(m.get("trust_remote_code", False)),
-                            bool(m.get("allow_pickle", False)), m.get("revision"), need_tokenizer=need_tokenizer)
+                            bool(m.get("allow_pickle", False)), m.get("revision"), need_tokenizer=need_tokenizer,
+                            max_memory=m.get("max_memory"))
     model = loaded.model
+    placement = check_placement(model)
     if m.get("device_map") is None and spec.device != "cpu":
         model.to(spec.device)
     params, baseline_bytes = unique_parameter_count(model), state_bytes(model)
@@ -167,7 +188,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer) -> dict:
     baseline = {}
     if spec.evaluation:
         with timer.stage("evaluate baseline"):
-            baseline = evaluate_baseline(model, eval_windows, evaluators, loaded.fingerprint)
+            baseline = evaluate_baseline(model, eval_windows, evaluators, loaded.fingerprint, ranks=ranks)
 
     report_quant = {}
     reload_check = {}
@@ -202,9 +223,11 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer) -> dict:
                                 ignore=list(spec.scheme.ignore))
             qmodel = convert(model, plan, backend)
         with timer.stage("save"):
-            save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir, own_format=own_format,
-                           max_shard_size=spec.max_shard_size)
-        if eval_windows is not None:
+            if ranks.main:
+                save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir, own_format=own_format,
+                               max_shard_size=spec.max_shard_size)
+            ranks.barrier()
+        if eval_windows is not None and ranks.main:
             with timer.stage("reload check"):
                 extra = {} if spec.device == "cpu" else {"device_map": {"": spec.device}}
                 reloaded = load_quantized(out_model, m.get("task", "causal-lm"), **extra)
@@ -219,10 +242,13 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer) -> dict:
     quantized = {}
     if spec.evaluation:
         with timer.stage("evaluate quantized"):
-            quantized = evaluate_quantized(qmodel, eval_windows, evaluators, baseline)
+            quantized = evaluate_quantized(qmodel, eval_windows, evaluators, baseline, ranks)
     on_disk = folder_bytes(out_model)
+    header = _run_header(spec, loaded.source)
+    if placement:
+        header["device_map"] = placement
     return {
-        "run": _run_header(spec, loaded.source),
+        "run": header,
         "scheme": spec.scheme.to_dict(),
         "protocol": dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
         "calibration": {"status": calibration_status, **({"windows": calib_windows.protocol} if calib_windows else {})},
@@ -233,6 +259,25 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer) -> dict:
         "quantization": report_quant,
         "reload_check": reload_check,
     }
+
+
+def check_placement(model) -> dict:
+    """Modules per device when `model.device_map` spread the model; refuses weights left on disk or meta, which
+    quantization cannot read (they are loaded only inside forward hooks)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return {}
+    counts = {}
+    for device in device_map.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    offloaded = [name for name, device in device_map.items() if str(device) in ("disk", "meta")]
+    if offloaded:
+        raise ValueError(
+            f"model.max_memory left {'the whole model' if offloaded == [''] else f'{len(offloaded)} module(s) (e.g. {offloaded[0]!r})'} "
+            "offloaded to disk; quantizing "
+            "needs every weight in memory — raise model.max_memory, or use pipeline=streaming (weight-only schemes, "
+            "calibration layer by layer), which never loads the whole model")
+    return counts
 
 
 def _finish(report: dict, spec: RunSpec, timer: Timer) -> dict:

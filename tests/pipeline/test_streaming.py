@@ -140,3 +140,22 @@ def test_default_model_streams_to_the_same_bytes(tmp_path, scheme):
     report = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
     assert report["quantization"]["modules"] == 210
     assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
+
+
+def test_device_map_auto_runs_and_disk_offload_is_refused_with_a_way_out(tiny_llm_dir, tmp_path):
+    common = ["model=hub", f"model.path={tiny_llm_dir}", "calibration=none", "evaluation.seq_len=64",
+              "evaluation.max_windows=2", "scheme=w8a16", "backend=fake"]
+    plain = run(compose([*common, f"output_dir={tmp_path / 'plain'}"]))
+    mapped = run(compose([*common, f"output_dir={tmp_path / 'mapped'}", "model.device_map=auto",
+                          "model.max_memory={cpu:1GB}"]))
+    assert mapped["quantized"]["perplexity"] == plain["quantized"]["perplexity"]
+    with pytest.raises(ValueError, match="whole model offloaded to disk.*pipeline=streaming"):
+        run(compose([*common, f"output_dir={tmp_path / 'disk'}", "model.device_map=auto", "model.max_memory={cpu:100KB}"]))
+    assert not (tmp_path / "disk" / "model").exists()
+
+
+def test_max_memory_needs_a_device_map(tiny_llm_dir, tmp_path):
+    from hfquant.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="model.device_map"):
+        validate(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path}", "model.max_memory={cpu:1GB}"]))
