@@ -3,11 +3,14 @@
 Both need the Hub or a local cache; offline without a cache they fail with an error saying so.
 """
 
-from typing import Optional
+from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING, Optional
 
 from hfquant import hookimpl
+
+if TYPE_CHECKING:
+    import datasets
 
 
 class HubDataset:
@@ -19,6 +22,7 @@ class HubDataset:
         self.column, self.revision = column, revision
 
     def load(self, part: str) -> datasets.Dataset:
+        import datasets  # here, not at the top: importing it takes a second that runs without data should not pay
         split = self.evaluation_split if (part == "evaluation" and self.evaluation_split) else self.split
         try:
             ds = datasets.load_dataset(self.path, self.config_name, split=split, revision=self.revision)

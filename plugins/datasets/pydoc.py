@@ -4,9 +4,14 @@ Topics are sorted by name; every fifth topic (index % 5 == 4) is the evaluation 
 so the two parts never share text and the split is the same on every machine with the same Python.
 """
 
-import datasets
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from hfquant import hookimpl
+
+if TYPE_CHECKING:
+    import datasets
 
 PARTS = ("calibration", "evaluation")
 
@@ -18,6 +23,7 @@ class PydocText:
         self.column = column
 
     def load(self, part: str) -> datasets.Dataset:
+        import datasets  # here, not at the top: importing it takes a second that runs without data should not pay
         from pydoc_data import topics
 
         if part not in PARTS:

@@ -5,12 +5,15 @@
 evaluates) so the parts never overlap.
 """
 
-import os
-from typing import List, Optional, Sequence
+from __future__ import annotations
 
-import datasets
+import os
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from hfquant import hookimpl
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -29,6 +32,7 @@ class TextFiles:
                 raise ValueError(f"dataset 'text': {f!r} has an unsupported extension; allowed: {', '.join(BUILDERS)}")
 
     def _load(self, files: List[str]) -> datasets.Dataset:
+        import datasets  # here, not at the top: importing it takes a second that runs without data should not pay
         kinds = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
         if len(kinds) != 1:
             raise ValueError(f"dataset 'text': mix of file kinds {sorted(kinds)}; use one kind per part")
