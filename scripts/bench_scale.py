@@ -154,6 +154,7 @@ def run_hfquant(model_dir, out_dir: str, scheme: str, extra=("calibration=none",
     return {"command": " ".join(["hfquant", *cmd[1:]]), "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
             "pipeline": report["run"]["pipeline"], "backend": report["run"]["backend"],
             "stages_s": report["timings"], "output_bytes": report["quantized"]["size"]["bytes_on_disk"],
+            "streamed": report["quantization"].get("streamed"),
             "weight_sqnr_db": report["quantization"].get("weight_sqnr_db")}
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -246,30 +247,43 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
     meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in plan.entries.items()}
     split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     done: Dict[str, Dict[str, torch.Tensor]] = {}  # quantized modules whose tensors are not all written yet
+    seconds = {"read_s": 0.0, "quantize_s": 0.0, "write_s": 0.0}  # where the time goes, for the report
+
+    def timed(key, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds[key] += time.perf_counter() - start
+
     bar = tqdm(total=len(plan.entries), desc="stream quantize", unit="tensor", leave=False)
     for shard, names in split.filename_to_tensors.items():
         with StreamingSafetensorsWriter(os.path.join(folder, shard), {n: plan.entries[n] for n in names}, {"format": "pt"}) as writer:
             for name in names:
                 if name in plan.source:
                     dtype = plan.entries[name][0]
-                    tensor = source.get(plan.source[name])
-                    writer.write(name, tensor.to(dtype) if tensor.dtype.is_floating_point else tensor)
+                    tensor = timed("read_s", source.get, plan.source[name])
+                    tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
                 else:
                     module, sub = plan.owner[name]
                     if module not in done:
                         bias_key = f"{module}.bias"
-                        done[module] = quantizer(plan.module_plans[module], source.get(f"{module}.weight"),
-                                                 source.get(bias_key) if bias_key in source.files else None)
-                    writer.write(name, done[module].pop(sub))
+                        weight = timed("read_s", source.get, f"{module}.weight")
+                        bias = timed("read_s", source.get, bias_key) if bias_key in source.files else None
+                        done[module] = timed("quantize_s", quantizer, plan.module_plans[module], weight, bias)
+                        del weight, bias
+                    tensor = done[module].pop(sub)
                     if not done[module]:
                         del done[module]
+                timed("write_s", writer.write, name, tensor)
+                del tensor
                 bar.update()
     bar.close()
     if split.is_sharded:
         index = {"metadata": {"total_parameters": plan.total_parameters, **split.metadata}, "weight_map": split.tensor_to_filename}
         with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return {"shards": len(split.filename_to_tensors), "bytes": split.metadata["total_size"]}
+    return {"shards": len(split.filename_to_tensors), "bytes": split.metadata["total_size"], **seconds}
 
 
 def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir: str, max_shard_size,

@@ -126,3 +126,21 @@ def test_token_in_the_config_is_refused(hub, tiny_llm_dir, tmp_path):
     result = hfquant_cli(env, *tiny_overrides(tiny_llm_dir, tmp_path / "o"), f"+hub.token={TOKEN}", ok=False)
     assert result.returncode == 2 and "never pass a token" in result.stderr
     assert TOKEN not in result.stderr + result.stdout and not (tmp_path / "o").exists()
+
+
+def test_streaming_reads_a_hub_model_through_the_client(hub, tiny_llm_dir, tmp_path):
+    """`model.path=<org/name>` + streaming: the checkpoint is fetched with snapshot_download (weights and configs
+    only) and quantized tensor by tensor; the folder equals the one streamed from the local copy."""
+    url, state, env = hub
+    upload = ("import sys\nfrom huggingface_hub import HfApi\napi = HfApi()\n"
+              "api.create_repo('org/tiny-base', exist_ok=True)\napi.upload_folder(folder_path=sys.argv[1], repo_id='org/tiny-base')")
+    done = subprocess.run([sys.executable, "-c", upload, tiny_llm_dir], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    common = ["scheme=w8a16", "calibration=none", "evaluation=none", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    hfquant_cli(env, "model=hub", "model.path=org/tiny-base", f"output_dir={tmp_path / 'hub'}", *common)
+    hfquant_cli(env, "model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'local'}", *common)
+    report = json.loads((tmp_path / "hub" / "report.json").read_text())
+    assert report["run"]["pipeline"] == "streaming" and report["run"]["model_source"] == "org/tiny-base"
+    for name in os.listdir(tmp_path / "local" / "model"):
+        if name != "README.md":
+            assert (tmp_path / "hub" / "model" / name).read_bytes() == (tmp_path / "local" / "model" / name).read_bytes(), name

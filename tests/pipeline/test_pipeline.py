@@ -114,8 +114,8 @@ def test_baseline_is_computed_once_per_model_data_and_protocol(tiny_llm_dir, tmp
     calls = []
     real = evaluate_mod.evaluate_baseline
 
-    def counting(model, windows, evaluators, fingerprint, use_cache=True):
-        result = real(model, windows, evaluators, fingerprint, use_cache)
+    def counting(model, windows, evaluators, fingerprint, use_cache=True, ranks=None):
+        result = real(model, windows, evaluators, fingerprint, use_cache, ranks)
         calls.append(all(v.get("cached") for v in result.values()))
         return result
 

@@ -53,7 +53,7 @@ def test_auto_streams_only_when_nothing_needs_the_model(tiny_llm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["scheme=w8a8-static", "calibration=pydoc"], "observes activations"),
+    (["scheme=w8a16", "model.device_map=auto"], "device_map places a loaded model"),
     (["scheme=nf4"], "does not write tensor by tensor"),
     (["scheme=w8a16", "evaluation=pydoc"], "evaluation needs the model"),
 ])
