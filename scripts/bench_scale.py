@@ -7,9 +7,10 @@ the same run, cold page cache for both.
 
 Each checkpoint is bf16, hidden 4096 / intermediate 11008 / 32 heads (8 KV) / vocab 32000 — a Llama-2-7B
 layer — with as many layers as the size needs, written shard by shard (5 GB) so writing it needs no memory
-either; no tokenizer (so the run also shows a tokenizer-less folder quantizes). Peak RSS is the child's
-`ru_maxrss` from `wait4`; wall time includes Python start-up and imports. Results go to
-`docs/results/bench_scale.json`; `docs/benchmarks.md` discusses them.
+either; no tokenizer (so the run also shows a tokenizer-less folder quantizes). Wall time includes Python
+start-up and imports. Results go to
+`docs/results/bench_scale.json`; `docs/benchmarks.md` discusses them. Peak RSS is the child's own high-water
+mark (VmHWM, as hfquant reports it): `ru_maxrss` from `wait4` also counts this script's memory at fork.
 """
 
 from __future__ import annotations
@@ -151,7 +152,10 @@ def run_hfquant(model_dir, out_dir: str, scheme: str, extra=("calibration=none",
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.decode()[-3000:]}")
     with open(os.path.join(out_dir, "report.json")) as f:
         report = json.load(f)
-    return {"command": " ".join(["hfquant", *cmd[1:]]), "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+    # Peak RSS: the child's own VmHWM (reported by hfquant); wait4's ru_maxrss would include this script's
+    # memory at fork time, inflating it (kept for reference).
+    return {"command": " ".join(["hfquant", *cmd[1:]]), "wall_s": wall,
+            "peak_rss_bytes": report["peak_memory"]["rss_bytes"], "ru_maxrss_bytes": usage.ru_maxrss * 1024,
             "pipeline": report["run"]["pipeline"], "backend": report["run"]["backend"],
             "stages_s": report["timings"], "output_bytes": report["quantized"]["size"]["bytes_on_disk"],
             "streamed": report["quantization"].get("streamed"),

@@ -94,14 +94,20 @@ class SafetensorsReader:
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:
             mm = mmap.mmap(f.fileno(), start - aligned + nbytes, access=mmap.ACCESS_READ, offset=aligned)
-        try:
-            with warnings.catch_warnings():  # read-only map: the view is only copied from, never written
-                warnings.simplefilter("ignore", UserWarning)
-                view = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start - aligned)
-            out = view.clone()
-            del view
-        finally:
-            mm.close()
+            try:
+                if hasattr(mm, "madvise"):
+                    mm.madvise(mmap.MADV_SEQUENTIAL)  # read ahead aggressively, drop behind
+                with warnings.catch_warnings():  # read-only map: the view is only copied from, never written
+                    warnings.simplefilter("ignore", UserWarning)
+                    view = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start - aligned)
+                out = view.clone()
+                del view
+            finally:
+                mm.close()
+            if hasattr(os, "posix_fadvise"):
+                # These pages are read once: let the kernel reuse them now rather than evict other memory later
+                # (a checkpoint larger than RAM would otherwise fill the page cache and slow every allocation).
+                os.posix_fadvise(f.fileno(), start, nbytes, os.POSIX_FADV_DONTNEED)
         return out.view(info.torch_dtype).reshape(info.shape)
 
 

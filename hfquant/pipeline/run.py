@@ -48,7 +48,16 @@ class Timer:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak resident memory. Linux's VmHWM belongs to the address space since exec; getrusage's
+    ru_maxrss also counts the parent's memory at fork (a big launcher would inflate it), so it is the fallback."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _windows(loaded, spec, part: str):
