@@ -25,24 +25,11 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, arg
     check_finite(x)
     dtype = compute_dtype(x)
     scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
-    if _by_rows(x, scale, args):
-        out = torch.empty(x.shape, dtype=code_dtype(args), device=x.device)
-        for a, b in _row_chunks(x):
-            out[a:b] = _quantize(x[a:b], _rows(scale, a, b), _rows(zero_point, a, b), args, dtype)
-        return out
-    return _quantize(x, scale, zero_point, args, dtype)
 
+    def codes(xc, s, z):
+        return _rounded(xc, s, z, args, dtype)[1].to(code_dtype(args)).view(xc.shape)
 
-def _quantize(x, scale, zero_point, args, dtype):
-    if _whole_groups(x, scale, args):
-        # whole groups: view x as (rows, groups, group_size) and broadcast the qparams, no expanded copies
-        q = torch.round(x.to(dtype).view(x.shape[0], -1, args.group_size) / scale.to(dtype).unsqueeze(-1))
-        q = (q + zero_point.to(dtype).unsqueeze(-1)).view(x.shape)
-    else:
-        s = expand_qparam(scale, x, args).to(dtype)
-        z = expand_qparam(zero_point, x, args).to(dtype)
-        q = torch.round(x.to(dtype) / s) + z
-    return q.clamp_(args.qmin, args.qmax).to(code_dtype(args))
+    return _by_row_chunks(x, scale, zero_point, args, code_dtype(args), codes)
 
 
 def quantize_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs,
@@ -52,65 +39,27 @@ def quantize_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     NaN/Inf check when the caller's observer already saw this very tensor (min/max would have caught them)."""
     dtype = compute_dtype(x)
     scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
-    chunks = list(_row_chunks(x)) if _by_rows(x, scale, args) else [(None, None)]
-    out = torch.empty(x.shape, dtype=code_dtype(args), device=x.device)
-    error = energy = 0.0
-    for a, b in chunks:
-        xc = x[a:b].to(dtype).contiguous()
+    sums = [0.0, 0.0]
+
+    def codes_and_error(xc, s, z):
+        xc = xc.to(dtype).contiguous()
         if not checked:
             check_finite(xc)
-        s, z = (scale, zero_point) if a is None else (_rows(scale, a, b), _rows(zero_point, a, b))
-        codes, err = _quantize_with_error(xc, s, z, args, dtype)
-        out[a:b] = codes
-        error += err
+        y, q, s, z = _rounded(xc, s, z, args, dtype)
+        codes = q.to(code_dtype(args)).view(xc.shape)
+        d2 = q.sub_(z).sub_(y).pow_(2)  # Σ(x̂ − x)² = Σ s²·(q − z − x/s)², from the same x/s
+        if s.dim() == 0:
+            sums[0] += float(d2.sum()) * float(s) ** 2
+        elif s.shape[-1] == 1:  # one scale per (row, group) or per row: weight each slice's sum by its s²
+            sums[0] += float((d2.sum(-1, keepdim=True) * s * s).sum())
+        else:
+            sums[0] += float((d2 * s * s).sum())
         flat = xc.reshape(-1)
-        energy += float(torch.dot(flat, flat))
-    return out, error, energy
+        sums[1] += float(torch.dot(flat, flat))
+        return codes
 
-
-def _quantize_with_error(xc, scale, zero_point, args, dtype):
-    """The codes `_quantize` computes, and Σ s²·(q − z − x/s)² (= Σ(x̂ − x)²) from the same x/s."""
-    if _whole_groups(xc, scale, args):
-        s = scale.to(dtype).unsqueeze(-1)
-        z = zero_point.to(dtype).unsqueeze(-1)
-        y = xc.view(xc.shape[0], -1, args.group_size) / s
-    else:
-        s = expand_qparam(scale, xc, args).to(dtype)
-        z = expand_qparam(zero_point, xc, args).to(dtype)
-        y = xc / s
-    q = torch.round(y).add_(z).clamp_(args.qmin, args.qmax)
-    codes = q.to(code_dtype(args)).view(xc.shape)
-    d2 = q.sub_(z).sub_(y).pow_(2)  # squared error in units of the scale
-    if s.dim() == 0:
-        err = float(d2.sum()) * float(s) ** 2
-    elif s.shape[-1] == 1:  # one scale per (row, group) or per row: weight each slice's sum by its s²
-        err = float((d2.sum(-1, keepdim=True) * s * s).sum())
-    else:
-        err = float((d2 * s * s).sum())
-    return codes, err
-
-
-# Weights are processed a few rows at a time (~1 MiB of float32): every temporary stays in cache, and no
-# full-size copy of the per-group scales is ever made. The numbers are the same as one whole-tensor pass.
-CHUNK_ELEMENTS = 1 << 18
-
-
-def _by_rows(x: torch.Tensor, scale: torch.Tensor, args: QuantArgs) -> bool:
-    if x.dim() != 2 or x.numel() <= CHUNK_ELEMENTS:
-        return False
-    if args.strategy == "tensor":
-        return scale.dim() == 0
-    return args.strategy in ("channel", "group") and scale.dim() == 2 and scale.shape[0] == x.shape[0]
-
-
-def _row_chunks(x: torch.Tensor):
-    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
-    for a in range(0, x.shape[0], step):
-        yield a, min(a + step, x.shape[0])
-
-
-def _rows(p: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    return p if p.dim() == 0 else p[a:b]
+    codes = _by_row_chunks(x, scale, zero_point, args, code_dtype(args), codes_and_error)
+    return codes, sums[0], sums[1]
 
 
 def dequantize(
@@ -122,27 +71,56 @@ def dequantize(
 ) -> torch.Tensor:
     """Real values scale * (q - zero_point), in `dtype`."""
     scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
-    if _by_rows(q, scale, args):
-        out = torch.empty(q.shape, dtype=dtype, device=q.device)
-        for a, b in _row_chunks(q):
-            out[a:b] = _dequantize(q[a:b], _rows(scale, a, b), _rows(zero_point, a, b), args, dtype)
-        return out
-    return _dequantize(q, scale, zero_point, args, dtype)
-
-
-def _dequantize(q, scale, zero_point, args, dtype):
     work = torch.float64 if scale.dtype == torch.float64 else torch.float32
-    if _whole_groups(q, scale, args):
-        g = args.group_size
-        out = (q.to(work).view(q.shape[0], -1, g) - zero_point.to(work).unsqueeze(-1)) * scale.to(work).unsqueeze(-1)
-        return out.view(q.shape).to(dtype)
-    s = expand_qparam(scale, q, args).to(work)
-    z = expand_qparam(zero_point, q, args).to(work)
-    return (s * (q.to(work) - z)).to(dtype)
+
+    def values(qc, s, z):
+        qv, s, z = _broadcast(qc.to(work), s, z, args, work)
+        return ((qv - z) * s).view(qc.shape).to(dtype)
+
+    return _by_row_chunks(q, scale, zero_point, args, dtype, values)
 
 
-def _whole_groups(x, scale, args) -> bool:
-    return args.strategy == "group" and x.dim() == 2 and scale.dim() == 2 and x.shape[1] == scale.shape[1] * args.group_size
+def _broadcast(x, scale, zero_point, args, dtype):
+    """(x, scale, zero point) shaped to broadcast against each other, qparams in `dtype`. Whole groups view x as
+    (rows, groups, group_size) with (rows, groups, 1) qparams — no expanded copy; anything else expands."""
+    if args.strategy == "group" and x.dim() == 2 and scale.dim() == 2 and x.shape[1] == scale.shape[1] * args.group_size:
+        return (x.view(x.shape[0], -1, args.group_size), scale.to(dtype).unsqueeze(-1),
+                zero_point.to(dtype).unsqueeze(-1))
+    return x, expand_qparam(scale, x, args).to(dtype), expand_qparam(zero_point, x, args).to(dtype)
+
+
+def _rounded(x, scale, zero_point, args, dtype):
+    """(x/s, clamp(round(x/s) + z) as floats, s, z), all broadcast-shaped by `_broadcast`."""
+    xv, s, z = _broadcast(x.to(dtype), scale, zero_point, args, dtype)
+    y = xv / s
+    return y, torch.round(y).add_(z).clamp_(args.qmin, args.qmax), s, z
+
+
+# Weights are processed a few rows at a time (~1 MiB of float32): every temporary stays in cache, and no
+# full-size copy of the per-group scales is ever made. The numbers are the same as one whole-tensor pass.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _by_row_chunks(t, scale, zero_point, args, out_dtype, fn):
+    """`fn(rows, their scale, their zero point)` over row chunks of a 2-D weight, into one output tensor; in one
+    call for anything else (activations, small tensors)."""
+    if not _chunkable(t, scale, args):
+        return fn(t, scale, zero_point)
+    out = torch.empty(t.shape, dtype=out_dtype, device=t.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, t.shape[1]))
+    for a in range(0, t.shape[0], step):
+        b = min(a + step, t.shape[0])
+        rows = (lambda p: p if p.dim() == 0 else p[a:b])
+        out[a:b] = fn(t[a:b], rows(scale), rows(zero_point))
+    return out
+
+
+def _chunkable(t: torch.Tensor, scale: torch.Tensor, args: QuantArgs) -> bool:
+    if t.dim() != 2 or t.numel() <= CHUNK_ELEMENTS:
+        return False
+    if args.strategy == "tensor":
+        return scale.dim() == 0
+    return args.strategy in ("channel", "group") and scale.dim() == 2 and scale.shape[0] == t.shape[0]
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs) -> torch.Tensor:
