@@ -128,19 +128,20 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, required: bool 
     """The tokenizer, or None when it is not `required` and the folder has none (it is then not saved either)."""
     from transformers import AutoTokenizer
 
-    if not required and os.path.isdir(source) and not kwargs.get("gguf_file") \
-            and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+    bare_folder = os.path.isdir(source) and not kwargs.get("gguf_file") \
+        and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES)
+    if bare_folder and not required:
         return None
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
-        if required:
-            if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
-                raise ModelNotFoundError(
-                    f"{source!r} has no tokenizer, which calibration and evaluation need; add the tokenizer files "
-                    "(tokenizer.json …) to the folder, or run with calibration=none evaluation=none") from exc
-            raise
-        return None
+        if not required:
+            return None
+        if bare_folder:
+            raise ModelNotFoundError(
+                f"{source!r} has no tokenizer, which calibration and evaluation need; add the tokenizer files "
+                "(tokenizer.json …) to the folder, or run with calibration=none evaluation=none") from exc
+        raise
 
 
 def checkpoint_folder(path: str, gguf_file: Optional[str], dtype: str, trust_remote_code: bool,

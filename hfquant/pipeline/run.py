@@ -19,7 +19,7 @@ from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
 from .distributed import Ranks, ranks_from_env
-from .load import LoadedModel, checkpoint_folder, load_model, load_tokenizer
+from .load import checkpoint_folder, load_model, load_tokenizer
 from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .output import has_finished_model, model_dir, prepare_output, write_atomic, write_json
@@ -60,10 +60,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _windows(loaded, spec, part: str):
+def _windows(tokenizer, spec, part: str):
     dspec = spec.calibration if part == "calibration" else spec.evaluation
     dataset = registries().datasets.get(dspec.name)(**dspec.options)
-    stream = data_mod.token_stream(loaded.tokenizer, dataset.texts(part))
+    stream = data_mod.token_stream(tokenizer, dataset.texts(part))
     if part == "calibration":
         w = data_mod.calibration_windows(stream, dspec.num_samples, dspec.seq_len, dspec.seed)
     else:
@@ -147,29 +147,18 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
     calib_windows = None
     if static:
         with timer.stage("data"):
-            calib_windows = _windows(LoadedModel(None, tokenizer, source, ""), spec, "calibration")
+            calib_windows = _windows(tokenizer, spec, "calibration")
 
-    def calibrate(files, dtype):
+    def calibrate(tensors, dtype):
         with timer.stage("calibrate (layer by layer)"):
-            return calibrate_sequentially(folder, files, spec, calib_windows, registries().observers.get(spec.observer), dtype)
+            return calibrate_sequentially(folder, tensors, spec, calib_windows, registries().observers.get(spec.observer), dtype)
 
     with timer.stage("stream quantize"):
         streamed = stream_quantize(folder, spec, backend, tokenizer, spec.output_dir, spec.max_shard_size, calibrate)
-    params, out_model = streamed["parameters"], model_dir(spec.output_dir)
-    on_disk = folder_bytes(out_model)
     status = (f"static activations observed layer by layer on {calib_windows.protocol}" if static
               else "skipped: weights are observed directly, tensor by tensor (streaming)")
-    return {
-        "run": _run_header(spec, source),
-        "scheme": spec.scheme.to_dict(),
-        "protocol": {},
-        "calibration": {"status": status, **({"windows": calib_windows.protocol} if calib_windows else {})},
-        "baseline": {"size": {"bytes": streamed["baseline_bytes"], "parameters": params,
-                              "bits_per_parameter": 8 * streamed["baseline_bytes"] / params}},
-        "quantized": {"size": {"bytes_on_disk": on_disk, "bits_per_parameter": 8 * on_disk / params}},
-        "quantization": streamed["quantization"],
-        "reload_check": {},
-    }
+    return _report(spec, _run_header(spec, source), status, calib_windows, streamed["baseline_bytes"],
+                   streamed["parameters"], quantization=streamed["quantization"])
 
 
 def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> dict:
@@ -189,9 +178,9 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     eval_windows = calib_windows = None
     with timer.stage("data"):
         if spec.evaluation:
-            eval_windows = _windows(loaded, spec, "evaluation")
+            eval_windows = _windows(loaded.tokenizer, spec, "evaluation")
         if spec.calibration and spec.scheme.needs_calibration_data and not spec.resume:
-            calib_windows = _windows(loaded, spec, "calibration")
+            calib_windows = _windows(loaded.tokenizer, spec, "calibration")
 
     evaluators = make_evaluators(spec.evaluation.evaluators) if spec.evaluation else {}
     baseline = {}
@@ -252,21 +241,29 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     if spec.evaluation:
         with timer.stage("evaluate quantized"):
             quantized = evaluate_quantized(qmodel, eval_windows, evaluators, baseline, ranks)
-    on_disk = folder_bytes(out_model)
     header = _run_header(spec, loaded.source)
     if placement:
         header["device_map"] = placement
+    return _report(spec, header, calibration_status, calib_windows, baseline_bytes, params, baseline, quantized,
+                   dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
+                   report_quant, reload_check)
+
+
+def _report(spec: RunSpec, header: dict, calibration_status: str, calib_windows, baseline_bytes: int, params: int,
+            baseline=None, quantized=None, protocol=None, quantization=None, reload_check=None) -> dict:
+    """The report both pipelines write (sizes from the folder on disk; metrics only when evaluated)."""
+    on_disk = folder_bytes(model_dir(spec.output_dir))
     return {
         "run": header,
         "scheme": spec.scheme.to_dict(),
-        "protocol": dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
+        "protocol": protocol or {},
         "calibration": {"status": calibration_status, **({"windows": calib_windows.protocol} if calib_windows else {})},
-        "baseline": {**{k: public(v) for k, v in baseline.items()},
+        "baseline": {**{k: public(v) for k, v in (baseline or {}).items()},
                      "size": {"bytes": baseline_bytes, "parameters": params, "bits_per_parameter": 8 * baseline_bytes / params}},
-        "quantized": {**{k: public(v) for k, v in quantized.items()},
+        "quantized": {**{k: public(v) for k, v in (quantized or {}).items()},
                       "size": {"bytes_on_disk": on_disk, "bits_per_parameter": 8 * on_disk / params}},
-        "quantization": report_quant,
-        "reload_check": reload_check,
+        "quantization": quantization or {},
+        "reload_check": reload_check or {},
     }
 
 

@@ -15,13 +15,13 @@ observes on the whole model — `tests/pipeline/test_sequential.py` checks they 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ..plan import target_modules
-from .streaming import StreamingError, TensorSource
+from .streaming import StreamingError, TensorSource, build_skeleton
 
 log = logging.getLogger("hfquant")
 
@@ -63,19 +63,13 @@ def _tensor_names(module: torch.nn.Module, prefix: str) -> List[str]:
 
 
 @torch.no_grad()
-def calibrate_sequentially(folder: str, files: Dict[str, str], spec, windows, observer_cls, dtype: torch.dtype):
+def calibrate_sequentially(folder: str, source: TensorSource, spec, windows, observer_cls, dtype: torch.dtype):
     """{module name: (input scale, input zero point)} for every target Linear, observed layer by layer."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
     m = spec.model
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=bool(m.get("trust_remote_code", False)))
-    auto = AutoModelForCausalLM if m.get("task", "causal-lm") == "causal-lm" else AutoModel
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=bool(m.get("trust_remote_code", False)))
-    model.eval()
+    model = build_skeleton(folder, m.get("task", "causal-lm"), str(dtype).split(".")[1],
+                           bool(m.get("trust_remote_code", False)), None, real_buffers=True).model
+    files = source.files
     prefix, layers = decoder_layers(model)
-    source = TensorSource(files)
     targets = target_modules(model, spec.scheme)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if outside:

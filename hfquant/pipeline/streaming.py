@@ -53,8 +53,6 @@ def streaming_problem(spec, backend_name: str) -> Optional[str]:
         return "evaluation needs the model in memory (set evaluation=none to quantize and save only)"
     if spec.model.get("device_map") is not None:
         return "model.device_map places a loaded model; streaming never loads one"
-    if spec.model.get("task", "causal-lm") not in ("causal-lm", "embedding"):
-        return f"task {spec.model.get('task')!r}"
     return None
 
 
@@ -65,26 +63,29 @@ def checkpoint_files(folder: str) -> Dict[str, str]:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
         return {name: os.path.join(folder, file) for name, file in weight_map.items()}
-    single = os.path.join(folder, WEIGHTS_NAME)
-    if os.path.isfile(single):
-        return {name: single for name in SafetensorsReader(single).tensors}
     found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if len(found) == 1:
-        return {name: os.path.join(folder, found[0]) for name in SafetensorsReader(os.path.join(folder, found[0])).tensors}
+    single = WEIGHTS_NAME if WEIGHTS_NAME in found else (found[0] if len(found) == 1 else None)
+    if single:
+        path = os.path.join(folder, single)
+        return {name: path for name in SafetensorsReader(path).tensors}
     raise StreamingError(f"{folder!r} has no {WEIGHTS_NAME} or {INDEX_NAME} (safetensors files there: {found or 'none'}); "
                          "streaming reads safetensors checkpoints only — use pipeline=in_memory for other formats")
 
 
 @dataclass
 class Skeleton:
-    """The model built on the meta device: names, dtypes, shapes and tied weights, no data."""
+    """The model built without data: names, dtypes, shapes and tied weights."""
 
     model: torch.nn.Module
     config: object
     dtype: torch.dtype
 
 
-def build_skeleton(folder: str, task: str, dtype: str, trust_remote_code: bool, first_float_dtype) -> Skeleton:
+def build_skeleton(folder: str, task: str, dtype: str, trust_remote_code: bool, first_float_dtype,
+                   real_buffers: bool = False) -> Skeleton:
+    """The architecture from `folder`'s config with every weight on the meta device; `real_buffers` keeps
+    buffers (rotary tables, position ids) real, as sequential calibration needs to run the model."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -94,9 +95,14 @@ def build_skeleton(folder: str, task: str, dtype: str, trust_remote_code: bool, 
     else:
         chosen = DTYPES[dtype]
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=not real_buffers):
         model = auto.from_config(config, dtype=chosen, trust_remote_code=trust_remote_code)
     return Skeleton(model.eval(), config, chosen)
+
+
+def meta_tensors(entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]) -> Dict[str, torch.Tensor]:
+    """Data-free stand-ins for (dtype, shape) entries: what transformers' and huggingface_hub's helpers take."""
+    return {k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in entries.items()}
 
 
 def _tied_free_state(model) -> Dict[str, torch.Tensor]:
@@ -170,6 +176,7 @@ class StreamPlan:
                                      "streaming cannot do — add it to scheme.ignore or use pipeline=in_memory")
         self.total_parameters = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[0] not in self.targets
                                     or not n.endswith(".weight"))
+        self.baseline_bytes = sum(t.numel() * t.element_size() for t in state.values())
 
 
 def saved_order(model, entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
@@ -178,7 +185,7 @@ def saved_order(model, entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
     rename them, had the checkpoint needed renaming — such checkpoints are refused above)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in entries.items()}
+    meta = meta_tensors(entries)
     had = getattr(model, "_weight_conversions", None)
     model._weight_conversions = []  # what from_pretrained leaves when no conversion applied to the checkpoint
     try:
@@ -239,13 +246,12 @@ class ModuleQuantizer:
 
 
 def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer: ModuleQuantizer, max_shard_size) -> dict:
-    """Write every output shard (and the index when there is more than one), one tensor at a time. (Reading
-    ahead and writing behind on threads was measured slower on 2 cores: the quantization is CPU-bound.)"""
+    """Write every output shard (and the index when there is more than one), one tensor at a time, timing the
+    reads, the quantization and the writes for the report."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
-    meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in plan.entries.items()}
-    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(meta_tensors(plan.entries), filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     done: Dict[str, Dict[str, torch.Tensor]] = {}  # quantized modules whose tensors are not all written yet
     seconds = {"read_s": 0.0, "quantize_s": 0.0, "write_s": 0.0}  # where the time goes, for the report
 
@@ -288,7 +294,7 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
 
 def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir: str, max_shard_size,
                     calibrate=None) -> dict:
-    """Quantize the checkpoint in `folder` into `<output_dir>/model` without loading the model. `calibrate(files,
+    """Quantize the checkpoint in `folder` into `<output_dir>/model` without loading the model. `calibrate(source,
     dtype)` returns static input qparams by module (sequential calibration) for schemes that need them."""
     from transformers import GenerationConfig
 
@@ -303,7 +309,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     if spec.scheme.needs_calibration_data:
         if calibrate is None:
             raise StreamingError(f"scheme {spec.scheme.name!r} needs calibrated activation scales")
-        for name, qparams in calibrate(files, skeleton.dtype).items():
+        for name, qparams in calibrate(source, skeleton.dtype).items():
             plan.module_plans[name].input_qparams = qparams
     quant_plan = QuantPlan(spec.scheme, spec.observer, dict(spec.observer_options), dict(plan.module_plans))
     quantizer = ModuleQuantizer(registries().observers.get(spec.observer), spec.observer_options,
@@ -334,5 +340,5 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
         "quantization": dict(quantizer.stats(), modules=len(plan.module_plans), ignore=list(spec.scheme.ignore),
                              streamed={"input_bytes": source.nbytes(), **written}),
         "parameters": params,
-        "baseline_bytes": sum(t.numel() * t.element_size() for t in _tied_free_state(skeleton.model).values()),
+        "baseline_bytes": plan.baseline_bytes,
     }
