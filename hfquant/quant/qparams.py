@@ -85,15 +85,20 @@ def compute_qparams(
     hi = torch.clamp(max_vals.to(dtype), min=0.0)
     if args.symmetric:
         half_range = (args.qmax - args.qmin) // 2
-        scale = torch.maximum(-lo, hi) / half_range
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _usable(torch.maximum(-lo, hi) / half_range)
         mid = 0 if args.signed else (args.qmin + args.qmax + 1) // 2
         zero_point = torch.full_like(scale, mid, dtype=torch.int32)
     else:
-        scale = (hi - lo) / (args.qmax - args.qmin)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _usable((hi - lo) / (args.qmax - args.qmin))
         zero_point = torch.round(args.qmin - lo / scale).clamp(args.qmin, args.qmax).to(torch.int32)
     return scale, zero_point
+
+
+def _usable(scale: torch.Tensor) -> torch.Tensor:
+    """An all-zero range gets scale 1; a subnormal scale (ranges of ~1e-38 and below) is raised to the smallest
+    normal number, where division still keeps the error within half a step (subnormal steps round too coarsely)."""
+    tiny = torch.finfo(scale.dtype).tiny
+    return torch.where(scale > 0, scale.clamp(min=tiny), torch.ones_like(scale))
 
 
 def dynamic_qparams(x: torch.Tensor, args: QuantArgs) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hfquant.quant import QuantArgs, compute_qparams, dequantize, expand_qparam, fake_quantize, min_max, quantize
@@ -32,6 +32,7 @@ def quant_args(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(matrices(), quant_args())
+@example(torch.tensor([[6.446e-44]]), QuantArgs(num_bits=5, symmetric=False, signed=False, strategy="tensor"))  # subnormal range
 def test_codes_in_range_error_bounded_zero_exact(x, args):
     scale, zp = compute_qparams(*min_max(x, args), args)
     q = quantize(x, scale, zp, args)
