@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
+from contextlib import contextmanager
+from typing import NoReturn
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from .config import ConfigError
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, HfquantError
 from .plugins import get_plugin_manager, registries
 
 log = logging.getLogger("hfquant")
@@ -41,16 +45,44 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://hfquant.conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     from .formats import register_with_transformers
-    from .pipeline.push import PushError
     from .pipeline.run import run
 
     register_with_transformers()
-    try:
+    with reported_errors():
         run(cfg)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, PushError) as exc:
-        log.error("%s", exc)
-        print(f"hfquant: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+
+
+VERBOSE_FLAG = "--verbose"
+
+
+def verbose() -> bool:
+    """Tracebacks wanted (bug reports): `hfquant --verbose ...` or Hydra's own HYDRA_FULL_ERROR=1."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("HFQUANT_VERBOSE") == "1"
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> "NoReturn":
+    print(f"hfquant: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextmanager
+def reported_errors():
+    """Every failure ends as one `hfquant: error:` line and exit 2 (130 for Ctrl-C); `--verbose` re-raises."""
+    try:
+        yield
+    except HfquantError as exc:
+        if verbose():
+            raise
+        fail(str(exc))
+    except KeyboardInterrupt as exc:
+        if verbose():
+            raise
+        fail(str(exc) or "interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug: still one line, with the way to get the traceback
+        if verbose():
+            raise
+        fail(f"unexpected {type(exc).__name__}: {exc} (this is probably a bug in hfquant or a plugin; re-run with "
+             f"{VERBOSE_FLAG} for the traceback and report it)")
 
 
 GROUP_KINDS = {"observer": "observers", "scheme": "schemes", "backend": "backends"}
@@ -78,10 +110,10 @@ def precheck_group_overrides(argv) -> None:
 
 
 def hydra_main() -> None:
-    try:
+    if VERBOSE_FLAG in sys.argv[1:]:
+        sys.argv.remove(VERBOSE_FLAG)
+        os.environ["HFQUANT_VERBOSE"] = "1"
+    with reported_errors():
         precheck_group_overrides(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"hfquant: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    register_config_nodes()
+        register_config_nodes()
     _main()

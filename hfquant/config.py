@@ -16,6 +16,7 @@ from .plugins import registries
 from .quant import QuantArgsError
 from .registry import UnknownNameError
 from .scheme import QuantScheme, SchemeError
+from .errors import HfquantError
 
 def _if_path(path, demo_path, then, otherwise=None):
     """`${hfquant.if_path:${.path},<demo path>,<value>,<else>}`: a model config's demo-only fields (its GGUF file,
@@ -30,7 +31,7 @@ PIPELINES = ("auto", "streaming", "in_memory")
 DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size"}
 
 
-class ConfigError(ValueError):
+class ConfigError(HfquantError, ValueError):
     """A bad config value; the message names the key and what is allowed."""
 
 

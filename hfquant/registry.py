@@ -6,13 +6,14 @@ import difflib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Generic, Iterator, List, TypeVar
+from .errors import HfquantError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 T = TypeVar("T")
 
 
-class PluginError(RuntimeError):
+class PluginError(HfquantError, RuntimeError):
     """A plugin misbehaved (bad name, duplicate name, unknown hook) — the message names the plugin."""
 
 

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Tuple
 
 from .quant.args import QuantArgs
+from .errors import HfquantError
 
 
-class SchemeError(ValueError):
+class SchemeError(HfquantError, ValueError):
     """An inconsistent scheme; the message names the field."""
 
 

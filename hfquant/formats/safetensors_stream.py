@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
+from ..errors import HfquantError
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -31,7 +32,7 @@ FILE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I
 HEADER_ALIGNMENT = 8
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(HfquantError, ValueError):
     """A file that is not a readable safetensors file (truncated, bad header, unknown dtype)."""
 
 

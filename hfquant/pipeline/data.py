@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+from ..errors import HfquantError
 
 
-class DataError(ValueError):
+class DataError(HfquantError, ValueError):
     """Not enough data for what was asked; says how many tokens there are."""
 
 

@@ -10,13 +10,15 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from ..errors import HfquantError
+
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 TASKS = ("causal-lm", "embedding")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(HfquantError, FileNotFoundError):
     """The model is neither a local folder nor reachable/cached on the Hub; says how to point at a copy."""
 
 

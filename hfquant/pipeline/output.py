@@ -10,9 +10,10 @@ import json
 import os
 import shutil
 import tempfile
+from ..errors import HfquantError
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(HfquantError, FileExistsError):
     """The output folder already holds a run and neither overwrite nor resume was asked for."""
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from typing import Optional
+from ..errors import HfquantError
 
 log = logging.getLogger("hfquant")
 
 
-class PushError(RuntimeError):
+class PushError(HfquantError, RuntimeError):
     """The upload failed; the local folder is intact and the message says how to retry."""
 
 

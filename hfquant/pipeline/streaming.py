@@ -32,6 +32,7 @@ from .output import partial_dir, publish
 from .quantize import error_stats
 from ..quant import quantize_with_error
 from .save import quantization_config
+from ..errors import HfquantError
 
 log = logging.getLogger("hfquant")
 
@@ -39,7 +40,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class StreamingError(ValueError):
+class StreamingError(HfquantError, ValueError):
     """The checkpoint or the request cannot be streamed; the message says why and what to run instead."""
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
+from ..errors import HfquantError
 
 STRATEGIES = ("tensor", "channel", "group", "token")
 MIN_BITS, MAX_BITS = 2, 8
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
-class QuantArgsError(ValueError):
+class QuantArgsError(HfquantError, ValueError):
     """An invalid `QuantArgs` field; the message names the field and the allowed values."""
 
 
