@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -14,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import RunSpec, validate
+from ..errors import HfquantError
 from ..plugins import registries
 from . import data as data_mod
 from .calibrate import build_plan
@@ -22,7 +24,10 @@ from .distributed import Ranks, ranks_from_env
 from .load import checkpoint_folder, load_model, load_tokenizer
 from .sequential import calibrate_sequentially
 from .card import render as render_card
-from .output import has_finished_model, model_dir, prepare_output, write_atomic, write_json
+from .faults import fault_point
+from .output import (OutputFolderError, discard_model, model_dir, read_json, read_resume_record, write_atomic, write_json,
+                     write_resume_record)
+from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
 from .quantize import convert, resolve_backend, weight_error
 from .report import markdown, summary_rows, table, versions
@@ -34,17 +39,24 @@ log = logging.getLogger("hfquant")
 
 
 class Timer:
+    """Time per stage, and the stage now running (what an interruption message names)."""
+
     def __init__(self) -> None:
         self.timings = {}
+        self.current = "setup"
+        self.kept: Optional[str] = None  # what stays in output_dir if the run stops now
 
     @contextmanager
     def stage(self, name: str):
         log.info("stage: %s", name)
+        outer, self.current = self.current, name
+        fault_point(f"stage:{name}")
         start = time.perf_counter()
         try:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.current = outer  # not on the way out of an error: the message names the stage that failed
 
 
 def peak_rss_bytes() -> int:
@@ -101,16 +113,33 @@ def run(cfg: DictConfig) -> dict:
             spec.device = f"cuda:{ranks.local_rank}"
     backend, backend_reason = resolve_backend(spec.backend, spec.scheme, spec.device)
     pipeline, pipeline_reason = choose_pipeline(spec, backend)
-    if ranks.main:
-        prepare_output(spec.output_dir, spec.overwrite, spec.resume)
-    ranks.barrier()
+    timer = Timer()
+    lock = None
+    try:
+        if ranks.main:
+            lock = claim_output(spec, backend)
+        ranks.barrier()
+        with sigterm_as_interrupt():
+            return _run_locked(cfg, spec, ranks, backend, backend_reason, pipeline, pipeline_reason, timer)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interruption_message(timer.current, timer.kept)) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutputFolderError(no_space_message(spec, timer.current)) from exc
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: str, pipeline: str,
+                pipeline_reason: str, timer: Timer) -> dict:
     if pipeline == "streaming" and not ranks.main:
         log.info("rank %d: streaming runs in one process; nothing to do here", ranks.rank)
         ranks.barrier()
         return {}
     log.info("backend %s (%s)", backend, backend_reason)
     log.info("pipeline %s (%s)", pipeline, pipeline_reason)
-    timer = Timer()
     if pipeline == "streaming":
         try:
             report = _run_streaming(spec, backend, timer)
@@ -155,6 +184,8 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
 
     with timer.stage("stream quantize"):
         streamed = stream_quantize(folder, spec, backend, tokenizer, spec.output_dir, spec.max_shard_size, calibrate)
+        write_resume_record(spec.output_dir, resume_request(spec, backend))
+        timer.kept = "model/ was saved; resume=true reuses it"
     status = (f"static activations observed layer by layer on {calib_windows.protocol}" if static
               else "skipped: weights are observed directly, tensor by tensor (streaming)")
     return _report(spec, _run_header(spec, source), status, calib_windows, streamed["baseline_bytes"],
@@ -188,21 +219,10 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         with timer.stage("evaluate baseline"):
             baseline = evaluate_baseline(model, eval_windows, evaluators, loaded.fingerprint, ranks=ranks)
 
-    report_quant = {}
-    reload_check = {}
-    out_model = model_dir(spec.output_dir)
-    previous_check = _previous_reload_reference(spec.output_dir) if spec.resume else None
-    if spec.resume and has_finished_model(spec.output_dir):
-        log.info("resume: reusing the finished quantization in %s", out_model)
+    if spec.resume:
         del model
-        with timer.stage("load quantized"):
-            qmodel = load_quantized(out_model, m.get("task", "causal-lm"))
-        qcfg = qmodel.config.quantization_config
-        qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
-        report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
+        qmodel, report_quant, reload_check = _resume_quantized(spec, timer)
         calibration_status = "reused from the finished run (resume=true)"
-        if previous_check is not None:
-            reload_check = compare_with_reference(qmodel, previous_check)
     else:
         own_format = getattr(registries().backends.get(backend), "format", "hfquant") == "hfquant"
         with timer.stage("calibrate"):
@@ -220,21 +240,8 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             report_quant = dict(weight_error(model, plan, round_scale) if own_format else {}, modules=len(plan.modules),
                                 ignore=list(spec.scheme.ignore))
             qmodel = convert(model, plan, backend)
-        with timer.stage("save"):
-            if ranks.main:
-                save_quantized(qmodel, loaded.tokenizer, plan, backend, spec.output_dir, own_format=own_format,
-                               max_shard_size=spec.max_shard_size)
-            ranks.barrier()
-        if eval_windows is not None and ranks.main:
-            with timer.stage("reload check"):
-                extra = {} if spec.device == "cpu" else {"device_map": {"": spec.device}}
-                reloaded = load_quantized(out_model, m.get("task", "causal-lm"), **extra)
-                ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])]
-                reload_check = check_reload(qmodel, reloaded, ids)
-                del reloaded
-                diff = reload_check["max_abs_logit_difference"]
-                if not reload_check["ok"]:
-                    raise RuntimeError(f"the saved model does not reproduce the quantized model (max |Δlogit| = {diff:.3g}); not reporting it")
+        check_ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])] if eval_windows is not None else None
+        reload_check = _save_and_check(spec, backend, timer, ranks, qmodel, loaded.tokenizer, plan, own_format, check_ids)
     report_quant.update(quantized_weight_stats(qmodel))
 
     quantized = {}
@@ -314,11 +321,64 @@ def _finish(report: dict, spec: RunSpec, timer: Timer) -> dict:
     return report
 
 
-def _previous_reload_reference(output_dir: str):
-    import json
-
+def _save_and_check(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks, qmodel, tokenizer, plan, own_format: bool,
+                    check_ids) -> dict:
+    """Save `model/`, reload it and compare logits; only a model that passed (or had nothing to check against)
+    is recorded for `resume`. A failure or an interruption before that removes the folder this run wrote."""
+    out_model = model_dir(spec.output_dir)
+    reload_check = {}
+    if not ranks.main:
+        ranks.barrier()
+        return reload_check
     try:
-        with open(os.path.join(output_dir, "report.json"), encoding="utf-8") as f:
-            return json.load(f).get("reload_check", {}).get("reference")
-    except (OSError, ValueError):
-        return None
+        with timer.stage("save"):
+            save_quantized(qmodel, tokenizer, plan, backend, spec.output_dir, own_format=own_format,
+                           max_shard_size=spec.max_shard_size)
+            ranks.barrier()
+        if check_ids is not None:
+            with timer.stage("reload check"):
+                extra = {} if spec.device == "cpu" else {"device_map": {"": spec.device}}
+                reloaded = load_quantized(out_model, spec.model.get("task", "causal-lm"), **extra)
+                reload_check = check_reload(qmodel, reloaded, check_ids)
+                del reloaded
+                if not reload_check["ok"]:
+                    raise ReloadCheckError(
+                        f"the saved model does not reproduce the quantized model (max |Δlogit| = "
+                        f"{reload_check['max_abs_logit_difference']:.3g}); model/ was removed, not reported. This is a "
+                        "bug in the backend's save/load path: report it with --verbose output")
+        write_resume_record(spec.output_dir, resume_request(spec, backend), reload_check.get("reference"))
+    except BaseException:
+        discard_model(spec.output_dir)
+        raise
+    timer.kept = "model/ was saved and checked; resume=true reuses it"
+    return reload_check
+
+
+def _resume_quantized(spec: RunSpec, timer: Timer):
+    """The finished `model/` (same request: checked before loading anything), re-checked against the logits
+    recorded when it was written; a folder that no longer reproduces them is refused."""
+    out_model = model_dir(spec.output_dir)
+    log.info("resume: reusing the finished quantization in %s", out_model)
+    with timer.stage("load quantized"):
+        qmodel = load_quantized(out_model, spec.model.get("task", "causal-lm"))
+    qcfg = qmodel.config.quantization_config
+    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
+    reference = (read_resume_record(spec.output_dir) or {}).get("reload_reference") \
+        or _previous_reload_reference(spec.output_dir)
+    reload_check = compare_with_reference(qmodel, reference) if reference else {}
+    if reload_check and not reload_check["ok"]:
+        raise ReloadCheckError(
+            f"resume=true, but {out_model!r} no longer reproduces the logits recorded when it was written (max "
+            f"|Δlogit| = {reload_check['max_abs_logit_difference']:.3g}): its files were changed. Run without "
+            "resume=true to quantize again (overwrite=true)")
+    return qmodel, report_quant, reload_check
+
+
+class ReloadCheckError(HfquantError, RuntimeError):
+    """The saved folder does not give the logits of the model that was quantized."""
+
+
+def _previous_reload_reference(output_dir: str):
+    """The reload fingerprint in a report.json written before resume records existed."""
+    return ((read_json(os.path.join(output_dir, "report.json")) or {}).get("reload_check") or {}).get("reference")

@@ -65,7 +65,7 @@ def test_existing_output_is_refused_then_overwritten_only_when_asked(tiny_llm_di
     assert (out / "report.json").read_text() == before
     run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=w4a16", "scheme.weights.group_size=32", "overwrite=true")))
     assert json.loads((out / "report.json").read_text())["run"]["scheme"] == "w4a16"
-    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".hfquant-resume.json", "model", "report.json", "report.md"]
 
 
 def test_interrupted_run_never_looks_complete(tiny_llm_dir, tmp_path, monkeypatch):
