@@ -2,6 +2,8 @@
 
 Each part's texts are joined with a blank line and tokenized once, without special tokens, into one stream;
 windows are cut from that stream. Calibration and evaluation come from disjoint parts of the dataset.
+Datasets are built (and local files checked) by `check_sources` before the model loads, so a bad file fails
+in milliseconds; a part too short for one window is named with its token count once it is tokenized.
 """
 
 from __future__ import annotations
@@ -13,9 +15,24 @@ from typing import List, Optional
 import torch
 from ..errors import HfquantError
 
+PARTS = ("calibration", "evaluation")
+
 
 class DataError(HfquantError, ValueError):
-    """Not enough data for what was asked; says how many tokens there are."""
+    """Unreadable or too little data; says which file or part, how many tokens there are, and the way out.
+    `option` names the dataset option at fault (`files`): the run prefixes it with `calibration.`/`evaluation.`."""
+
+    def __init__(self, message: str, option: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file named in the config does not exist."""
+
+
+class DataUnavailableError(DataError, RuntimeError):
+    """A dataset could not be fetched (offline without a cache, unknown repository or split)."""
 
 
 @dataclass
@@ -35,21 +52,22 @@ class Windows:
 
 
 def token_stream(tokenizer, texts: List[str]) -> torch.Tensor:
-    """All texts joined by a blank line, tokenized once (no BOS/EOS added)."""
+    """All texts joined by a blank line, tokenized once (no BOS/EOS added); no texts → no tokens."""
     if not texts:
-        raise DataError("the dataset part is empty")
+        return torch.zeros(0, dtype=torch.long)
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> Windows:
+def calibration_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int,
+                        where: str = "the calibration data") -> Windows:
     """`num_samples` distinct windows of `seq_len` tokens, chosen with `seed` among non-overlapping chunks."""
     chunks = stream.numel() // seq_len
     if chunks < num_samples:
         raise DataError(
             f"calibration needs num_samples × seq_len = {num_samples} × {seq_len} = {num_samples * seq_len} tokens, "
-            f"but the calibration data has {stream.numel()} tokens; lower calibration.num_samples or "
-            f"calibration.seq_len, or use a larger dataset"
+            f"but {where} has {stream.numel()} tokens ({chunks} window(s) of {seq_len} fit); lower "
+            "calibration.num_samples or calibration.seq_len, or add text (a larger dataset)"
         )
     order = torch.randperm(chunks, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
     ids = stream[: chunks * seq_len].reshape(chunks, seq_len)[order]
@@ -57,13 +75,15 @@ def calibration_windows(stream: torch.Tensor, num_samples: int, seq_len: int, se
                          "stream_tokens": int(stream.numel())})
 
 
-def evaluation_windows(stream: torch.Tensor, seq_len: int, max_windows: Optional[int]) -> Windows:
+def evaluation_windows(stream: torch.Tensor, seq_len: int, max_windows: Optional[int],
+                       where: str = "the evaluation data") -> Windows:
     """Consecutive non-overlapping windows from the start of the evaluation stream (the pinned protocol)."""
     n = stream.numel() // seq_len
     if n < 1:
+        lower = f"lower evaluation.seq_len (to {stream.numel()} or less)" if stream.numel() > 1 else "lower evaluation.seq_len"
         raise DataError(
-            f"evaluation needs at least seq_len = {seq_len} tokens, but the evaluation data has {stream.numel()}; "
-            "lower evaluation.seq_len or use more text"
+            f"evaluation needs at least seq_len = {seq_len} tokens, but {where} has {stream.numel()} tokens, "
+            f"less than one window; {lower} or add text"
         )
     if max_windows:
         n = min(n, max_windows)
@@ -78,3 +98,62 @@ def evaluation_windows(stream: torch.Tensor, seq_len: int, max_windows: Optional
         "stream_tokens": int(stream.numel()),
     }
     return Windows(ids, protocol)
+
+
+def _spec(spec, part: str):
+    return spec.calibration if part == "calibration" else spec.evaluation
+
+
+def build_dataset(spec, part: str):
+    """The dataset plugin for `part`, its errors prefixed with the config key (`evaluation.files: ...`)."""
+    from ..plugins import registries
+
+    dspec = _spec(spec, part)
+    try:
+        return registries().datasets.get(dspec.name)(**dspec.options)
+    except DataError as exc:
+        message = f"{part}.{exc}" if exc.option else f"{part}: {exc}"
+        raise type(exc)(message, exc.option) from None
+
+
+def parts_used(spec) -> List[str]:
+    """The parts this run tokenizes (as the pipelines decide: calibration only for static activations)."""
+    parts = ["evaluation"] if spec.evaluation else []
+    if spec.calibration and spec.scheme.needs_calibration_data and not spec.resume:
+        parts.append("calibration")
+    return parts
+
+
+def check_sources(spec) -> None:
+    """Build every dataset the run will read (local files are checked: present, a file, not empty, UTF-8
+    text) and run its optional `check(part)`: called before the model loads, so bad data fails in milliseconds."""
+    for part in parts_used(spec):
+        dataset = build_dataset(spec, part)
+        check = getattr(dataset, "check", None)
+        if check is not None:
+            check(part)
+
+
+def where(dataset, name: str, part: str) -> str:
+    """How an error names a part's data: the dataset's own `where(part)` (which files, which rows), or its name."""
+    describe = getattr(dataset, "where", None)
+    return describe(part) if describe is not None else f"the {part} part of dataset {name!r}"
+
+
+def windows(tokenizer, spec, part: str) -> Windows:
+    """`part`'s windows, with the dataset's description and the token hash in the protocol."""
+    dspec = _spec(spec, part)
+    dataset = build_dataset(spec, part)
+    try:
+        texts = dataset.texts(part)
+    except DataError as exc:
+        raise type(exc)(f"{part}.{exc}" if exc.option else f"{part}: {exc}", exc.option) from None
+    stream = token_stream(tokenizer, texts)
+    place = where(dataset, dspec.name, part)
+    if part == "calibration":
+        w = calibration_windows(stream, dspec.num_samples, dspec.seq_len, dspec.seed, place)
+    else:
+        w = evaluation_windows(stream, dspec.seq_len, dspec.max_windows, place)
+    describe = getattr(dataset, "describe", lambda: {"name": dspec.name})()
+    w.protocol = dict(w.protocol, dataset=describe, token_sha256=w.token_hash)
+    return w

@@ -35,6 +35,10 @@ class PydocText:
     def texts(self, part: str) -> list:
         return list(self.load(part)[self.column])
 
+    def where(self, part: str) -> str:
+        """What a too-short error names (a long seq_len can exceed even this part)."""
+        return f"the {part} part of the pydoc topics ({'every fifth topic' if part == 'evaluation' else 'four topics in five'})"
+
     def describe(self) -> dict:
         import sys
 
