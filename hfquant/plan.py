@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .errors import HfquantError
 from .quant import QuantArgs
 from .scheme import QuantScheme
 
@@ -36,19 +37,23 @@ class QuantPlan:
     modules: Dict[str, ModulePlan] = field(default_factory=dict)
 
 
+class PlanError(HfquantError, ValueError):
+    """The scheme does not fit this model (targets match nothing, or something that is not a Linear)."""
+
+
 def target_modules(model: torch.nn.Module, scheme: QuantScheme) -> Dict[str, torch.nn.Linear]:
     """The Linear modules `scheme` quantizes, by name (ignore list applied)."""
     found = {}
     for name, module in model.named_modules():
         if name and scheme.is_target(name, module):
             if not isinstance(module, torch.nn.Linear):
-                raise ValueError(
+                raise PlanError(
                     f"scheme {scheme.name!r} targets {name!r}, a {type(module).__name__}; only Linear layers "
                     "can be quantized — narrow scheme.targets"
                 )
             found[name] = module
     if not found:
-        raise ValueError(
+        raise PlanError(
             f"scheme {scheme.name!r} matched no module of {type(model).__name__} "
             f"(targets={list(scheme.targets)}, ignore={list(scheme.ignore)})"
         )

@@ -11,6 +11,7 @@ from typing import Dict, Optional, Type
 import torch
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from ..observer import Observer
 from ..plan import ModulePlan, QuantPlan, target_modules
 from ..scheme import QuantScheme
@@ -39,7 +40,7 @@ def build_plan(
         plan.modules[name] = mp
     if scheme.needs_calibration_data and observe:
         if windows is None:
-            raise ValueError(f"scheme {scheme.name!r} has static activations and needs calibration data; set calibration=pydoc (or another dataset)")
+            raise ConfigError(f"scheme {scheme.name!r} has static activations and needs calibration data; set calibration=pydoc (or another dataset)")
         act_qparams = observe_activations(model, targets, scheme, activation_observer_cls or observer_cls, observer_options, windows)
         for name, qp in act_qparams.items():
             plan.modules[name].input_qparams = qp

@@ -7,6 +7,7 @@ from typing import Tuple
 
 import torch
 
+from ..config import ConfigError
 from ..plugins import registries
 from ..quant import quantize_with_error
 
@@ -32,7 +33,7 @@ def resolve_backend(name: str, scheme, device: str) -> Tuple[str, str]:
                 why += " (" + "; ".join(refusals) + ")"
             return candidate, why
         refusals.append(f"{candidate}: {reason}")
-    raise ValueError(f"no backend runs scheme {scheme.name!r} on {device}: " + "; ".join(refusals))
+    raise ConfigError(f"no backend runs scheme {scheme.name!r} on {device}: " + "; ".join(refusals))
 
 
 @torch.no_grad()

@@ -71,6 +71,7 @@ def markdown(report: dict) -> str:
     q = report.get("quantization", {})
     lines += ["", "## Quantization", "",
               f"- modules quantized: {q.get('modules')}; ignored: {', '.join(q.get('ignore', [])) or 'none'}",
+              *[f"- left unquantized: `{name}` — {why}" for name, why in q.get("left_unquantized", {}).items()],
               (f"- weight SQNR: {q['weight_sqnr_db']:.2f} dB (relative weight MSE {q['weight_relative_mse']:.3e})"
                if "weight_sqnr_db" in q else "- weight SQNR: not measured (the backend quantizes with its own statistics)"),
               f"- calibration: {report.get('calibration', {}).get('status')}",

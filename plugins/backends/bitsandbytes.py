@@ -5,13 +5,17 @@ bitsandbytes quantizes with its own absmax statistics (blockwise for 4-bit, row-
 observers do not apply; the report says so. CUDA when present, bitsandbytes' CPU path otherwise.
 """
 
-import os
+import logging
 import shutil
 import tempfile
+from typing import Dict, Optional
 
 import torch
 
 from hfquant import QuantArgs, QuantScheme, hookimpl
+from hfquant.config import ConfigError
+
+log = logging.getLogger("hfquant")
 
 PRESETS = (
     QuantScheme(
@@ -37,14 +41,43 @@ PRESETS = (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def bnb_config(scheme):
+def bnb_config(scheme, skip_more=()):
     from transformers import BitsAndBytesConfig
 
     opts = dict(scheme.options)
     if "bnb_4bit_compute_dtype" in opts:
         opts["bnb_4bit_compute_dtype"] = DTYPES[opts["bnb_4bit_compute_dtype"]]
-    skip = [p for p in scheme.ignore if not p.startswith("re:")]
+    skip = [p for p in scheme.ignore if not p.startswith("re:")] + list(skip_more)
     return BitsAndBytesConfig(llm_int8_skip_modules=skip or None, **opts)
+
+
+# bitsandbytes' 4-bit CPU kernel (used on CPUs with AVX512-BF16) repacks each weight in tiles of 32 output rows
+# and needs whole blocks of 64 values per row (`_convert_weight_packed_for_cpu`); other shapes crash in its first
+# forward. hfquant leaves such Linears unquantized on CPU whatever this machine's CPU, so a folder made here
+# also runs on a machine that has the feature.
+CPU_4BIT_BLOCK = 64
+CPU_4BIT_ROW_TILE = 32
+
+
+def cpu_4bit_problem(in_features: int, out_features: int) -> Optional[str]:
+    """Why bitsandbytes' CPU 4-bit kernel cannot run a Linear of this shape, or None."""
+    problems = []
+    if in_features % CPU_4BIT_BLOCK:
+        problems.append(f"in_features={in_features} is not a multiple of its block size {CPU_4BIT_BLOCK}")
+    if out_features % CPU_4BIT_ROW_TILE:
+        problems.append(f"out_features={out_features} is not a multiple of {CPU_4BIT_ROW_TILE}")
+    return " and ".join(problems) or None
+
+
+def cpu_4bit_skips(model, plan) -> Dict[str, str]:
+    """Target Linears that bitsandbytes' CPU 4-bit kernel cannot run: name → reason."""
+    skips = {}
+    for name in plan.modules:
+        linear = model.get_submodule(name)
+        reason = cpu_4bit_problem(linear.in_features, linear.out_features)
+        if reason:
+            skips[name] = reason
+    return skips
 
 
 class BitsAndBytesBackend:
@@ -63,18 +96,31 @@ class BitsAndBytesBackend:
         return None
 
     def convert(self, model, plan):
-        """Round-trip through transformers' loader, the only path that yields its native serializable format."""
+        """Round-trip through transformers' loader, the only path that yields its native serializable format.
+        On CPU, 4-bit Linears whose shape bitsandbytes' CPU kernel cannot run stay unquantized (listed in
+        `model.hfquant_left_unquantized` for the report); if that is every target, the run is refused."""
         from transformers import AutoModel, AutoModelForCausalLM
 
         device = next(model.parameters()).device
+        skips = cpu_4bit_skips(model, plan) if device.type == "cpu" and plan.scheme.options.get("load_in_4bit") else {}
+        if skips and len(skips) == len(plan.modules):
+            first, reason = next(iter(skips.items()))
+            raise ConfigError(
+                f"scheme {plan.scheme.name!r} on CPU: bitsandbytes' CPU 4-bit kernel cannot run any of the "
+                f"{len(skips)} target Linear(s) of this model (e.g. {first!r}: {reason}); use backend=cpu "
+                "scheme=w4a16 (hfquant's int4 kernels), or scheme=llm-int8")
+        for name, reason in skips.items():
+            log.warning("bitsandbytes %s: leaving %s unquantized on CPU (%s)", plan.scheme.name, name, reason)
         tmp = tempfile.mkdtemp(prefix="hfquant-bnb-")
         try:
             model.save_pretrained(tmp)
             auto = AutoModelForCausalLM if hasattr(model, "lm_head") or "ForCausalLM" in type(model).__name__ else AutoModel
-            quantized = auto.from_pretrained(tmp, quantization_config=bnb_config(plan.scheme),
+            quantized = auto.from_pretrained(tmp, quantization_config=bnb_config(plan.scheme, sorted(skips)),
                                              device_map={"": str(device)}, dtype=torch.float32)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        quantized.hfquant_left_unquantized = {
+            name: f"bitsandbytes' CPU 4-bit kernel cannot run it: {reason}" for name, reason in skips.items()}
         return quantized.eval()
 
 
