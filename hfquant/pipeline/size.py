@@ -31,13 +31,19 @@ def state_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+STORED_WEIGHT_KEYS = ("weight_packed", "weight_scale", "weight_zero_point")
+
+
 def quantized_weight_stats(model: torch.nn.Module) -> dict:
-    """Bits per parameter of the quantized Linear weights alone (codes + scales + zero points)."""
+    """Bits per parameter of the quantized Linear weights alone, as saved (codes + scales + zero points): the
+    same for the `fake` reference (`QuantLinear`) and the `cpu` kernels, which save the same tensors."""
     from ..formats import QuantLinear
+    from ..formats.kernels import _KernelLinear
 
     bits, params = 0, 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, _KernelLinear)):
             params += m.in_features * m.out_features
-            bits += 8 * sum(b.numel() * b.element_size() for b in (m.weight_packed, m.weight_scale, m.weight_zero_point))
+            saved = m.state_dict()
+            bits += 8 * sum(saved[k].numel() * saved[k].element_size() for k in STORED_WEIGHT_KEYS if k in saved)
     return {"quantized_weights": params, "bits_per_quantized_weight": bits / params if params else None}
