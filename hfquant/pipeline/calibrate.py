@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from .integrity import NonFiniteError
 from ..observer import Observer
 from ..plan import ModulePlan, QuantPlan, target_modules
 from ..scheme import QuantScheme
@@ -35,7 +36,12 @@ def build_plan(
         mp = ModulePlan(name, scheme.weights, input_args=scheme.input_activations)
         if scheme.weights is not None and observe:
             obs = observer_cls(scheme.weights, **observer_options)
-            obs.observe(module.weight)
+            try:
+                obs.observe(module.weight)
+            except ValueError as exc:
+                if "NaN or Inf" not in str(exc):
+                    raise
+                raise NonFiniteError(f"{name}.weight: {exc}") from None  # say which weight
             mp.weight_qparams = obs.qparams()
         plan.modules[name] = mp
     if scheme.needs_calibration_data and observe:

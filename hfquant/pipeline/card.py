@@ -28,10 +28,45 @@ def base_license(source: str) -> Optional[str]:
     return None
 
 
-def reproduce_command() -> str:
-    """The overrides that reproduce this run (outputs and secrets excluded)."""
-    overrides = [a for a in sys.argv[1:] if not a.startswith(("output_dir=", "hub.", "overwrite=", "resume=", "-m", "--"))]
-    return "hfquant " + " ".join(overrides) if overrides else "hfquant"
+NOT_REPRODUCED = ("output_dir", "hub", "overwrite", "resume", "hydra")  # where and how, not what
+PLUGIN_OPTIONS = ("observer.options", "calibration", "evaluation")  # where `+key=` adds a plugin's own option
+
+
+def reproduce_command(config: Optional[dict] = None) -> str:
+    """The overrides that reproduce this run: this job's own (a sweep job's values, not the sweep's lists), only
+    keys the config knows (`+key` only as a plugin option), never outputs, Hub settings, Hydra's own or
+    secret-looking keys, and Hub tokens redacted."""
+    from ..redact import redact_text
+
+    kept = [redact_text(o) for o in _task_overrides() if _reproducible(o, config)]
+    return "hfquant " + " ".join(kept) if kept else "hfquant"
+
+
+def _task_overrides() -> list:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return [a for a in sys.argv[1:] if not a.startswith("-")]
+
+
+def _reproducible(override: str, config: Optional[dict]) -> bool:
+    from ..redact import is_secret_key
+
+    key, sep, _ = override.partition("=")
+    name = key.lstrip("+")
+    if not sep or name.startswith("~") or is_secret_key(name) or name.split(".")[0].split("/")[0] in NOT_REPRODUCED:
+        return False
+    if config is None:
+        return True
+    if key.startswith("+") and name.rpartition(".")[0] not in PLUGIN_OPTIONS:
+        return False  # added outside a plugin's options: not a key hfquant knows
+    node = config
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
@@ -65,7 +100,7 @@ against the unquantized model on the same text.
 - weights: `{scheme.get('weights')}`
 - activations: `{scheme.get('input_activations')}`
 - observer: `{run['observer']}` {run.get('observer_options') or ''}; backend: `{run['backend']}` ({run['backend_reason']})
-- modules quantized: {q.get('modules')}; left unquantized: {', '.join(scheme.get('ignore') or []) or 'none'}
+- modules quantized: {q.get('modules')}; left unquantized: {', '.join((scheme.get('ignore') or []) + list(q.get('left_unquantized') or {})) or 'none'}
 - bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}
 
 ## Calibration data
@@ -93,14 +128,16 @@ tokenizer = AutoTokenizer.from_pretrained("{load_path}")
 ## Reproduce
 
 ```
-{reproduce_command()}
+{reproduce_command(report.get("config"))}
 ```
 
 ## Versions
 
 {', '.join(f'{k} {v}' for k, v in versions.items())}
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+    from ..redact import redact_tokens
+
+    return redact_tokens(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content)  # no Hub token, wherever it came from
 
 
 def validate_metadata(content: str) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import HfquantError
+from .integrity import check_model_finite
 
 import torch
 
@@ -120,6 +121,7 @@ def load_model(path: str, task: str = "causal-lm", gguf_file: Optional[str] = No
     model.eval()
     if gguf_file:
         plain_after_gguf(model)
+    check_model_finite(model, f"model {source!r}" + (f" ({gguf_file})" if gguf_file else ""))
     return LoadedModel(model, tokenizer, source, fp, time.perf_counter() - start)
 
 
@@ -147,11 +149,12 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, required: bool 
 
 
 def checkpoint_folder(path: str, gguf_file: Optional[str], dtype: str, trust_remote_code: bool,
-                      revision: Optional[str]):
+                      revision: Optional[str], allow_pickle: bool = False):
     """(local folder holding safetensors, source to report) without loading the model: local folders as they
     are; GGUF through the safetensors cache (built once, in memory: GGUF cannot be read tensor by tensor
-    here); Hub ids through the local Hub cache (`snapshot_download`, weights and configs only)."""
-    source = check_model_source(path, gguf_file)
+    here); Hub ids through the local Hub cache (`snapshot_download`, weights and configs only; pickle `.bin`
+    weights too for a repository without safetensors when `allow_pickle`)."""
+    source = check_model_source(path, gguf_file, allow_pickle)
     if gguf_file:
         fp = fingerprint(source, gguf_file, revision)
         return gguf_cache(source, gguf_file, fp, dtype, trust_remote_code), os.path.join(source, gguf_file)
@@ -159,9 +162,11 @@ def checkpoint_folder(path: str, gguf_file: Optional[str], dtype: str, trust_rem
         return source, source
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
     try:
-        folder = snapshot_download(source, revision=revision,
-                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+        folder = snapshot_download(source, revision=revision, allow_patterns=patterns)
+        if allow_pickle and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            folder = snapshot_download(source, revision=revision, allow_patterns=patterns + ["*.bin"])
     except Exception as exc:  # offline, unknown repo, gated: all say the same thing to the user
         raise ModelNotFoundError(
             f"could not fetch {source!r} from the Hub or its cache ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "

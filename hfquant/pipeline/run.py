@@ -14,17 +14,19 @@ from typing import Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import RunSpec, validate
+from ..config import ConfigError, RunSpec, validate
 from ..errors import HfquantError
+from ..redact import redact, redact_tokens
 from ..plugins import registries
 from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
 from .distributed import Ranks, ranks_from_env
-from .load import checkpoint_folder, load_model, load_tokenizer
+from .load import check_model_source, checkpoint_folder, load_model, load_tokenizer
 from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .faults import fault_point
+from .integrity import check_baseline_finite
 from .output import (OutputFolderError, discard_model, model_dir, read_json, read_resume_record, write_atomic, write_json,
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
@@ -72,19 +74,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _windows(tokenizer, spec, part: str):
-    dspec = spec.calibration if part == "calibration" else spec.evaluation
-    dataset = registries().datasets.get(dspec.name)(**dspec.options)
-    stream = data_mod.token_stream(tokenizer, dataset.texts(part))
-    if part == "calibration":
-        w = data_mod.calibration_windows(stream, dspec.num_samples, dspec.seq_len, dspec.seed)
-    else:
-        w = data_mod.evaluation_windows(stream, dspec.seq_len, dspec.max_windows)
-    describe = getattr(dataset, "describe", lambda: {"name": dspec.name})()
-    w.protocol = dict(w.protocol, dataset=describe, token_sha256=w.token_hash)
-    return w
-
-
 def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
     """("streaming" | "in_memory", why). `pipeline=auto` streams whenever it can: same folder, bounded memory."""
     problem = streaming_problem(spec, backend)
@@ -106,6 +95,8 @@ def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for one composed config; returns the report (also written to output_dir)."""
     spec: RunSpec = validate(cfg)  # fails fast: nothing loaded yet
+    data_mod.check_sources(spec)  # data files readable and text, before the model loads
+    check_model_source(spec.model["path"], spec.model.get("gguf_file"), bool(spec.model.get("allow_pickle", False)))
     ranks = ranks_from_env()
     if ranks.world > 1:
         spec.output_dir = ranks.broadcast(spec.output_dir)  # Hydra's timestamped folder may differ per process
@@ -153,7 +144,8 @@ def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: 
     report.update(timings=timer.timings,
                   peak_memory={"rss_bytes": peak_rss_bytes(),
                                **({"cuda_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {})},
-                  versions=versions(), config=OmegaConf.to_container(cfg, resolve=True))
+                  versions=versions(), config=redact(OmegaConf.to_container(cfg, resolve=True)))
+    report = redact_tokens(report)  # nothing that looks like a Hub token is ever written
     if not ranks.main:
         return report  # rank 0 writes the report, card and (if asked) pushes
     return _finish(report, spec, timer)
@@ -171,12 +163,13 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
     static = spec.scheme.needs_calibration_data
     with timer.stage("load"):
         folder, source = checkpoint_folder(m["path"], m.get("gguf_file"), m.get("dtype", "float32"),
-                                           bool(m.get("trust_remote_code", False)), m.get("revision"))
+                                           bool(m.get("trust_remote_code", False)), m.get("revision"),
+                                           bool(m.get("allow_pickle", False)))
         tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=static)
     calib_windows = None
     if static:
         with timer.stage("data"):
-            calib_windows = _windows(tokenizer, spec, "calibration")
+            calib_windows = data_mod.windows(tokenizer, spec, "calibration")
 
     def calibrate(tensors, dtype):
         with timer.stage("calibrate (layer by layer)"):
@@ -209,15 +202,16 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     eval_windows = calib_windows = None
     with timer.stage("data"):
         if spec.evaluation:
-            eval_windows = _windows(loaded.tokenizer, spec, "evaluation")
+            eval_windows = data_mod.windows(loaded.tokenizer, spec, "evaluation")
         if spec.calibration and spec.scheme.needs_calibration_data and not spec.resume:
-            calib_windows = _windows(loaded.tokenizer, spec, "calibration")
+            calib_windows = data_mod.windows(loaded.tokenizer, spec, "calibration")
 
     evaluators = make_evaluators(spec.evaluation.evaluators) if spec.evaluation else {}
     baseline = {}
     if spec.evaluation:
         with timer.stage("evaluate baseline"):
             baseline = evaluate_baseline(model, eval_windows, evaluators, loaded.fingerprint, ranks=ranks)
+            check_baseline_finite(baseline)
 
     if spec.resume:
         del model
@@ -240,6 +234,9 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             report_quant = dict(weight_error(model, plan, round_scale) if own_format else {}, modules=len(plan.modules),
                                 ignore=list(spec.scheme.ignore))
             qmodel = convert(model, plan, backend)
+            left = getattr(qmodel, "hfquant_left_unquantized", {})  # a backend's kernels could not run these
+            if left:
+                report_quant.update(modules=len(plan.modules) - len(left), left_unquantized=left)
         check_ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])] if eval_windows is not None else None
         reload_check = _save_and_check(spec, backend, timer, ranks, qmodel, loaded.tokenizer, plan, own_format, check_ids)
     report_quant.update(quantized_weight_stats(qmodel))
@@ -285,7 +282,7 @@ def check_placement(model) -> dict:
         counts[str(device)] = counts.get(str(device), 0) + 1
     offloaded = [name for name, device in device_map.items() if str(device) in ("disk", "meta")]
     if offloaded:
-        raise ValueError(
+        raise ConfigError(
             f"model.max_memory left {'the whole model' if offloaded == [''] else f'{len(offloaded)} module(s) (e.g. {offloaded[0]!r})'} "
             "offloaded to disk; quantizing "
             "needs every weight in memory — raise model.max_memory, or use pipeline=streaming (weight-only schemes, "

@@ -8,6 +8,7 @@ import torch
 
 from .. import __version__
 from ..formats import HfQuantConfig, register_with_transformers
+from .faults import fault_point
 from .output import partial_dir, publish
 
 
@@ -36,6 +37,7 @@ def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: 
         if card:
             with open(f"{tmp}/README.md", "w", encoding="utf-8") as f:
                 f.write(card)
+        fault_point("save:written")
         return publish(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,11 @@ from ..formats.safetensors_stream import SafetensorsReader, StreamingSafetensors
 from ..plan import ModulePlan, QuantPlan, target_modules
 from ..plugins import registries
 from .load import DTYPES
+from .faults import fault_point
+from .integrity import NonFiniteError, count_nonfinite, is_finite, nonfinite_message
+from .pickled import OneOpen, PickleCheckpointError, PickleReader, legacy_problem, refusal
+from .pickled import candidates as pickle_candidates
+from .pickled import weight_files as pickle_weight_files
 from .output import partial_dir, publish
 from .quantize import error_stats
 from ..quant import quantize_with_error
@@ -54,11 +59,29 @@ def streaming_problem(spec, backend_name: str) -> Optional[str]:
         return "evaluation needs the model in memory (set evaluation=none to quantize and save only)"
     if spec.model.get("device_map") is not None:
         return "model.device_map places a loaded model; streaming never loads one"
-    return None
+    return checkpoint_problem(spec.model)
 
 
-def checkpoint_files(folder: str) -> Dict[str, str]:
-    """Tensor name → safetensors file, from the index or the single weights file."""
+def checkpoint_problem(model: dict) -> Optional[str]:
+    """Why a local checkpoint's files cannot be streamed (read before any output is written), or None. Hub ids
+    are known only once downloaded; a pickle-only folder without `model.allow_pickle` is refused by either
+    pipeline's loader with the same message."""
+    from .load import resolve_path
+
+    if model.get("gguf_file") or not model.get("allow_pickle"):
+        return None
+    try:
+        folder = resolve_path(str(model.get("path")))
+    except HfquantError:
+        return None  # the loader reports a missing package
+    if not os.path.isdir(folder) or any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        return None
+    return legacy_problem(folder)
+
+
+def checkpoint_files(folder: str, allow_pickle: bool = False) -> Dict[str, str]:
+    """Tensor name → safetensors file, from the index or the single weights file; pickle `.bin` files when the
+    folder has no safetensors and `allow_pickle` (else the loader's refusal)."""
     index = os.path.join(folder, INDEX_NAME)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
@@ -69,8 +92,17 @@ def checkpoint_files(folder: str) -> Dict[str, str]:
     if single:
         path = os.path.join(folder, single)
         return {name: path for name in SafetensorsReader(path).tensors}
+    bins = pickle_candidates(folder)
+    if bins and not allow_pickle:  # refused before anything is unpickled, as the in-memory loader does
+        raise StreamingError(refusal(folder, bins))
+    if bins:
+        try:
+            return pickle_weight_files(folder)
+        except PickleCheckpointError as exc:
+            raise StreamingError(str(exc)) from None
     raise StreamingError(f"{folder!r} has no {WEIGHTS_NAME} or {INDEX_NAME} (safetensors files there: {found or 'none'}); "
-                         "streaming reads safetensors checkpoints only — use pipeline=in_memory for other formats")
+                         "streaming reads safetensors (and, with model.allow_pickle=true, pickle .bin) checkpoints "
+                         "only — use pipeline=in_memory for other formats")
 
 
 @dataclass
@@ -204,7 +236,9 @@ class TensorSource:
 
     def __init__(self, files: Dict[str, str]) -> None:
         self.files = files
-        self.readers = {path: SafetensorsReader(path) for path in sorted(set(files.values()))}
+        pickles = OneOpen()  # pickle files are memory-mapped one at a time
+        self.readers = {path: PickleReader(path, pickles) if path.endswith(".bin") else SafetensorsReader(path)
+                        for path in sorted(set(files.values()))}
 
     def get(self, name: str) -> torch.Tensor:
         return self.readers[self.files[name]].get(name)
@@ -246,6 +280,14 @@ class ModuleQuantizer:
         return error_stats(self.error, self.energy)
 
 
+def read_finite(source, name: str, folder: str) -> torch.Tensor:
+    """A checkpoint tensor, refused (by name) when it holds NaN/Inf: found as it is read, not minutes later."""
+    tensor = source.get(name)
+    if not is_finite(tensor):
+        raise NonFiniteError(nonfinite_message([(name, count_nonfinite(tensor), tensor.numel())], f"checkpoint {folder!r}"))
+    return tensor
+
+
 def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer: ModuleQuantizer, max_shard_size) -> dict:
     """Write every output shard (and the index when there is more than one), one tensor at a time, timing the
     reads, the quantization and the writes for the report."""
@@ -269,14 +311,14 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
             for name in names:
                 if name in plan.source:
                     dtype = plan.entries[name][0]
-                    tensor = timed("read_s", source.get, plan.source[name])
+                    tensor = timed("read_s", read_finite, source, plan.source[name], folder)
                     tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
                 else:
                     module, sub = plan.owner[name]
                     if module not in done:
                         bias_key = f"{module}.bias"
-                        weight = timed("read_s", source.get, f"{module}.weight")
-                        bias = timed("read_s", source.get, bias_key) if bias_key in source.files else None
+                        weight = timed("read_s", read_finite, source, f"{module}.weight", folder)
+                        bias = timed("read_s", read_finite, source, bias_key, folder) if bias_key in source.files else None
                         done[module] = timed("quantize_s", quantizer, plan.module_plans[module], weight, bias)
                         del weight, bias
                     tensor = done[module].pop(sub)
@@ -300,8 +342,11 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     from transformers import GenerationConfig
 
     m = spec.model
-    files = checkpoint_files(folder)
-    source = TensorSource(files)
+    files = checkpoint_files(folder, bool(m.get("allow_pickle", False)))
+    try:
+        source = TensorSource(files)
+    except PickleCheckpointError as exc:
+        raise StreamingError(str(exc)) from None
     first_float = next((source.dtype(n) for n in files if source.dtype(n).is_floating_point), None)
     skeleton = build_skeleton(folder, m.get("task", "causal-lm"), m.get("dtype", "float32"),
                               bool(m.get("trust_remote_code", False)), first_float)
@@ -332,6 +377,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
             generation.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        fault_point("save:written")
         publish(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

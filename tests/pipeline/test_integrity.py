@@ -1,0 +1,74 @@
+"""NaN/Inf are found where they enter, and named: in a checkpoint's weights on load (both pipelines), in a
+quantized weight while observing it, and in the unquantized model's own output on the evaluation text."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hfquant.pipeline.calibrate import build_plan
+from hfquant.pipeline.integrity import NonFiniteError
+from hfquant.pipeline.run import run
+from hfquant.plugins import registries
+from tests.conftest import compose, tiny_overrides
+
+
+def edited_copy(tiny_llm_dir, tmp_path, edit) -> str:
+    """The tiny model with `edit(tensors)` applied to its safetensors file."""
+    folder = tmp_path / "model-copy"
+    shutil.copytree(tiny_llm_dir, folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return str(folder)
+
+
+def poison(name, index, value):
+    def edit(tensors):
+        tensors[name].view(-1)[index] = value
+    return edit
+
+
+def streaming(model_dir, out, *extra):
+    return ["model=hub", f"model.path={model_dir}", f"output_dir={out}", "calibration=none", "evaluation=none", *extra]
+
+
+def test_nan_in_an_unquantized_weight_is_named_on_load(tiny_llm_dir, tmp_path, monkeypatch):
+    model = edited_copy(tiny_llm_dir, tmp_path, poison("model.norm.weight", 3, float("nan")))
+    monkeypatch.setattr("hfquant.pipeline.run.evaluate_baseline", lambda *a, **k: pytest.fail("evaluated a broken model"))
+    with pytest.raises(NonFiniteError, match=r"has NaN or Inf in 1 tensor\(s\): model.norm.weight \(1 of 64 values\)"):
+        run(compose(tiny_overrides(model, tmp_path / "out", "scheme=w8a16")))
+    assert not (tmp_path / "out" / "model").exists()
+
+
+@pytest.mark.parametrize("name", ["model.norm.weight", "model.layers.1.mlp.up_proj.weight"])
+def test_streaming_names_the_tensor_as_it_is_read(tiny_llm_dir, tmp_path, name):
+    model = edited_copy(tiny_llm_dir, tmp_path, poison(name, 7, float("inf")))
+    with pytest.raises(NonFiniteError, match=rf"checkpoint .* has NaN or Inf in 1 tensor\(s\): {name} \(1 of"):
+        run(compose(streaming(model, tmp_path / "out", "scheme=w8a16", "pipeline=streaming")))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".hydra")) == []
+
+
+def test_nan_in_a_quantized_weight_is_named_when_observed(tiny_llm_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[2, 5] = float("nan")
+    scheme = registries().schemes.get("w8a16")
+    with pytest.raises(NonFiniteError, match=r"model.layers.0.mlp.up_proj.weight: observed tensor contains NaN or Inf \(1 of"):
+        build_plan(model, scheme, "minmax", registries().observers.get("minmax"), {})
+
+
+def test_nan_in_the_baseline_logits_stops_the_run_before_quantizing(tiny_llm_dir, tmp_path, monkeypatch):
+    # Finite weights whose forward overflows: gate and up projections at 1e20 multiply to Inf in float32.
+    def overflow(tensors):
+        for part in ("gate_proj", "up_proj"):
+            tensors[f"model.layers.0.mlp.{part}.weight"][:, :] = 1e20
+
+    model = edited_copy(tiny_llm_dir, tmp_path, overflow)
+    monkeypatch.setattr("hfquant.pipeline.run.build_plan", lambda *a, **k: pytest.fail("quantized a broken model"))
+    with pytest.raises(NonFiniteError, match=r"the unquantized model's perplexity perplexity is nan on the evaluation text"):
+        run(compose(tiny_overrides(model, tmp_path / "out", "scheme=w8a16")))
