@@ -7,9 +7,13 @@ import sys
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "plugins":
+        from .cli import reported_errors, take_verbose_flag
         from .plugins_cli import main as plugins_main
 
-        sys.exit(plugins_main(sys.argv[2:]))
+        take_verbose_flag()
+        with reported_errors():  # a broken plugin: one line, as for a run
+            code = plugins_main(sys.argv[2:])
+        sys.exit(code)
     from .cli import hydra_main
 
     hydra_main()

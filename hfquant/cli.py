@@ -14,7 +14,6 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from .config import ConfigError
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, HfquantError
 from .plugins import get_plugin_manager, registries
 
@@ -46,9 +45,10 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
 def _main(cfg: DictConfig) -> None:
     from .formats import register_with_transformers
     from .pipeline.run import run
+    from .sweep import recorded_failure
 
     register_with_transformers()
-    with reported_errors():
+    with reported_errors(), recorded_failure():  # in a sweep, a failed job is recorded and the next one runs
         run(cfg)
 
 
@@ -61,7 +61,10 @@ def verbose() -> bool:
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> "NoReturn":
-    print(f"hfquant: error: {message}", file=sys.stderr)
+    """One line on stderr; anything token-shaped in it (an echoed value) is redacted."""
+    from .redact import redact_text
+
+    print(f"hfquant: error: {redact_text(message)}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -85,35 +88,23 @@ def reported_errors():
              f"{VERBOSE_FLAG} for the traceback and report it)")
 
 
-GROUP_KINDS = {"observer": "observers", "scheme": "schemes", "backend": "backends"}
-
-
-def precheck_group_overrides(argv) -> None:
-    """`observer=percentil` → our error (registered names + closest match) instead of Hydra's traceback-y one.
-    Sweep values (`scheme=w8a16,w4a16`) are checked one by one."""
-    from .registry import UnknownNameError
-
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if "token" in key.lower():
-            raise ConfigError(f"{key.lstrip('+~')}: never pass a token on the command line (Hydra saves overrides "
-                              "with the run); set HF_TOKEN or run `hf auth login`")
-        if not sep or key not in GROUP_KINDS:
-            continue
-        for name in value.split(","):
-            if key == "backend" and name == "auto":
-                continue
-            try:
-                getattr(registries(), GROUP_KINDS[key]).entry(name.strip())
-            except UnknownNameError as exc:
-                raise ConfigError(f"{key}: {exc}") from None
-
-
-def hydra_main() -> None:
+def take_verbose_flag() -> None:
+    """`--verbose` anywhere on the command line: tracebacks for bug reports (Hydra never sees the flag)."""
     if VERBOSE_FLAG in sys.argv[1:]:
         sys.argv.remove(VERBOSE_FLAG)
         os.environ["HFQUANT_VERBOSE"] = "1"
+
+
+def hydra_main() -> None:
+    from .precheck import check_command_line
+
+    take_verbose_flag()
     with reported_errors():
-        precheck_group_overrides(sys.argv[1:])
         register_config_nodes()
+        # every job composed and validated before the first runs; Hydra's own files go under output_dir
+        sys.argv.extend(check_command_line(sys.argv[1:]))
     _main()
+    with reported_errors():
+        from .sweep import raise_if_jobs_failed
+
+        raise_if_jobs_failed()  # after a sweep: exit 2 if any job failed (the others were summarised)

@@ -7,6 +7,7 @@ Every error names the config key and the allowed values, so `hfquant observer=pe
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -126,8 +127,74 @@ def _data(node, key: str, need_samples: bool) -> Optional[DataSpec]:
     return spec
 
 
+def _require_set(cfg: DictConfig) -> None:
+    """A `???` left in the config (model=hub without model.path) is named before anything reads it."""
+    missing = sorted(_missing_keys(cfg))
+    if "model.path" in missing:
+        raise ConfigError("model.path is not set; give a Hub id or a local folder, e.g. model.path=/models/foo")
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=<value> on the command line")
+
+
+def _missing_keys(node, prefix: str = "") -> List[str]:
+    """Keys whose value is a literal `???` (OmegaConf.missing_keys would resolve `${.path}` and fail instead)."""
+    if not isinstance(node, DictConfig):
+        return []
+    out = []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            out.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key):
+            out += _missing_keys(node._get_node(key), f"{prefix}{key}.")
+    return out
+
+
+def _check_hub(hub: dict, evaluation: Optional[DataSpec], resume: bool, output_dir: str) -> None:
+    """A push that cannot happen fails now, not after the whole quantization: the repo id, a token, and the reload
+    check the push requires (it runs on evaluation windows, or against a resumed run's recorded logits)."""
+    if any("token" in str(k).lower() for k in hub):
+        raise ConfigError("hub: never put a token in the config (it would be saved with the run); set HF_TOKEN "
+                          "or run `hf auth login`")
+    if not hub.get("push"):
+        return
+    if not hub.get("repo_id"):
+        raise ConfigError("hub.push=true needs hub.repo_id=<org>/<name>")
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(hub["repo_id"]))
+    except HFValidationError as exc:
+        raise ConfigError(f"hub.repo_id={str(hub['repo_id'])!r} is not a Hub repo id: {exc} "
+                          "E.g. hub.repo_id=<org>/<name>") from None
+    if evaluation is None and not (resume and _recorded_reload_reference(output_dir)):
+        raise ConfigError("hub.push=true with evaluation=none: the saved folder is reloaded and checked on evaluation "
+                          "windows before anything is uploaded, and no evaluation means no check. Drop evaluation=none "
+                          "(e.g. evaluation=pydoc), or push a run that was checked with resume=true hub.push=true")
+    if hub.get("dry_run"):
+        return
+    try:
+        token = get_token()
+    except Exception as exc:  # e.g. a failed OIDC exchange (HF_OIDC_RESOURCE set)
+        raise ConfigError(f"hub.push=true: reading the Hub token failed ({type(exc).__name__}: {exc})") from None
+    if not token:
+        raise ConfigError("hub.push=true needs a Hub token with write access: set HF_TOKEN or run `hf auth login` "
+                          "(hub.dry_run=true lists what would be uploaded without one)")
+
+
+def _recorded_reload_reference(output_dir: str) -> bool:
+    """Whether a finished run in output_dir recorded the logits a resumed push is checked against."""
+    from .pipeline.output import read_json, read_resume_record
+
+    record = read_resume_record(output_dir) or {}
+    legacy = (read_json(os.path.join(output_dir, "report.json")) or {}).get("reload_check") or {}
+    return bool(record.get("reload_reference") or legacy.get("reference"))
+
+
 def validate(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into a `RunSpec`, or raise `ConfigError` naming the bad key."""
+    _require_set(cfg)
     scheme = _scheme(cfg)
     observer = cfg.observer.name
     _known("observers", observer, "observer")
@@ -174,11 +241,6 @@ def validate(cfg: DictConfig) -> RunSpec:
     if evaluation is not None and not evaluation.evaluators:
         raise ConfigError("evaluation.evaluators is empty; e.g. evaluation.evaluators=[perplexity]")
     hub = _plain(cfg.get("hub")) or {}
-    if hub.get("push") and not hub.get("repo_id"):
-        raise ConfigError("hub.push=true needs hub.repo_id=<org>/<name>")
-    if any("token" in str(k).lower() for k in hub):
-        raise ConfigError("hub: never put a token in the config (it would be saved with the run); set HF_TOKEN "
-                          "or run `hf auth login`")
     pipeline = str(cfg.get("pipeline", "auto"))
     if pipeline not in PIPELINES:
         raise ConfigError(f"pipeline={pipeline!r}; allowed: {', '.join(PIPELINES)}")
@@ -195,5 +257,6 @@ def validate(cfg: DictConfig) -> RunSpec:
     output_dir = cfg.get("output_dir")
     if not output_dir:
         raise ConfigError("output_dir is empty")
+    _check_hub(hub, evaluation, bool(cfg.get("resume", False)), str(output_dir))
     return RunSpec(model, scheme, observer, options, backend, calibration, evaluation, str(output_dir),
                    bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub, pipeline, max_shard_size)

@@ -3,12 +3,15 @@
 Modelled on simonw/llm's `plugins.py`: built-in plugin modules are listed here and registered exactly like
 third-party ones; third-party plugins come from the entry-point group ``hfquant``. ``HFQUANT_LOAD_PLUGINS``
 (a comma list of entry-point or distribution names; empty string = none) restricts which third-party
-plugins load. Hooks run once per process; the results are cached in `Registries`.
+plugins load (a name there that no installed plugin has is warned about, once). Hooks run once per process;
+the results are cached in `Registries`. A plugin that fails to import or to register raises `PluginError`
+naming it and the way out.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -21,6 +24,7 @@ from .registry import PluginError, Registry
 
 ENTRY_POINT_GROUP = "hfquant"
 ALLOWLIST_ENV = "HFQUANT_LOAD_PLUGINS"
+log = logging.getLogger("hfquant")
 KINDS = ("observers", "schemes", "backends", "datasets", "evaluators")
 
 BUILTIN_MODULES = (
@@ -90,21 +94,43 @@ def _allowlist() -> Optional[set]:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+_WARNED: set = set()  # allowlisted names already warned about (once per process)
+
+
+def _warn_not_installed(allowed: set, installed: Dict[str, Optional[str]]) -> None:
+    """`HFQUANT_LOAD_PLUGINS=hfquant-sigma` with no such plugin installed would silently load nothing: say so."""
+    known = set(installed) | {d for d in installed.values() if d}
+    missing = sorted(allowed - known - _WARNED)
+    if not missing:
+        return
+    _WARNED.update(missing)
+    names = ", ".join(f"{ep} (from {dist})" if dist and dist != ep else ep for ep, dist in sorted(installed.items()))
+    log.warning("%s names %s, but no such plugin is installed (installed plugins: %s); check the spelling or "
+                "pip install it", ALLOWLIST_ENV, ", ".join(repr(m) for m in missing), names or "none")
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allowed = _allowlist()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    entry_points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    if allowed:
+        _warn_not_installed(allowed, {ep.name: ep.dist.name if ep.dist is not None else None for ep in entry_points})
+    for ep in entry_points:
         dist_name = ep.dist.name if ep.dist is not None else None
         if allowed is not None and ep.name not in allowed and dist_name not in allowed:
             continue
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
+        origin = f"plugin {ep.name!r} (from {dist_name or 'unknown distribution'})"
+        way_out = (f"uninstall it (pip uninstall {dist_name or ep.name}) or load only the plugins you want with "
+                   f"{ALLOWLIST_ENV}=<names> ({ALLOWLIST_ENV}= loads none)")
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken third-party plugin must say who it is
-            raise PluginError(
-                f"plugin {ep.name!r} (from {dist_name or 'unknown distribution'}) failed to import: {exc}"
-            ) from exc
-        pm.register(plugin, name=ep.name)
+            raise PluginError(f"{origin} failed to import: {type(exc).__name__}: {exc}; {way_out}") from exc
+        try:
+            pm.register(plugin, name=ep.name)
+        except pluggy.PluginValidationError as exc:  # a hook implementation that does not match its spec
+            raise PluginError(f"{origin} does not fit hfquant's hooks: {exc}; {way_out}") from exc
         _DISTS[ep.name] = (dist_name, ep.dist.version if ep.dist is not None else None)
 
 
