@@ -64,3 +64,65 @@ def check_baseline_finite(baseline: dict) -> None:
                     f"the unquantized model's {evaluator} {key} is {value} on the evaluation text: its logits hold NaN "
                     "or Inf, so no quantized result could be compared with it. Check the model (e.g. model.dtype="
                     "float32 instead of float16, whose range can overflow) before quantizing it")
+
+
+class CheckpointError(HfquantError, ValueError):
+    """An input checkpoint that cannot be what its folder says: a corrupt or truncated file, or tensor shapes
+    that disagree with config.json."""
+
+
+def check_safetensors_files(folder: str) -> dict:
+    """Every `*.safetensors` file's header parses and the file is as long as its header says (a truncated
+    download fails here, naming the input file, not later as a raw error). Returns {tensor name: (file, shape)}."""
+    import glob
+    import os
+
+    from ..formats.safetensors_stream import SafetensorsFormatError, read_header
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            tensors, _, data_start = read_header(path)
+        except SafetensorsFormatError as exc:
+            raise CheckpointError(f"input checkpoint file {path!r} is corrupt ({exc}); re-download it or "
+                                  "re-save the model with save_pretrained") from None
+        expected = data_start + max((t.end for t in tensors.values()), default=0)
+        actual = os.path.getsize(path)
+        if actual < expected:
+            raise CheckpointError(f"input checkpoint file {path!r} is truncated: {actual} bytes, its header "
+                                  f"describes {expected}; re-download it (an interrupted download or a full disk "
+                                  "leaves such files)")
+        found.update({name: (path, t.shape) for name, t in tensors.items()})
+    return found
+
+
+def check_shapes_against_config(folder: str, tensors: dict, task: str, trust_remote_code: bool) -> None:
+    """Build the architecture from config.json on the meta device and compare every tensor it shares with
+    the checkpoint: transformers would otherwise fail with a raw size-mismatch error, or re-initialise."""
+    import os
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for name, (path, shape) in tensors.items():
+        want = expected.get(name)
+        if want is None and prefix:  # checkpoints saved from the base model or the head model
+            want = expected.get(name[len(prefix) + 1:]) if name.startswith(prefix + ".") else expected.get(f"{prefix}.{name}")
+        if want is not None and tuple(shape) != want:
+            raise CheckpointError(
+                f"input checkpoint tensor {name!r} in {os.path.basename(path)!r} has shape {list(shape)}, but "
+                f"{os.path.join(folder, 'config.json')!r} makes it {list(want)}: the weights and config.json do "
+                "not belong together — re-download the model, or fix config.json")
+
+
+def check_checkpoint(folder: str, task: str, trust_remote_code: bool) -> None:
+    """Both checks, on a local safetensors folder (headers only: milliseconds, before any weight is read)."""
+    tensors = check_safetensors_files(folder)
+    if tensors:
+        check_shapes_against_config(folder, tensors, task, trust_remote_code)

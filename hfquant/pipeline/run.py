@@ -26,7 +26,7 @@ from .load import check_model_source, checkpoint_folder, load_model, load_tokeni
 from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .faults import fault_point
-from .integrity import check_baseline_finite
+from .integrity import check_baseline_finite, check_checkpoint
 from .output import (OutputFolderError, discard_model, model_dir, read_json, read_resume_record, write_atomic, write_json,
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
@@ -96,7 +96,9 @@ def run(cfg: DictConfig) -> dict:
     """Run the pipeline for one composed config; returns the report (also written to output_dir)."""
     spec: RunSpec = validate(cfg)  # fails fast: nothing loaded yet
     data_mod.check_sources(spec)  # data files readable and text, before the model loads
-    check_model_source(spec.model["path"], spec.model.get("gguf_file"), bool(spec.model.get("allow_pickle", False)))
+    source = check_model_source(spec.model["path"], spec.model.get("gguf_file"), bool(spec.model.get("allow_pickle", False)))
+    if os.path.isdir(source) and not spec.model.get("gguf_file"):
+        check_checkpoint(source, spec.model.get("task", "causal-lm"), bool(spec.model.get("trust_remote_code", False)))
     ranks = ranks_from_env()
     if ranks.world > 1:
         spec.output_dir = ranks.broadcast(spec.output_dir)  # Hydra's timestamped folder may differ per process
@@ -165,6 +167,8 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
         folder, source = checkpoint_folder(m["path"], m.get("gguf_file"), m.get("dtype", "float32"),
                                            bool(m.get("trust_remote_code", False)), m.get("revision"),
                                            bool(m.get("allow_pickle", False)))
+        if not m.get("gguf_file") and folder != source:  # fetched from the Hub: check it as a local one is
+            check_checkpoint(folder, m.get("task", "causal-lm"), bool(m.get("trust_remote_code", False)))
         tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=static)
     calib_windows = None
     if static:

@@ -72,3 +72,43 @@ def test_nan_in_the_baseline_logits_stops_the_run_before_quantizing(tiny_llm_dir
     monkeypatch.setattr("hfquant.pipeline.run.build_plan", lambda *a, **k: pytest.fail("quantized a broken model"))
     with pytest.raises(NonFiniteError, match=r"the unquantized model's perplexity perplexity is nan on the evaluation text"):
         run(compose(tiny_overrides(model, tmp_path / "out", "scheme=w8a16")))
+
+
+def checkpoint_copy(tiny_llm_dir, tmp_path) -> str:
+    folder = tmp_path / "model-copy"
+    shutil.copytree(tiny_llm_dir, folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streaming"])
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"input checkpoint file '.*model-copy/model.safetensors' is truncated: \d+ bytes, its header describes \d+"),
+    ("header", r"input checkpoint file '.*model-copy/model.safetensors' is corrupt \(.*\); re-download it"),
+    ("config", r"input checkpoint tensor 'model.layers.0.mlp.down_proj.weight' in 'model.safetensors' has shape "
+               r"\[64, 160\], but '.*model-copy/config.json' makes it \[64, 128\]"),
+])
+def test_a_broken_input_checkpoint_is_named_before_anything_is_written(tiny_llm_dir, tmp_path, monkeypatch, stream,
+                                                                       damage, message):
+    import json
+    import os
+
+    from hfquant.pipeline.integrity import CheckpointError
+
+    model = checkpoint_copy(tiny_llm_dir, tmp_path)
+    weights = os.path.join(model, "model.safetensors")
+    if damage == "truncate":
+        os.truncate(weights, os.path.getsize(weights) - 1000)
+    elif damage == "header":
+        with open(weights, "r+b") as f:
+            f.seek(8)
+            f.write(b"garbage!")
+    else:
+        cfg = json.loads(open(os.path.join(model, "config.json")).read())
+        cfg["intermediate_size"] = 128
+        open(os.path.join(model, "config.json"), "w").write(json.dumps(cfg))
+    monkeypatch.setattr("hfquant.pipeline.run.claim_output", lambda *a: pytest.fail("claimed the output first"))
+    overrides = streaming(model, tmp_path / "out", "scheme=w8a16") if stream else \
+        tiny_overrides(model, tmp_path / "out", "scheme=w8a16")
+    with pytest.raises(CheckpointError, match=message):
+        run(compose(overrides))
+    assert not (tmp_path / "out").exists()
