@@ -21,6 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..quant import QuantArgs
 from .qlinear import QuantLinear
+from .stored_check import StoredTensorMismatchError, check_stored_tensors
 
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ class HfQuantConfig(QuantizationConfigMixin):
     ) -> None:
         self.quant_method = QUANT_METHOD
         if int(format_version) > FORMAT_VERSION:
-            raise ValueError(
+            raise StoredTensorMismatchError(
                 f"this folder uses hfquant format_version {format_version}, newer than this hfquant understands "
                 f"({FORMAT_VERSION}); upgrade hfquant (pip install -U hfquant)"
             )
@@ -72,8 +73,9 @@ class HfQuantQuantizer(HfQuantizer):
 
     requires_calibration = True  # only pre-quantized folders load; quantizing happens in the hfquant pipeline
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         replace_linears(model, self.quantization_config.modules, device="meta")
+        check_stored_tensors(model, self.quantization_config.modules, checkpoint_files)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -97,13 +99,22 @@ class HfQuantQuantizer(HfQuantizer):
 def replace_linears(model: torch.nn.Module, modules: Dict[str, Dict[str, Any]], device=None) -> None:
     """Replace each named Linear by an empty `QuantLinear` with the saved per-module args."""
     for name, spec in modules.items():
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise StoredTensorMismatchError(f"quantization_config lists module {name!r}, which this model does not "
+                                            "have; config.json was edited or belongs to another model") from None
         if isinstance(linear, QuantLinear):
             continue
         if not isinstance(linear, torch.nn.Linear):
-            raise ValueError(f"quantization_config lists {name!r}, but the model has a {type(linear).__name__} there")
-        w_args = QuantArgs.from_dict(spec["weights"])
-        a_args = QuantArgs.from_dict(spec["input_activations"]) if spec.get("input_activations") else None
+            raise StoredTensorMismatchError(f"quantization_config lists {name!r}, but the model has a "
+                                            f"{type(linear).__name__} there")
+        try:
+            w_args = QuantArgs.from_dict(spec["weights"])
+            a_args = QuantArgs.from_dict(spec["input_activations"]) if spec.get("input_activations") else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoredTensorMismatchError(f"quantization_config entry for {name!r} is malformed ({exc}); restore "
+                                            "config.json from the run that wrote the folder") from None
         dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
         q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, w_args, a_args,
                         dtype=dtype, device=device if device is not None else linear.weight.device)
