@@ -61,3 +61,53 @@ def test_an_unknown_module_or_a_newer_format_is_refused(saved, tmp_path):
 
     with pytest.raises(StoredTensorMismatchError, match="format_version 99, newer than this hfquant understands"):
         hfquant.load_quantized(edited(saved, tmp_path / "b", newer))
+
+
+WITHOUT_HFQUANT = """
+import sys
+sys.modules["hfquant"] = None  # what anyone without hfquant has: the import fails
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except Exception as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+print("loaded")
+"""
+
+
+def test_plain_transformers_without_hfquant_refuses_the_folder_loudly(saved):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", WITHOUT_HFQUANT, str(saved)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 3, result.stdout + result.stderr[-2000:]
+    assert "pip install hfquant, then import hfquant before from_pretrained" in result.stdout
+
+
+def test_the_model_card_says_so_in_its_first_lines(saved):
+    card = (saved / "README.md").read_text().split("---", 2)[2].strip().splitlines()
+    assert "pip install hfquant" in " ".join(card[:4])
+
+
+def test_a_format_version_1_folder_still_loads(saved, tmp_path):
+    def version_1(cfg):
+        qcfg = cfg["quantization_config"]
+        cfg["model_type"] = qcfg.pop("base_model_type")
+        qcfg["format_version"] = 1
+
+    folder = tmp_path / "v1"
+    import shutil
+
+    import torch
+
+    shutil.copytree(saved, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    version_1(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        old = hfquant.load_quantized(str(folder))(ids).logits
+        new = hfquant.load_quantized(str(saved))(ids).logits
+    assert torch.equal(old, new)

@@ -42,4 +42,4 @@ def test_newer_format_version_is_refused_with_advice():
     with pytest.raises(ValueError, match="upgrade hfquant"):
         HfQuantConfig(format_version=99)
     cfg = HfQuantConfig(scheme="w8a16", modules={"a": {"weights": QuantArgs().to_dict()}})
-    assert cfg.to_dict()["quant_method"] == "hfquant" and cfg.to_dict()["format_version"] == 1
+    assert cfg.to_dict()["quant_method"] == "hfquant" and cfg.to_dict()["format_version"] == 2

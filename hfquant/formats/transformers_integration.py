@@ -20,11 +20,12 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..quant import QuantArgs
+from .config_guard import register_guarded_config
 from .qlinear import QuantLinear
 from .stored_check import StoredTensorMismatchError, check_stored_tensors
 
 QUANT_METHOD = "hfquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json's model_type guards against loading without hfquant (config_guard.py)
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -39,6 +40,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         observer: Optional[str] = None,
         format_version: int = FORMAT_VERSION,
         hfquant_version: Optional[str] = None,
+        base_model_type: Optional[str] = None,
         **kwargs,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -54,6 +56,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.backend = backend
         self.observer = observer
         self.hfquant_version = hfquant_version
+        self.base_model_type = base_model_type
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -65,6 +68,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             "observer": self.observer,
             "ignore": self.ignore,
             "modules": self.modules,
+            **({"base_model_type": self.base_model_type} if self.base_model_type else {}),
         }
 
 
@@ -127,3 +131,4 @@ def register_with_transformers() -> None:
         register_quantization_config(QUANT_METHOD)(HfQuantConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(HfQuantQuantizer)
+    register_guarded_config()

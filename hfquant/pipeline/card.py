@@ -69,6 +69,16 @@ def _reproducible(override: str, config: Optional[dict]) -> bool:
     return True
 
 
+def needs_hfquant_notice(backend: str) -> str:
+    """First thing a reader sees when the folder is in hfquant's own format (bitsandbytes folders are not)."""
+    from ..plugins import registries
+
+    if getattr(registries().backends.get(backend), "format", "hfquant") != "hfquant":
+        return ""
+    return ("\n> **Loading this model needs hfquant**: `pip install hfquant`, then `import hfquant` before "
+            "`from_pretrained`. Without it, transformers refuses the folder (its integer codes are hfquant's format).\n")
+
+
 def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     run, scheme = report["run"], report["scheme"]
     tags = ["hfquant", run["scheme"], "quantized", f"backend-{run['backend']}"]
@@ -90,7 +100,7 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     versions = report.get("versions", {})
     body = f"""
 # {run['model']} — {run['scheme']} (hfquant)
-
+{needs_hfquant_notice(run['backend'])}
 Quantized from `{model_cfg.get('base_model') or run['model']}` with hfquant {versions.get('hfquant')}, evaluated
 against the unquantized model on the same text.
 

@@ -8,6 +8,7 @@ import torch
 
 from .. import __version__
 from ..formats import HfQuantConfig, register_with_transformers
+from ..formats.config_guard import guard_config_json
 from .faults import fault_point
 from .output import partial_dir, publish
 
@@ -32,6 +33,8 @@ def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: 
     tmp = partial_dir(output_dir)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if own_format:
+            guard_config_json(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card:

@@ -28,6 +28,7 @@ from ..formats.safetensors_stream import SafetensorsReader, StreamingSafetensors
 from ..plan import ModulePlan, QuantPlan, target_modules
 from ..plugins import registries
 from .load import DTYPES
+from ..formats.config_guard import guard_config_json
 from .faults import fault_point
 from .integrity import NonFiniteError, count_nonfinite, is_finite, nonfinite_message
 from .pickled import OneOpen, PickleCheckpointError, PickleReader, legacy_problem, refusal
@@ -369,6 +370,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
         config.architectures = [type(skeleton.model).__name__]
         config.quantization_config = quantization_config(quant_plan, backend_name)
         config.save_pretrained(tmp)
+        guard_config_json(tmp)
         if skeleton.model.can_generate():
             if os.path.isfile(os.path.join(folder, "generation_config.json")):
                 generation = GenerationConfig.from_pretrained(folder)

@@ -25,7 +25,7 @@ def test_every_builtin_scheme_reloads_through_transformers(tiny_llm_dir, tmp_pat
     report = run(compose(tiny_overrides(tiny_llm_dir, out, f"scheme={scheme}", "backend=fake", *extra)))
     assert report["reload_check"]["ok"] and report["reload_check"]["max_abs_logit_difference"] == 0.0
     cfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "hfquant" and cfg["format_version"] == 1 and cfg["scheme"] == scheme
+    assert cfg["quant_method"] == "hfquant" and cfg["format_version"] == 2 and cfg["scheme"] == scheme
     assert "lm_head" not in cfg["modules"] and len(cfg["modules"]) == 14  # 7 Linear per layer × 2 layers
     # Plain transformers, after `import hfquant`:
     model = AutoModelForCausalLM.from_pretrained(out / "model")
