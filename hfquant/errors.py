@@ -14,3 +14,10 @@ class HfquantError(Exception):
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def first_few(items, limit: int = 5, sep: str = "; ") -> str:
+    """A readable list for an error message: the first `limit` items, then how many more."""
+    items = list(items)
+    more = f"{sep}and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more

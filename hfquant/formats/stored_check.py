@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from ..errors import HfquantError
+from ..errors import HfquantError, first_few
 from .safetensors_stream import read_header
 
 STORED_KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
@@ -54,7 +54,7 @@ def check_stored_tensors(model: torch.nn.Module, modules: Dict[str, dict], check
             elif have != want:
                 problems.append(f"{full} is {have[0]}{list(have[1])} in the file, the config implies {want[0]}{list(want[1])}")
     if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        shown = first_few(problems, 4)
         raise StoredTensorMismatchError(
             f"the quantized tensors do not match quantization_config in config.json ({shown}). The config was "
             "edited or belongs to other weights: restore config.json from the run that wrote the folder (or re-run "

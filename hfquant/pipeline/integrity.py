@@ -9,7 +9,7 @@ from typing import Iterable, Tuple
 
 import torch
 
-from ..errors import HfquantError
+from ..errors import HfquantError, first_few
 
 
 class NonFiniteError(HfquantError, ValueError):
@@ -28,9 +28,8 @@ def count_nonfinite(t: torch.Tensor) -> int:
 
 
 def nonfinite_message(bad: list, where: str) -> str:
-    shown = ", ".join(f"{name} ({n} of {numel} values)" for name, n, numel in bad[:5])
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    return (f"{where} has NaN or Inf in {len(bad)} tensor(s): {shown}{more}. Quantizing cannot fix broken weights: "
+    shown = first_few((f"{name} ({n} of {numel} values)" for name, n, numel in bad), 5, ", ")
+    return (f"{where} has NaN or Inf in {len(bad)} tensor(s): {shown}. Quantizing cannot fix broken weights: "
             "re-download or re-export the checkpoint (check the run that produced it for overflow, e.g. float16 "
             "training without loss scaling)")
 

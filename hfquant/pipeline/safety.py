@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 from typing import Optional
 
+from ..errors import first_few
 from ..formats.safetensors_stream import SafetensorsFormatError, read_header
 from .lock import OutputLock
 from .output import (OutputExistsError, OutputFolderError, check_writable, prepare_output, read_json,
@@ -102,7 +103,7 @@ def check_resume_matches(output_dir: str, wanted: dict) -> None:
                                 "run without resume=true (overwrite=true to replace it)")
     diffs = _differences(held, wanted)
     if diffs:
-        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        shown = first_few(diffs, 6)
         raise OutputExistsError(
             f"resume=true, but the model in {output_dir!r} was made by a different request — {shown}. Use the "
             "settings it was made with, or run without resume=true (overwrite=true to replace it, or another "
