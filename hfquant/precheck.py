@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from .config import ConfigError, validate
+from .pipeline.data import DataError, check_sources
 from .redact import is_secret_key
 
 # `+key=value` may only add options that a plugin accepts (validate() checks them against the plugin) or Hydra's own.
@@ -276,9 +277,11 @@ def _validated(cfg: DictConfig, label: Optional[str]) -> str:
         task = copy.deepcopy(cfg)
         with read_write(task), open_dict(task):
             del task["hydra"]
-        return os.path.abspath(validate(task).output_dir)
-    except (ConfigError, OmegaConfBaseException) as exc:
-        message = str(exc) if isinstance(exc, ConfigError) else _one_line(str(exc))
+        spec = validate(task)
+        check_sources(spec)  # data files exist and are text: cheap, and before Hydra creates any folder
+        return os.path.abspath(spec.output_dir)
+    except (ConfigError, DataError, OmegaConfBaseException) as exc:
+        message = str(exc) if isinstance(exc, (ConfigError, DataError)) else _one_line(str(exc))
         raise ConfigError(f"{label}: {message} (no job was run)" if label else message) from None
 
 
