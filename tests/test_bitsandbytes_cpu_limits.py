@@ -58,9 +58,34 @@ def test_unsupported_shapes_stay_unquantized_and_are_reported_on_both_kinds_of_c
     assert "model.layers.0.mlp.down_proj" in (out / "model" / "README.md").read_text()
 
 
-def test_a_model_with_no_runnable_shape_is_refused_with_the_way_out(tiny_llm_dir, tmp_path):
+def test_a_model_with_no_runnable_shape_is_refused_before_any_data_is_read(tiny_llm_dir, tmp_path):
+    """Refused right after the model loads: the evaluation file (shorter than one window, an error of the data
+    stage) is never reached, so no baseline evaluation is spent either."""
+    short = tmp_path / "short.txt"
+    short.write_text("too short for one window\n")
     out = tmp_path / "run"
-    only_down = ["scheme.targets=[re:.*down_proj]"]
+    extra = ["scheme=nf4", "backend=bitsandbytes", "scheme.targets=[re:.*down_proj]",
+             "evaluation=text", f"evaluation.files=[{short}]"]
     with pytest.raises(ConfigError, match=r"cannot run any of the 2 target Linear\(s\).*backend=cpu scheme=w4a16"):
-        run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=nf4", "backend=bitsandbytes", *only_down)))
+        run(compose(tiny_overrides(tiny_llm_dir, out, *extra)))
     assert not (out / "model").exists()
+
+
+def test_what_the_report_counts_is_what_bitsandbytes_quantized(tiny_llm_dir, tmp_path):
+    """transformers converts every Linear not in `llm_int8_skip_modules`: regex ignores (and targets) are
+    resolved to names, so the folder holds exactly the Linear4bit modules the report counts."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    ignore = "scheme.ignore=[lm_head,re:.*q_proj]"
+    report = run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=nf4", "backend=bitsandbytes", ignore)))
+    q = report["quantization"]
+    skip = json.loads((out / "model" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert skip == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head",
+                    "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    quantized = {n: m for n, m in reloaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert q["modules"] == len(quantized) == 14 - 2 - 2
+    assert not any("q_proj" in n or "down_proj" in n for n in quantized)
+    assert q["quantized_weights"] == sum(m.in_features * m.out_features for m in quantized.values())

@@ -5,7 +5,9 @@ transformers reads `model_type` before anything else and fails on an unknown one
 so the folder's config.json names a model type that says what is needed (`GUARD_MODEL_TYPE`); the real one is
 kept in `quantization_config.base_model_type`. `import hfquant` registers `GUARD_MODEL_TYPE` with AutoConfig as
 a router to the real config class, so the folder loads as before wherever hfquant is installed. Folders written
-before this (format_version 1) keep their real model_type and still load with hfquant.
+before this (format_version 1) keep their real model_type and still load with hfquant. A loaded hfquant model's
+config has its real class (transformers needs it), so `import hfquant` also guards every config.json written
+for a config that carries hfquant's quantization_config: a re-saved or re-pushed model stays guarded.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import json
 import os
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 GUARD_MODEL_TYPE = "hfquant (this folder needs hfquant: pip install hfquant, then import hfquant before from_pretrained)"
 
 
-def guard_config_json(folder: str) -> None:
+def guard_config_json(folder: str, name: str = "config.json") -> None:
     """Rewrite `folder/config.json` (as transformers writes it: indent 2, sorted keys) with the guard model type."""
-    path = os.path.join(folder, "config.json")
+    path = os.path.join(folder, name)
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("model_type") == GUARD_MODEL_TYPE:
@@ -46,7 +49,24 @@ class HfquantGuardedConfig(PretrainedConfig):
         return CONFIG_MAPPING[base].from_dict(dict(config_dict, model_type=base), **kwargs)
 
 
+def _carries_hfquant(config) -> bool:
+    q = getattr(config, "quantization_config", None)
+    return (q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)) == "hfquant"
+
+
+def _guarded_to_json_file(original):
+    def to_json_file(self, json_file_path, use_diff: bool = True):
+        original(self, json_file_path, use_diff)
+        if _carries_hfquant(self):
+            guard_config_json(os.path.dirname(os.path.abspath(json_file_path)), os.path.basename(json_file_path))
+
+    to_json_file.hfquant_guard = True
+    return to_json_file
+
+
 def register_guarded_config() -> None:
     """Idempotent."""
     if GUARD_MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(GUARD_MODEL_TYPE, HfquantGuardedConfig)
+    if not getattr(PreTrainedConfig.to_json_file, "hfquant_guard", False):
+        PreTrainedConfig.to_json_file = _guarded_to_json_file(PreTrainedConfig.to_json_file)

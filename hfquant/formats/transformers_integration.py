@@ -1,7 +1,8 @@
 """Registers hfquant's format with transformers, so `from_pretrained(folder)` reloads it after `import hfquant`.
 
-The saved ``config.json`` carries ``quantization_config = {"quant_method": "hfquant", "format_version": 1,
-"scheme": ..., "modules": {name: {"weights": QuantArgs, "input_activations": QuantArgs | null}}, ...}``.
+The saved ``config.json`` carries ``quantization_config = {"quant_method": "hfquant", "format_version": 2,
+"scheme": ..., "modules": {name: {"weights": QuantArgs, "input_activations": QuantArgs | null, "digest": ...}},
+...}`` (the digest of each entry shows later edits; stored_check.py).
 On load, the listed Linear modules are swapped for `QuantLinear` on the meta device before weights load.
 """
 
@@ -22,7 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..quant import QuantArgs
 from .config_guard import register_guarded_config
 from .qlinear import QuantLinear
-from .stored_check import StoredTensorMismatchError, check_stored_tensors
+from .stored_check import StoredTensorMismatchError, check_stored_tensors, checked_modules, refuse_edited, with_digests
 
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 2  # 2: config.json's model_type guards against loading without hfquant (config_guard.py)
@@ -44,14 +45,18 @@ class HfQuantConfig(QuantizationConfigMixin):
         **kwargs,
     ) -> None:
         self.quant_method = QUANT_METHOD
-        if int(format_version) > FORMAT_VERSION:
+        if isinstance(format_version, bool) or not isinstance(format_version, int):
+            raise StoredTensorMismatchError(f"quantization_config.format_version in config.json must be an integer, "
+                                            f"found {format_version!r}; restore config.json from the run that wrote "
+                                            "the folder")
+        if format_version > FORMAT_VERSION:
             raise StoredTensorMismatchError(
                 f"this folder uses hfquant format_version {format_version}, newer than this hfquant understands "
                 f"({FORMAT_VERSION}); upgrade hfquant (pip install -U hfquant)"
             )
-        self.format_version = int(format_version)
+        self.format_version = format_version
         self.scheme = scheme
-        self.modules = dict(modules or {})
+        self.modules, self.edited_modules = checked_modules({} if modules is None else modules)
         self.ignore = list(ignore or [])
         self.backend = backend
         self.observer = observer
@@ -61,13 +66,13 @@ class HfQuantConfig(QuantizationConfigMixin):
     def to_dict(self) -> Dict[str, Any]:
         return {
             "quant_method": QUANT_METHOD,
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,  # what is written now is the current format
             "hfquant_version": self.hfquant_version,
             "scheme": self.scheme,
             "backend": self.backend,
             "observer": self.observer,
             "ignore": self.ignore,
-            "modules": self.modules,
+            "modules": with_digests(self.modules),
             **({"base_model_type": self.base_model_type} if self.base_model_type else {}),
         }
 
@@ -80,6 +85,7 @@ class HfQuantQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         replace_linears(model, self.quantization_config.modules, device="meta")
         check_stored_tensors(model, self.quantization_config.modules, checkpoint_files)
+        refuse_edited(self.quantization_config.edited_modules)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..plugins import registries
+from .integrity import check_baseline_finite
 
 
 def cache_dir() -> str:
@@ -50,7 +51,8 @@ def run_evaluator(ev, model, windows, reference, label: str, ranks=None) -> dict
 
 
 def evaluate_baseline(model, windows, evaluators: dict, fingerprint: str, use_cache: bool = True, ranks=None) -> dict:
-    """{evaluator name: metrics} for the unquantized model, from the cache when possible (only rank 0 writes it)."""
+    """{evaluator name: metrics} for the unquantized model, from the cache when possible (only rank 0 writes it).
+    Non-finite metrics (NaN/Inf logits) raise `NonFiniteError`: no quantized result could be compared with them."""
     results = {}
     for name, ev in evaluators.items():
         path = os.path.join(cache_dir(), _key(fingerprint, windows, name, ev) + ".pt")
@@ -62,6 +64,7 @@ def evaluate_baseline(model, windows, evaluators: dict, fingerprint: str, use_ca
             except Exception:  # a corrupt cache entry is recomputed, never trusted
                 pass
         metrics = run_evaluator(ev, model, windows, None, "baseline", ranks)
+        check_baseline_finite({name: metrics})  # stops the run before quantizing; never cached
         if use_cache and (ranks is None or ranks.main):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")

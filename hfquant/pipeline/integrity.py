@@ -60,7 +60,7 @@ def check_baseline_finite(baseline: dict) -> None:
         for key, value in metrics.items():
             if isinstance(value, float) and not key.startswith("_") and not math.isfinite(value):
                 raise NonFiniteError(
-                    f"the unquantized model's {evaluator} {key} is {value} on the evaluation text: its logits hold NaN "
+                    f"the unquantized model's {key} (evaluator {evaluator!r}) is {value} on the evaluation text: its logits hold NaN "
                     "or Inf, so no quantized result could be compared with it. Check the model (e.g. model.dtype="
                     "float32 instead of float16, whose range can overflow) before quantizing it")
 
@@ -118,6 +118,41 @@ def check_shapes_against_config(folder: str, tensors: dict, task: str, trust_rem
                 f"input checkpoint tensor {name!r} in {os.path.basename(path)!r} has shape {list(shape)}, but "
                 f"{os.path.join(folder, 'config.json')!r} makes it {list(want)}: the weights and config.json do "
                 "not belong together — re-download the model, or fix config.json")
+
+
+def explain_load_failure(exc: Exception, source: str, revision, task: str, trust_remote_code: bool):
+    """transformers' raw error for a corrupt or truncated safetensors file, or a tensor whose shape disagrees
+    with config.json, as a `CheckpointError` naming the file and tensor (the headers re-checked in the local
+    folder or the Hub cache); None for any other error."""
+    from safetensors import SafetensorError
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    mismatch = isinstance(exc, RuntimeError) and ("ignore_mismatched_sizes" in str(exc) or "size mismatch" in str(exc))
+    if not (isinstance(exc, SafetensorError) or mismatch):
+        return None
+    folder = local_snapshot(source, revision)
+    if folder:
+        try:
+            check_checkpoint(folder, task, trust_remote_code)
+        except CheckpointError as precise:
+            return precise
+    what = "a tensor's shape disagrees with config.json" if mismatch else "a safetensors file is corrupt or truncated"
+    return CheckpointError(f"model {source!r}: {what} ({text}); re-download the model (for a Hub id: "
+                           "huggingface-cli download --force-download <id>) or re-save it with save_pretrained")
+
+
+def local_snapshot(source: str, revision) -> "str | None":
+    """The folder holding `source`'s files: itself, or its Hub cache snapshot (never downloads)."""
+    import os
+
+    if os.path.isdir(source):
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source, revision=revision, local_files_only=True)
+    except Exception:  # not cached: nothing more to say than transformers' error
+        return None
 
 
 def check_checkpoint(folder: str, task: str, trust_remote_code: bool) -> None:

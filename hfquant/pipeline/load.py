@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import HfquantError
-from .integrity import check_model_finite
+from .integrity import check_model_finite, explain_load_failure
 
 import torch
 
@@ -110,8 +110,11 @@ def load_model(path: str, task: str = "causal-lm", gguf_file: Optional[str] = No
         tokenizer = load_tokenizer(source, required=need_tokenizer, **common)
         model = auto.from_pretrained(source, dtype=DTYPES[dtype], **placement,
                                      use_safetensors=None if (allow_pickle or gguf_file) else True, **common)
-    except OSError as exc:
-        if is_local(source):
+    except Exception as exc:
+        broken = explain_load_failure(exc, source, revision, task, trust_remote_code)
+        if broken is not None:
+            raise broken from exc
+        if not isinstance(exc, OSError) or is_local(source):
             raise
         raise ModelNotFoundError(
             f"could not load {source!r} from the Hub or its cache ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "

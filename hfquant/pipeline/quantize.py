@@ -57,6 +57,14 @@ def error_stats(err: float, energy: float) -> dict:
     return {"weight_relative_mse": rel, "weight_sqnr_db": sqnr}
 
 
+def check_model_fits(model, scheme, backend_name: str) -> None:
+    """A backend's optional `check_model(model, scheme)`: refusals that need the loaded model's shapes, made
+    right after it loads rather than after the baseline evaluation."""
+    check = getattr(registries().backends.get(backend_name), "check_model", None)
+    if check is not None:
+        check(model, scheme)
+
+
 def convert(model, plan, backend_name: str):
     backend = registries().backends.get(backend_name)()
     log.info("quantizing %d modules with backend %s", len(plan.modules), backend_name)

@@ -31,7 +31,7 @@ from .output import (OutputFolderError, discard_model, model_dir, read_json, rea
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
-from .quantize import convert, resolve_backend, weight_error
+from .quantize import check_model_fits, convert, resolve_backend, weight_error
 from .report import markdown, summary_rows, table, versions
 from .save import compare_with_reference, load_quantized, reload_check as check_reload, save_quantized
 from .streaming import StreamingError, stream_quantize, streaming_problem
@@ -201,6 +201,8 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     placement = check_placement(model)
     if m.get("device_map") is None and spec.device != "cpu":
         model.to(spec.device)
+    if not spec.resume:
+        check_model_fits(model, spec.scheme, backend)  # before any data is read or evaluated
     params, baseline_bytes = unique_parameter_count(model), state_bytes(model)
 
     eval_windows = calib_windows = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -34,16 +35,34 @@ def state_bytes(model: torch.nn.Module) -> int:
 STORED_WEIGHT_KEYS = ("weight_packed", "weight_scale", "weight_zero_point")
 
 
+def bitsandbytes_linears() -> tuple:
+    """bitsandbytes' quantized Linear classes, if the bitsandbytes backend has imported it (never imported here)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
+
+
+def stored_weight_bits(module: torch.nn.Module) -> int:
+    """Bits the module's weight takes as saved: hfquant's codes + scales + zero points, or everything but the
+    bias for bitsandbytes (packed codes, absmax and its nested quantization, the code map, SCB)."""
+    saved = module.state_dict()
+    if isinstance(module, bitsandbytes_linears()):
+        keys = [k for k in saved if k != "bias"]
+    else:
+        keys = [k for k in STORED_WEIGHT_KEYS if k in saved]
+    return 8 * sum(saved[k].numel() * saved[k].element_size() for k in keys)
+
+
 def quantized_weight_stats(model: torch.nn.Module) -> dict:
-    """Bits per parameter of the quantized Linear weights alone, as saved (codes + scales + zero points): the
-    same for the `fake` reference (`QuantLinear`) and the `cpu` kernels, which save the same tensors."""
+    """Bits per parameter of the quantized Linear weights alone, as saved, for every kind of quantized Linear
+    the backends make: `fake` (`QuantLinear`) and `cpu` (kernel Linears) save the same tensors, so they report
+    the same numbers; bitsandbytes' Linear4bit / Linear8bitLt count their own stored tensors."""
     from ..formats import QuantLinear
     from ..formats.kernels import _KernelLinear
 
+    kinds = (QuantLinear, _KernelLinear) + bitsandbytes_linears()
     bits, params = 0, 0
     for m in model.modules():
-        if isinstance(m, (QuantLinear, _KernelLinear)):
+        if isinstance(m, kinds):
             params += m.in_features * m.out_features
-            saved = m.state_dict()
-            bits += 8 * sum(saved[k].numel() * saved[k].element_size() for k in STORED_WEIGHT_KEYS if k in saved)
+            bits += stored_weight_bits(m)
     return {"quantized_weights": params, "bits_per_quantized_weight": bits / params if params else None}

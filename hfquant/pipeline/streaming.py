@@ -242,7 +242,13 @@ class TensorSource:
                         for path in sorted(set(files.values()))}
 
     def get(self, name: str) -> torch.Tensor:
-        return self.readers[self.files[name]].get(name)
+        """The tensor, refused by name when it holds NaN/Inf: found as it is read (for quantizing, passing
+        through or sequential calibration), not minutes later as a result that does not reproduce."""
+        tensor = self.readers[self.files[name]].get(name)
+        if not is_finite(tensor):
+            where = f"checkpoint {os.path.dirname(self.files[name])!r} ({os.path.basename(self.files[name])})"
+            raise NonFiniteError(nonfinite_message([(name, count_nonfinite(tensor), tensor.numel())], where))
+        return tensor
 
     def dtype(self, name: str) -> torch.dtype:
         return self.readers[self.files[name]].tensors[name].torch_dtype
@@ -281,14 +287,6 @@ class ModuleQuantizer:
         return error_stats(self.error, self.energy)
 
 
-def read_finite(source, name: str, folder: str) -> torch.Tensor:
-    """A checkpoint tensor, refused (by name) when it holds NaN/Inf: found as it is read, not minutes later."""
-    tensor = source.get(name)
-    if not is_finite(tensor):
-        raise NonFiniteError(nonfinite_message([(name, count_nonfinite(tensor), tensor.numel())], f"checkpoint {folder!r}"))
-    return tensor
-
-
 def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer: ModuleQuantizer, max_shard_size) -> dict:
     """Write every output shard (and the index when there is more than one), one tensor at a time, timing the
     reads, the quantization and the writes for the report."""
@@ -312,14 +310,14 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
             for name in names:
                 if name in plan.source:
                     dtype = plan.entries[name][0]
-                    tensor = timed("read_s", read_finite, source, plan.source[name], folder)
+                    tensor = timed("read_s", source.get, plan.source[name])
                     tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
                 else:
                     module, sub = plan.owner[name]
                     if module not in done:
                         bias_key = f"{module}.bias"
-                        weight = timed("read_s", read_finite, source, f"{module}.weight", folder)
-                        bias = timed("read_s", read_finite, source, bias_key, folder) if bias_key in source.files else None
+                        weight = timed("read_s", source.get, f"{module}.weight")
+                        bias = timed("read_s", source.get, bias_key) if bias_key in source.files else None
                         done[module] = timed("quantize_s", quantizer, plan.module_plans[module], weight, bias)
                         del weight, bias
                     tensor = done[module].pop(sub)

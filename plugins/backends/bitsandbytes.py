@@ -8,7 +8,7 @@ observers do not apply; the report says so. CUDA when present, bitsandbytes' CPU
 import logging
 import shutil
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -41,14 +41,40 @@ PRESETS = (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def bnb_config(scheme, skip_more=()):
+def bnb_config(scheme, skip):
+    """transformers converts every Linear except those in `llm_int8_skip_modules` (and, when that is None,
+    its own default list), so `skip` names each Linear hfquant does not quantize: an explicit list, even empty."""
     from transformers import BitsAndBytesConfig
 
     opts = dict(scheme.options)
     if "bnb_4bit_compute_dtype" in opts:
         opts["bnb_4bit_compute_dtype"] = DTYPES[opts["bnb_4bit_compute_dtype"]]
-    skip = [p for p in scheme.ignore if not p.startswith("re:")] + list(skip_more)
-    return BitsAndBytesConfig(llm_int8_skip_modules=skip or None, **opts)
+    return BitsAndBytesConfig(llm_int8_skip_modules=list(skip), **opts)
+
+
+def linears_to_skip(model, plan, cpu_skips) -> List[str]:
+    """The Linears outside the plan (the ignore list, non-matching targets, regex patterns resolved to names),
+    in model order, then the CPU skips."""
+    outside = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in plan.modules]
+    return outside + sorted(cpu_skips)
+
+
+def converted_names(model) -> List[str]:
+    """The Linears bitsandbytes actually quantized."""
+    import bitsandbytes as bnb
+
+    return [name for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+
+
+def left_unquantized(plan, cpu_skips: Dict[str, str], converted: List[str]) -> Dict[str, str]:
+    """Planned Linears that are not bitsandbytes modules after the round trip, with the reason, for the report."""
+    left = {}
+    for name in plan.modules:
+        if name in cpu_skips:
+            left[name] = f"bitsandbytes' CPU 4-bit kernel cannot run it: {cpu_skips[name]}"
+        elif name not in converted:
+            left[name] = "transformers' bitsandbytes integration keeps it in full precision (_keep_in_fp32_modules)"
+    return left
 
 
 # bitsandbytes' 4-bit CPU kernel (used on CPUs with AVX512-BF16) repacks each weight in tiles of 32 output rows
@@ -69,14 +95,31 @@ def cpu_4bit_problem(in_features: int, out_features: int) -> Optional[str]:
     return " and ".join(problems) or None
 
 
-def cpu_4bit_skips(model, plan) -> Dict[str, str]:
-    """Target Linears that bitsandbytes' CPU 4-bit kernel cannot run: name → reason."""
+def cpu_4bit_skips(model, names) -> Dict[str, str]:
+    """Target Linears (by name) that bitsandbytes' CPU 4-bit kernel cannot run: name → reason."""
     skips = {}
-    for name in plan.modules:
+    for name in names:
         linear = model.get_submodule(name)
         reason = cpu_4bit_problem(linear.in_features, linear.out_features)
         if reason:
             skips[name] = reason
+    return skips
+
+
+def runnable_check(model, scheme, names) -> Dict[str, str]:
+    """The targets to leave unquantized on this model's device (empty off CPU or for 8-bit); refuses, with the
+    way out, when that would be every target."""
+    device = next(model.parameters()).device
+    if device.type != "cpu" or not scheme.options.get("load_in_4bit"):
+        return {}
+    names = list(names)
+    skips = cpu_4bit_skips(model, names)
+    if skips and len(skips) == len(names):
+        first, reason = next(iter(skips.items()))
+        raise ConfigError(
+            f"scheme {scheme.name!r} on CPU: bitsandbytes' CPU 4-bit kernel cannot run any of the "
+            f"{len(skips)} target Linear(s) of this model (e.g. {first!r}: {reason}); use backend=cpu "
+            "scheme=w4a16 (hfquant's int4 kernels), or scheme=llm-int8")
     return skips
 
 
@@ -95,6 +138,13 @@ class BitsAndBytesBackend:
             return "bitsandbytes is not installed (pip install bitsandbytes)"
         return None
 
+    @staticmethod
+    def check_model(model, scheme):
+        """Right after the model loads, before any evaluation: refuse a model none of whose targets can run."""
+        from hfquant.plan import target_modules
+
+        runnable_check(model, scheme, target_modules(model, scheme))
+
     def convert(self, model, plan):
         """Round-trip through transformers' loader, the only path that yields its native serializable format.
         On CPU, 4-bit Linears whose shape bitsandbytes' CPU kernel cannot run stay unquantized (listed in
@@ -102,25 +152,23 @@ class BitsAndBytesBackend:
         from transformers import AutoModel, AutoModelForCausalLM
 
         device = next(model.parameters()).device
-        skips = cpu_4bit_skips(model, plan) if device.type == "cpu" and plan.scheme.options.get("load_in_4bit") else {}
-        if skips and len(skips) == len(plan.modules):
-            first, reason = next(iter(skips.items()))
-            raise ConfigError(
-                f"scheme {plan.scheme.name!r} on CPU: bitsandbytes' CPU 4-bit kernel cannot run any of the "
-                f"{len(skips)} target Linear(s) of this model (e.g. {first!r}: {reason}); use backend=cpu "
-                "scheme=w4a16 (hfquant's int4 kernels), or scheme=llm-int8")
-        for name, reason in skips.items():
-            log.warning("bitsandbytes %s: leaving %s unquantized on CPU (%s)", plan.scheme.name, name, reason)
+        skips = runnable_check(model, plan.scheme, plan.modules)
+        config = bnb_config(plan.scheme, linears_to_skip(model, plan, skips))
         tmp = tempfile.mkdtemp(prefix="hfquant-bnb-")
         try:
             model.save_pretrained(tmp)
             auto = AutoModelForCausalLM if hasattr(model, "lm_head") or "ForCausalLM" in type(model).__name__ else AutoModel
-            quantized = auto.from_pretrained(tmp, quantization_config=bnb_config(plan.scheme, sorted(skips)),
+            quantized = auto.from_pretrained(tmp, quantization_config=config,
                                              device_map={"": str(device)}, dtype=torch.float32)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        quantized.hfquant_left_unquantized = {
-            name: f"bitsandbytes' CPU 4-bit kernel cannot run it: {reason}" for name, reason in skips.items()}
+        converted = converted_names(quantized)
+        unplanned = sorted(set(converted) - set(plan.modules))
+        if unplanned:  # a bug here or in transformers: the report would describe a model it did not make
+            raise RuntimeError(f"bitsandbytes quantized Linears outside the plan: {unplanned}")
+        quantized.hfquant_left_unquantized = left_unquantized(plan, skips, converted)
+        for name, reason in quantized.hfquant_left_unquantized.items():
+            log.warning("bitsandbytes %s: leaving %s unquantized (%s)", plan.scheme.name, name, reason)
         return quantized.eval()
 
 

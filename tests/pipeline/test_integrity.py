@@ -1,6 +1,7 @@
 """NaN/Inf are found where they enter, and named: in a checkpoint's weights on load (both pipelines), in a
 quantized weight while observing it, and in the unquantized model's own output on the evaluation text."""
 
+import re
 import shutil
 
 import pytest
@@ -51,6 +52,17 @@ def test_streaming_names_the_tensor_as_it_is_read(tiny_llm_dir, tmp_path, name):
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".hydra")) == []
 
 
+def test_sequential_calibration_names_the_tensor_before_running_the_layer(tiny_llm_dir, tmp_path):
+    name = "model.layers.0.input_layernorm.weight"
+    model = edited_copy(tiny_llm_dir, tmp_path, poison(name, 2, float("nan")))
+    overrides = ["model=hub", f"model.path={model}", f"output_dir={tmp_path / 'out'}", "scheme=w8a8-static",
+                 "evaluation=none", "calibration.seq_len=64", "calibration.num_samples=2", "pipeline=streaming"]
+    with pytest.raises(NonFiniteError, match=rf"checkpoint .*model-copy' \(model.safetensors\) has NaN or Inf in "
+                                             rf"1 tensor\(s\): {name} \(1 of 64 values\)"):
+        run(compose(overrides))
+    assert not (tmp_path / "out" / "model").exists()
+
+
 def test_nan_in_a_quantized_weight_is_named_when_observed(tiny_llm_dir):
     from transformers import AutoModelForCausalLM
 
@@ -70,7 +82,7 @@ def test_nan_in_the_baseline_logits_stops_the_run_before_quantizing(tiny_llm_dir
 
     model = edited_copy(tiny_llm_dir, tmp_path, overflow)
     monkeypatch.setattr("hfquant.pipeline.run.build_plan", lambda *a, **k: pytest.fail("quantized a broken model"))
-    with pytest.raises(NonFiniteError, match=r"the unquantized model's perplexity perplexity is nan on the evaluation text"):
+    with pytest.raises(NonFiniteError, match=r"the unquantized model's perplexity \(evaluator 'perplexity'\) is nan on the evaluation text"):
         run(compose(tiny_overrides(model, tmp_path / "out", "scheme=w8a16")))
 
 
@@ -112,3 +124,58 @@ def test_a_broken_input_checkpoint_is_named_before_anything_is_written(tiny_llm_
     with pytest.raises(CheckpointError, match=message):
         run(compose(overrides))
     assert not (tmp_path / "out").exists()
+
+
+def hub_cache_copy(tiny_llm_dir, cache, repo_id="hfquant-tests/tiny") -> str:
+    """The tiny model as the Hub cache lays out a downloaded repository (refs/main → snapshots/<commit>/)."""
+    commit = "0" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(tiny_llm_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return str(repo / "snapshots" / commit)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"hfquant: error: input checkpoint file '.*snapshots/0{40}/model.safetensors' is truncated: "),
+    ("config", r"hfquant: error: input checkpoint tensor 'model.layers.0.mlp.down_proj.weight' in 'model.safetensors' "
+               r"has shape \[64, 160\], but '.*snapshots/0{40}/config.json' makes it \[64, 128\]"),
+])
+def test_a_broken_hub_download_is_named_not_a_raw_loader_error(tiny_llm_dir, tmp_path, damage, message):
+    """In memory, a Hub id is loaded by transformers from the cache (not pre-checked as a local folder): its
+    raw SafetensorError / size-mismatch RuntimeError becomes the same named error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    snapshot = hub_cache_copy(tiny_llm_dir, tmp_path / "cache")
+    if damage == "truncate":
+        weights = os.path.join(snapshot, "model.safetensors")
+        os.truncate(weights, os.path.getsize(weights) - 1000)
+    else:
+        cfg = json.loads(open(os.path.join(snapshot, "config.json")).read())
+        open(os.path.join(snapshot, "config.json"), "w").write(json.dumps(dict(cfg, intermediate_size=128)))
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "hfquant", *tiny_overrides("hfquant-tests/tiny", out, "scheme=w8a16", "pipeline=in_memory")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (out / "model").exists()
+
+
+def test_a_nan_baseline_is_never_cached(tiny_llm_dir, tmp_path, monkeypatch):
+    import os
+
+    from hfquant.pipeline.evaluate import cache_dir
+
+    def overflow(tensors):
+        for part in ("gate_proj", "up_proj"):
+            tensors[f"model.layers.0.mlp.{part}.weight"][:, :] = 1e20
+
+    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))
+    model = edited_copy(tiny_llm_dir, tmp_path, overflow)
+    with pytest.raises(NonFiniteError, match="the unquantized model's perplexity"):
+        run(compose(tiny_overrides(model, tmp_path / "out", "scheme=w8a16")))
+    assert not os.path.isdir(cache_dir()) or os.listdir(cache_dir()) == []
