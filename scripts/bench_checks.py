@@ -9,26 +9,19 @@ and the loader's check of a saved folder's tensors against its quantization_conf
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def median_ms(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
     from transformers import AutoModelForCausalLM
+
+    from bench_quantize import median_ms  # warm-up call, then the median of `repeats`
 
     import hfquant
     from hfquant.formats.stored_check import check_stored_tensors
@@ -42,8 +35,8 @@ def main() -> None:
     folder = os.path.join(os.path.dirname(__import__("hfquant.pipeline.evaluate", fromlist=["x"]).cache_dir()), "gguf")
     folder = os.path.join(folder, sorted(os.listdir(folder))[0])
     load = median_ms(lambda: AutoModelForCausalLM.from_pretrained(folder), 3)
-    finite = median_ms(lambda: check_model_finite(cached.model, "model"))
-    checkpoint = median_ms(lambda: check_checkpoint(folder, "causal-lm", False))
+    finite = median_ms(lambda: check_model_finite(cached.model, "model"), 5)
+    checkpoint = median_ms(lambda: check_checkpoint(folder, "causal-lm", False), 5)
     out = tempfile.mkdtemp(prefix="bench-checks-")
     start = time.perf_counter()
     run(compose(["model=hub", f"model.path={folder}", f"output_dir={out}/run", "calibration=none",
@@ -56,7 +49,7 @@ def main() -> None:
     skeleton = AutoModelForCausalLM.from_pretrained(folder)
     replace_linears(skeleton, modules, device="meta")
     files = [os.path.join(saved, f) for f in os.listdir(saved) if f.endswith(".safetensors")]
-    stored = median_ms(lambda: check_stored_tensors(skeleton, modules, files))
+    stored = median_ms(lambda: check_stored_tensors(skeleton, modules, files), 5)
     print("| step | median ms | share of what it guards |")
     print("|---|---|---|")
     print(f"| load SmolLM2-135M fp32 (baseline; lazily memory-mapped) | {load:.0f} | |")

@@ -26,7 +26,7 @@ from .load import check_model_source, checkpoint_folder, load_model, load_tokeni
 from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .faults import fault_point
-from .integrity import check_baseline_finite, check_checkpoint
+from .integrity import check_checkpoint
 from .output import (OutputFolderError, discard_model, model_dir, read_json, read_resume_record, write_atomic, write_json,
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
@@ -217,7 +217,6 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     if spec.evaluation:
         with timer.stage("evaluate baseline"):
             baseline = evaluate_baseline(model, eval_windows, evaluators, loaded.fingerprint, ranks=ranks)
-            check_baseline_finite(baseline)
 
     if spec.resume:
         del model
