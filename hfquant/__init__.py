@@ -3,6 +3,7 @@
 Public API for users and plugin authors; the tensor math lives in `hfquant.quant`.
 """
 
+from .algorithm import Algorithm, AlgorithmError, LayerContext
 from .hookspecs import hookimpl
 from .observer import Observer
 from .quant import QuantArgs, QuantArgsError, compute_qparams, dequantize, fake_quantize, quantize
@@ -29,6 +30,9 @@ def _register_format() -> None:
 _register_format()
 
 __all__ = [
+    "Algorithm",
+    "AlgorithmError",
+    "LayerContext",
     "Observer",
     "PluginError",
     "QuantArgs",

@@ -20,22 +20,25 @@ from .plugins import get_plugin_manager, registries
 log = logging.getLogger("hfquant")
 
 
-def observer_defaults(cls) -> dict:
-    """The constructor's keyword defaults: what `observer.options` starts from."""
+def constructor_defaults(cls) -> dict:
+    """The constructor's keyword defaults (after `self` and an observer's `args`): what a plugin's options in the
+    config start from."""
     sig = inspect.signature(cls.__init__)
-    return {p.name: p.default for p in list(sig.parameters.values())[2:]
-            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+    return {p.name: p.default for p in sig.parameters.values() if p.name not in ("self", "args")
+            and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
 
 
 def register_config_nodes(cs: ConfigStore | None = None) -> None:
-    """Store a node for every registered scheme, observer and backend, then call `register_configs`."""
+    """Store a node for every registered scheme, observer, algorithm and backend, then call `register_configs`."""
     cs = cs or ConfigStore.instance()
     regs = registries()
     for name in regs.schemes.names():
         d = regs.schemes.get(name).to_dict()
         cs.store(group="scheme", name=name, node=d)
     for name in regs.observers.names():
-        cs.store(group="observer", name=name, node={"name": name, "options": observer_defaults(regs.observers.get(name))})
+        cs.store(group="observer", name=name, node={"name": name, "options": constructor_defaults(regs.observers.get(name))})
+    for name in regs.algorithms.names():
+        cs.store(group="algorithm", name=name, node={name: constructor_defaults(regs.algorithms.get(name))})
     for name in regs.backends.names() + ["auto"]:
         cs.store(group="backend", name=name, node={"name": name})
     get_plugin_manager().hook.register_configs(config_store=cs)

@@ -29,7 +29,7 @@ if not OmegaConf.has_resolver("hfquant.if_path"):
     OmegaConf.register_new_resolver("hfquant.if_path", _if_path)
 
 PIPELINES = ("auto", "streaming", "in_memory")
-DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size"}
+DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size", "generated"}
 
 
 class ConfigError(HfquantError, ValueError):
@@ -45,6 +45,7 @@ class DataSpec:
     seed: int = 0
     max_windows: Optional[int] = None
     evaluators: List[str] = field(default_factory=list)
+    generated: int = 0  # calibration: extra windows sampled from the model itself (pipeline/generated.py)
 
 
 @dataclass
@@ -63,6 +64,12 @@ class RunSpec:
     hub: Dict[str, Any]
     pipeline: str = "auto"
     max_shard_size: Any = "5GB"
+    algorithms: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"rtn": {}})  # in order
+    propagate: str = "quantized"
+
+    @property
+    def algorithms_need_data(self) -> bool:
+        return any(getattr(registries().algorithms.get(n), "requires_data", False) for n in self.algorithms)
 
 
 def _plain(node) -> Any:
@@ -119,6 +126,9 @@ def _data(node, key: str, need_samples: bool) -> Optional[DataSpec]:
     spec = DataSpec(name, options, _positive_int(raw.get("seq_len"), f"{key}.seq_len"), seed=int(raw.get("seed", 0)))
     if need_samples:
         spec.num_samples = _positive_int(raw.get("num_samples"), f"{key}.num_samples")
+        generated = raw.get("generated", 0)
+        if generated != 0:
+            spec.generated = _positive_int(generated, f"{key}.generated")
     else:
         spec.max_windows = _positive_int(raw.get("max_windows"), f"{key}.max_windows", allow_none=True)
         spec.evaluators = list(raw.get("evaluators") or [])
@@ -237,6 +247,11 @@ def validate(cfg: DictConfig) -> RunSpec:
     calibration = _data(cfg.calibration, "calibration", need_samples=True)
     if scheme.needs_calibration_data and calibration is None:
         raise ConfigError(f"scheme {scheme.name!r} calibrates static activations: set calibration=pydoc (or another dataset), not none")
+    algorithms, propagate = _algorithms(cfg, scheme, backend)
+    needs_data = [n for n in algorithms if getattr(registries().algorithms.get(n), "requires_data", False)]
+    if needs_data and calibration is None:
+        raise ConfigError(f"algorithm {needs_data[0]} learns from layer inputs and needs calibration data: set "
+                          "calibration=mix (or another dataset), not none — or use a data-free algorithm (rtn, hqq)")
     evaluation = _data(cfg.evaluation, "evaluation", need_samples=False)
     if evaluation is not None and not evaluation.evaluators:
         raise ConfigError("evaluation.evaluators is empty; e.g. evaluation.evaluators=[perplexity]")
@@ -259,4 +274,45 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError("output_dir is empty")
     _check_hub(hub, evaluation, bool(cfg.get("resume", False)), str(output_dir))
     return RunSpec(model, scheme, observer, options, backend, calibration, evaluation, str(output_dir),
-                   bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub, pipeline, max_shard_size)
+                   bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub, pipeline, max_shard_size,
+                   algorithms, propagate)
+
+
+def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str):
+    """`algorithm=[awq,gptq]` → {"awq": {...}, "gptq": {...}} in order, each name registered and its options
+    accepted; at most one code producer, and it comes last (weight edits must precede the codes)."""
+    raw = _plain(cfg.get("algorithm")) or {"rtn": {}}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"algorithm must be chosen as a group option, e.g. algorithm=gptq or algorithm=[awq,gptq]; got {raw!r}")
+    algorithms = {}
+    for name, options in raw.items():
+        _known("algorithms", name, "algorithm")
+        options = dict(options or {})
+        cls = registries().algorithms.get(name)
+        _check_options(cls, options, f"algorithm.{name}")
+        try:
+            cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"algorithm.{name}: {exc}") from None
+        algorithms[name] = options
+    producers = [n for n in algorithms if getattr(registries().algorithms.get(n), "produces_codes", False)]
+    if len(producers) > 1:
+        raise ConfigError(f"algorithm: {' and '.join(producers)} both choose the integer codes; keep one (weight-editing "
+                          "algorithms such as awq or smoothquant may come before it, e.g. algorithm=[awq,gptq])")
+    if producers and producers[0] != list(algorithms)[-1]:
+        raise ConfigError(f"algorithm: {producers[0]} chooses the codes, so it must come last (e.g. "
+                          f"algorithm=[{','.join([n for n in algorithms if n != producers[0]] + producers)}])")
+    editors = [n for n in algorithms if n not in producers]
+    if editors and scheme.input_activations is not None and not scheme.input_activations.dynamic:
+        raise ConfigError(f"algorithm {editors[0]} edits weights after static activation scales are observed; use a "
+                          "dynamic-activation scheme (e.g. scheme=w8a8) or drop it")
+    if backend != "auto" and set(algorithms) != {"rtn"}:
+        fmt = getattr(registries().backends.get(backend), "format", "hfquant")
+        if fmt != "hfquant":
+            raise ConfigError(f"backend={backend} computes its own codes ({fmt} format), so algorithm="
+                              f"{','.join(algorithms)} cannot apply; use backend=cpu (or fake), or algorithm=rtn")
+    propagate = str(cfg.get("propagate", "quantized"))
+    if propagate not in ("quantized", "float"):
+        raise ConfigError(f"propagate={propagate!r}; allowed: quantized (each layer sees the previous layers' "
+                          "quantized outputs, as at inference), float")
+    return algorithms, propagate

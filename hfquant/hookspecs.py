@@ -28,6 +28,16 @@ def register_schemes(register):
 
 
 @hookspec
+def register_algorithms(register):
+    """Register algorithms that choose integer codes or edit weights: ``register("name", AlgorithmClass)``.
+
+    ``AlgorithmClass(**options)`` must satisfy ``hfquant.Algorithm``: ``requires_data`` and ``produces_codes``
+    attributes, ``start_layer(ctx)`` and ``finish_layer(ctx)`` called once per decoder layer with a
+    ``hfquant.LayerContext``; see docs/plugins.md for the order of calls and what each may change.
+    """
+
+
+@hookspec
 def register_backends(register):
     """Register backends: ``register("name", BackendClass)``; see docs/plugins.md for the Backend protocol."""
 

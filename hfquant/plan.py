@@ -21,6 +21,9 @@ class ModulePlan:
     weight_qparams: Optional[QParams] = None
     input_args: Optional[QuantArgs] = None
     input_qparams: Optional[QParams] = None  # static activations only
+    # Integer codes (out, in), unpacked, in the codes' one-byte dtype: set by the algorithm that chose them, so
+    # the format stores exactly these (computed once; the reported weight error is theirs).
+    weight_codes: Optional[torch.Tensor] = None
 
     def to_config(self) -> dict:
         return {

@@ -25,7 +25,7 @@ from .registry import PluginError, Registry
 ENTRY_POINT_GROUP = "hfquant"
 ALLOWLIST_ENV = "HFQUANT_LOAD_PLUGINS"
 log = logging.getLogger("hfquant")
-KINDS = ("observers", "schemes", "backends", "datasets", "evaluators")
+KINDS = ("observers", "schemes", "algorithms", "backends", "datasets", "evaluators")
 
 BUILTIN_MODULES = (
     "hfquant_builtins.observers.minmax",
@@ -33,9 +33,15 @@ BUILTIN_MODULES = (
     "hfquant_builtins.observers.percentile",
     "hfquant_builtins.observers.mse",
     "hfquant_builtins.schemes",
+    "hfquant_builtins.algorithms.rtn",
+    "hfquant_builtins.algorithms.gptq",
+    "hfquant_builtins.algorithms.awq",
+    "hfquant_builtins.algorithms.smoothquant",
+    "hfquant_builtins.algorithms.hqq",
     "hfquant_builtins.datasets.pydoc",
     "hfquant_builtins.datasets.text",
     "hfquant_builtins.datasets.hub",
+    "hfquant_builtins.datasets.prose",
     "hfquant_builtins.evaluators.perplexity",
     "hfquant_builtins.evaluators.embedding_similarity",
     "hfquant_builtins.backends.fake",

@@ -120,15 +120,17 @@ def _qparam_shape(args: QuantArgs, rows: int, cols: int):
 
 def quantize_into(model: torch.nn.Module, plan, make: Callable[["QuantLinear"], torch.nn.Module] = lambda q: q,
                   round_scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, desc: str = "quantize"):
-    """Replace every Linear in `plan` by `make(QuantLinear)` built from the plan's qparams (shared by backends
-    that keep hfquant's format; `round_scale` lets a kernel fix scales to the precision it computes in)."""
+    """Replace every Linear in `plan` by `make(QuantLinear)` built from the plan's qparams and the codes the
+    algorithms chose (shared by backends that keep hfquant's format; `round_scale` lets a kernel fix scales to the
+    precision it computes in — the algorithms already applied it, and it is idempotent)."""
     from tqdm.auto import tqdm
 
     for name, mp in tqdm(plan.modules.items(), desc=desc, unit="module", leave=False):
         scale, zp = mp.weight_qparams
         if round_scale is not None:
             scale = round_scale(scale)
-        q = QuantLinear.from_linear(model.get_submodule(name), mp.weight_args, scale, zp, mp.input_args, mp.input_qparams)
+        q = QuantLinear.from_linear(model.get_submodule(name), mp.weight_args, scale, zp, mp.input_args, mp.input_qparams,
+                                    codes=mp.weight_codes)
         model.set_submodule(name, make(q))
     return model
 

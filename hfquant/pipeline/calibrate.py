@@ -1,4 +1,4 @@
-"""Calibration: weight qparams from the weight observer; static activation qparams from forward pre-hooks.
+"""Calibration: the plan's target modules, and static activation qparams from forward pre-hooks.
 
 Observers keep reduced statistics only, so memory stays bounded however many batches stream through.
 Hooks are removed even if a batch fails.
@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from .integrity import NonFiniteError
 from ..observer import Observer
 from ..plan import ModulePlan, QuantPlan, target_modules
 from ..scheme import QuantScheme
@@ -28,22 +27,13 @@ def build_plan(
     activation_observer_cls: Optional[Type[Observer]] = None,
     observe: bool = True,
 ) -> QuantPlan:
-    """Observe every target module's weight (and inputs, for static activation schemes) into a `QuantPlan`.
-    `observe=False` only lists the modules (for backends that compute their own statistics)."""
+    """A `QuantPlan` listing every target module, with static activation qparams observed on `windows` (schemes
+    with static activations; `observe=False` skips that, for backends with their own statistics). Weight
+    qparams and codes are the algorithms' job (`hfquant.pipeline.layerwise`)."""
     targets = target_modules(model, scheme)
     plan = QuantPlan(scheme, observer_name, dict(observer_options))
-    for name, module in tqdm(targets.items(), desc="observe weights", unit="module", leave=False):
-        mp = ModulePlan(name, scheme.weights, input_args=scheme.input_activations)
-        if scheme.weights is not None and observe:
-            obs = observer_cls(scheme.weights, **observer_options)
-            try:
-                obs.observe(module.weight)
-            except ValueError as exc:
-                if "NaN or Inf" not in str(exc):
-                    raise
-                raise NonFiniteError(f"{name}.weight: {exc}") from None  # say which weight
-            mp.weight_qparams = obs.qparams()
-        plan.modules[name] = mp
+    for name in targets:
+        plan.modules[name] = ModulePlan(name, scheme.weights, input_args=scheme.input_activations)
     if scheme.needs_calibration_data and observe:
         if windows is None:
             raise ConfigError(f"scheme {scheme.name!r} has static activations and needs calibration data; set calibration=pydoc (or another dataset)")

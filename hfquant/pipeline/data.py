@@ -117,9 +117,10 @@ def build_dataset(spec, part: str):
 
 
 def parts_used(spec) -> List[str]:
-    """The parts this run tokenizes (as the pipelines decide: calibration only for static activations)."""
+    """The parts this run tokenizes (as the pipelines decide: calibration only for static activations or an
+    algorithm that learns from layer inputs)."""
     parts = ["evaluation"] if spec.evaluation else []
-    if spec.calibration and spec.scheme.needs_calibration_data and not spec.resume:
+    if spec.calibration and (spec.scheme.needs_calibration_data or spec.algorithms_need_data) and not spec.resume:
         parts.append("calibration")
     return parts
 

@@ -1,4 +1,4 @@
-"""Quantize: pick the backend, measure the weight error the plan implies, convert the model in place."""
+"""Quantize: pick the backend, the error statistics of saved codes, convert the model in place."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from ..config import ConfigError
 from ..plugins import registries
-from ..quant import quantize_with_error
 
 log = logging.getLogger("hfquant")
 
@@ -34,21 +33,6 @@ def resolve_backend(name: str, scheme, device: str) -> Tuple[str, str]:
             return candidate, why
         refusals.append(f"{candidate}: {reason}")
     raise ConfigError(f"no backend runs scheme {scheme.name!r} on {device}: " + "; ".join(refusals))
-
-
-@torch.no_grad()
-def weight_error(model, plan, round_scale=None) -> dict:
-    """Relative MSE and SQNR of all quantized weights together, as stored (scales after the backend's
-    `round_scale`) — the same numbers the streaming pipeline reports."""
-    err, energy = 0.0, 0.0
-    for name, mp in plan.modules.items():
-        if mp.weight_args is None:
-            continue
-        scale, zp = mp.weight_qparams
-        _, e, n = quantize_with_error(model.get_submodule(name).weight.detach(), round_scale(scale) if round_scale else scale, zp,
-                                      mp.weight_args, checked=True)
-        err, energy = err + e, energy + n
-    return error_stats(err, energy)
 
 
 def error_stats(err: float, energy: float) -> dict:

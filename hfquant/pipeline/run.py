@@ -31,7 +31,9 @@ from .output import (OutputFolderError, discard_model, model_dir, read_json, rea
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
-from .quantize import check_model_fits, convert, resolve_backend, weight_error
+from .quantize import check_model_fits, convert, resolve_backend
+from .layerwise import make_chain, quantize_in_memory
+from .generated import with_generated
 from .report import markdown, summary_rows, table, versions
 from .save import compare_with_reference, load_quantized, reload_check as check_reload, save_quantized
 from .streaming import StreamingError, stream_quantize, streaming_problem
@@ -163,35 +165,44 @@ def _run_header(spec: RunSpec, source: str) -> dict:
 def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
     m = spec.model
     static = spec.scheme.needs_calibration_data
+    learns = spec.algorithms_need_data
     with timer.stage("load"):
         folder, source = checkpoint_folder(m["path"], m.get("gguf_file"), m.get("dtype", "float32"),
                                            bool(m.get("trust_remote_code", False)), m.get("revision"),
                                            bool(m.get("allow_pickle", False)))
         if not m.get("gguf_file") and folder != source:  # fetched from the Hub: check it as a local one is
             check_checkpoint(folder, m.get("task", "causal-lm"), bool(m.get("trust_remote_code", False)))
-        tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=static)
+        tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=static or learns)
     calib_windows = None
-    if static:
+    if static or learns:
         with timer.stage("data"):
             calib_windows = data_mod.windows(tokenizer, spec, "calibration")
+            if spec.calibration.generated:
+                calib_windows.protocol["generated"] = "skipped: streaming never loads the whole model to sample from it"
 
     def calibrate(tensors, dtype):
         with timer.stage("calibrate (layer by layer)"):
             return calibrate_sequentially(folder, tensors, spec, calib_windows, registries().observers.get(spec.observer), dtype)
 
     with timer.stage("stream quantize"):
-        streamed = stream_quantize(folder, spec, backend, tokenizer, spec.output_dir, spec.max_shard_size, calibrate)
+        streamed = stream_quantize(folder, spec, backend, tokenizer, spec.output_dir, spec.max_shard_size, calibrate,
+                                   calib_windows if learns else None)
         write_resume_record(spec.output_dir, resume_request(spec, backend))
         timer.kept = "model/ was saved; resume=true reuses it"
-    status = (f"static activations observed layer by layer on {calib_windows.protocol}" if static
-              else "skipped: weights are observed directly, tensor by tensor (streaming)")
+    if static:
+        status = f"static activations observed layer by layer on {calib_windows.protocol}"
+    elif learns:
+        status = f"algorithm {', '.join(spec.algorithms)} learned from layer inputs, layer by layer, on {calib_windows.protocol}"
+    else:
+        status = "skipped: weights are quantized directly, tensor by tensor (streaming)"
     return _report(spec, _run_header(spec, source), status, calib_windows, streamed["baseline_bytes"],
                    streamed["parameters"], quantization=streamed["quantization"])
 
 
 def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> dict:
     m = spec.model
-    need_tokenizer = bool(spec.evaluation or (spec.calibration and spec.scheme.needs_calibration_data and not spec.resume))
+    calibrate = bool(spec.calibration and (spec.scheme.needs_calibration_data or spec.algorithms_need_data) and not spec.resume)
+    need_tokenizer = bool(spec.evaluation or calibrate)
     with timer.stage("load"):
         loaded = load_model(m["path"], m.get("task", "causal-lm"), m.get("gguf_file"), m.get("dtype", "float32"),
                             m.get("device_map"), bool(m.get("trust_remote_code", False)),
@@ -209,7 +220,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     with timer.stage("data"):
         if spec.evaluation:
             eval_windows = data_mod.windows(loaded.tokenizer, spec, "evaluation")
-        if spec.calibration and spec.scheme.needs_calibration_data and not spec.resume:
+        if calibrate:
             calib_windows = data_mod.windows(loaded.tokenizer, spec, "calibration")
 
     evaluators = make_evaluators(spec.evaluation.evaluators) if spec.evaluation else {}
@@ -228,16 +239,19 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             obs_cls = registries().observers.get(spec.observer)
             plan = build_plan(model, spec.scheme, spec.observer, obs_cls, spec.observer_options, calib_windows,
                               observe=own_format)
-        if not own_format:
-            calibration_status = f"skipped: backend {backend} quantizes with its own statistics (observers do not apply)"
-        elif spec.scheme.needs_calibration_data:
-            calibration_status = f"static activations observed on {calib_windows.protocol}"
-        else:
-            calibration_status = "skipped: weights are observed directly and activations are dynamic or not quantized"
+        chain = make_chain(spec.algorithms, spec.propagate)
+        if own_format and chain.requires_data and spec.calibration.generated:
+            with timer.stage("sample calibration text"):  # algorithms also learn from text the model writes
+                calib_windows = with_generated(model, loaded.fingerprint, calib_windows, spec.calibration.generated,
+                                               spec.calibration.seed)
+        calibration_status = _calibration_status(spec, backend, own_format, calib_windows)
         with timer.stage("quantize"):
-            round_scale = getattr(registries().backends.get(backend), "round_scale", None)
-            report_quant = dict(weight_error(model, plan, round_scale) if own_format else {}, modules=len(plan.modules),
-                                ignore=list(spec.scheme.ignore))
+            report_quant = {"modules": len(plan.modules), "ignore": list(spec.scheme.ignore)}
+            if own_format:
+                round_scale = getattr(registries().backends.get(backend), "round_scale", None)
+                make_observer = lambda args: obs_cls(args, **spec.observer_options)  # noqa: E731
+                report_quant.update(quantize_in_memory(model, plan, chain, make_observer, round_scale, calib_windows),
+                                    algorithms=chain.names, propagate=spec.propagate)
             qmodel = convert(model, plan, backend)
             left = getattr(qmodel, "hfquant_left_unquantized", {})  # a backend's kernels could not run these
             if left:
@@ -256,6 +270,17 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     return _report(spec, header, calibration_status, calib_windows, baseline_bytes, params, baseline, quantized,
                    dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
                    report_quant, reload_check)
+
+
+def _calibration_status(spec: RunSpec, backend: str, own_format: bool, calib_windows) -> str:
+    if not own_format:
+        return f"skipped: backend {backend} quantizes with its own statistics (observers and algorithms do not apply)"
+    uses = [what for what, needed in (("static activations observed", spec.scheme.needs_calibration_data),
+                                      ("algorithm " + ", ".join(spec.algorithms) + " learned from layer inputs",
+                                       spec.algorithms_need_data)) if needed]
+    if uses:
+        return f"{' and '.join(uses)} on {calib_windows.protocol}"
+    return "skipped: the algorithms are data-free and activations are dynamic or not quantized"
 
 
 def _report(spec: RunSpec, header: dict, calibration_status: str, calib_windows, baseline_bytes: int, params: int,

@@ -21,13 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plan import target_modules
+from .layerwise import capture_first_layer_inputs
 from .streaming import StreamingError, TensorSource, build_skeleton
 
 log = logging.getLogger("hfquant")
-
-
-class _ReachedFirstLayer(Exception):
-    """Raised by the capture hook: everything after the first decoder layer is not needed (nor loaded)."""
 
 
 def decoder_layers(model: torch.nn.Module) -> Tuple[str, torch.nn.ModuleList]:
@@ -63,8 +60,9 @@ def _tensor_names(module: torch.nn.Module, prefix: str) -> List[str]:
 
 
 @torch.no_grad()
-def calibrate_sequentially(folder: str, source: TensorSource, spec, windows, observer_cls, dtype: torch.dtype):
-    """{module name: (input scale, input zero point)} for every target Linear, observed layer by layer."""
+def for_each_layer(folder: str, source: TensorSource, spec, windows, dtype: torch.dtype, visit) -> None:
+    """Load one decoder layer at a time from the checkpoint and call `visit(model, prefix, layer, targets,
+    captured)` with the calibration inputs captured at it; `visit` returns the next layer's inputs."""
     m = spec.model
     model = build_skeleton(folder, m.get("task", "causal-lm"), str(dtype).split(".")[1],
                            bool(m.get("trust_remote_code", False)), None, real_buffers=True).model
@@ -81,26 +79,10 @@ def calibrate_sequentially(folder: str, source: TensorSource, spec, windows, obs
     for name in model.state_dict(keep_vars=True):
         if not name.startswith(in_layers) and name in files:
             _set(model, name, source.get(name).to(dtype) if source.dtype(name).is_floating_point else source.get(name))
-    captured: List[Tuple[torch.Tensor, dict]] = []
+    captured = capture_first_layer_inputs(model, layers[0], windows)
 
-    def capture(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _ReachedFirstLayer
-
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for i in range(len(windows)):
-            try:
-                model(input_ids=windows.input_ids[i : i + 1], use_cache=False)
-            except _ReachedFirstLayer:
-                pass
-    finally:
-        handle.remove()
-
-    # 2. One layer at a time: load, observe its targets' inputs, compute its outputs, unload.
-    observers = {}
-    for index, layer in enumerate(tqdm(layers, desc="calibrate layers", unit="layer", leave=False)):
+    # 2. One layer at a time: load, visit, unload.
+    for index, layer in enumerate(tqdm(layers, desc="layers", unit="layer", leave=False)):
         layer_prefix = f"{prefix}.{index}."
         names = _tensor_names(layer, layer_prefix)
         missing = [n for n in names if n not in files]
@@ -108,18 +90,53 @@ def calibrate_sequentially(folder: str, source: TensorSource, spec, windows, obs
             raise StreamingError(f"the checkpoint lacks {missing[0]!r}; use pipeline=in_memory")
         for name in names:
             _set(model, name, source.get(name).to(dtype))
+        in_layer = {n: mod for n, mod in targets.items() if n.startswith(layer_prefix)}
+        captured = visit(model, layer_prefix, layer, in_layer, captured, index == len(layers) - 1)
+        for name in names:
+            _set(model, name, None)
+
+
+@torch.no_grad()
+def calibrate_sequentially(folder: str, source: TensorSource, spec, windows, observer_cls, dtype: torch.dtype):
+    """{module name: (input scale, input zero point)} for every target Linear, observed layer by layer."""
+    observers = {}
+
+    def observe(_model, _prefix, layer, targets, captured, _last):
         handles = []
         for name, module in targets.items():
-            if name.startswith(layer_prefix):
-                obs = observers[name] = observer_cls(spec.scheme.input_activations, **spec.observer_options)
-                handles.append(module.register_forward_pre_hook(lambda _m, args, obs=obs: obs.observe(args[0])))
+            obs = observers[name] = observer_cls(spec.scheme.input_activations, **spec.observer_options)
+            handles.append(module.register_forward_pre_hook(lambda _m, args, obs=obs: obs.observe(args[0])))
         try:
-            for k, (hidden, kwargs) in enumerate(captured):
-                out = layer(hidden, **kwargs)
-                captured[k] = (out[0] if isinstance(out, tuple) else out, kwargs)
+            return [(_first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in captured]
         finally:
             for h in handles:
                 h.remove()
-        for name in names:
-            _set(model, name, None)
+
+    for_each_layer(folder, source, spec, windows, dtype, observe)
     return {name: obs.qparams() for name, obs in observers.items()}
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def quantize_sequentially(folder: str, source: TensorSource, spec, windows, dtype: torch.dtype, quantizer, module_plans) -> None:
+    """Run the algorithm chain layer by layer on the checkpoint (what `layerwise.quantize_in_memory` does on a
+    loaded model); each target is compressed as soon as its layer is finished (`quantizer.ready`), so memory
+    holds one float layer plus the packed results."""
+    from .layerwise import context_factory, quantize_layer
+    from ..plan import QuantPlan
+
+    plan = QuantPlan(spec.scheme, spec.observer, dict(spec.observer_options), module_plans)
+
+    def learn(model, prefix, layer, targets, captured, last):
+        ctx = context_factory(plan, quantizer.make_observer, quantizer.round_scale, model)(prefix, layer, targets)
+        ctx.num_samples = len(captured)
+        following = quantize_layer(quantizer.chain, ctx, captured, last)
+        for name, linear in targets.items():
+            quantizer.ready[name] = quantizer(module_plans[name], linear.weight.detach().clone(),
+                                              None if linear.bias is None else linear.bias.detach().clone())
+        return following
+
+    for_each_layer(folder, source, spec, windows, dtype, learn)

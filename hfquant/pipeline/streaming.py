@@ -35,8 +35,7 @@ from .pickled import OneOpen, PickleCheckpointError, PickleReader, legacy_proble
 from .pickled import candidates as pickle_candidates
 from .pickled import weight_files as pickle_weight_files
 from .output import partial_dir, publish
-from .quantize import error_stats
-from ..quant import quantize_with_error
+from .layerwise import make_chain, quantize_module
 from .save import quantization_config
 from ..errors import HfquantError
 
@@ -60,6 +59,9 @@ def streaming_problem(spec, backend_name: str) -> Optional[str]:
         return "evaluation needs the model in memory (set evaluation=none to quantize and save only)"
     if spec.model.get("device_map") is not None:
         return "model.device_map places a loaded model; streaming never loads one"
+    if spec.algorithms_need_data and spec.scheme.needs_calibration_data:
+        return (f"algorithm {', '.join(spec.algorithms)} with static activation scales (scheme {spec.scheme.name}) "
+                "needs two layer-by-layer passes; streaming runs one")
     return checkpoint_problem(spec.model)
 
 
@@ -258,33 +260,30 @@ class TensorSource:
 
 
 class ModuleQuantizer:
-    """One Linear's tensors → its quantized state dict, exactly as the in-memory path computes it."""
+    """One Linear's tensors → its quantized state dict: the run's algorithm chain chooses the codes exactly as
+    the in-memory driver does (`layerwise.quantize_module`), hfquant's format stores them."""
 
-    def __init__(self, observer_cls, observer_options: dict, round_scale, dtype: torch.dtype) -> None:
-        self.observer_cls, self.observer_options = observer_cls, observer_options
-        self.round_scale, self.dtype = round_scale, dtype
-        self.error = 0.0
-        self.energy = 0.0
+    def __init__(self, chain, make_observer, round_scale, dtype: torch.dtype, scheme) -> None:
+        self.chain, self.make_observer, self.round_scale = chain, make_observer, round_scale
+        self.dtype, self.scheme = dtype, scheme
+        self.ready: Dict[str, Dict[str, torch.Tensor]] = {}  # modules compressed layer by layer, not yet written
 
     @torch.no_grad()
     def __call__(self, mp: ModulePlan, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         weight = weight.to(self.dtype)
-        obs = self.observer_cls(mp.weight_args, **self.observer_options)
-        obs.observe(weight)
-        scale, zp = obs.qparams()
-        if self.round_scale is not None:
-            scale = self.round_scale(scale)
-        codes, error, energy = quantize_with_error(weight, scale, zp, mp.weight_args, checked=True)
-        self.error, self.energy = self.error + error, self.energy + energy
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=self.dtype)
         linear.weight = torch.nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             linear.bias = torch.nn.Parameter(bias.to(self.dtype), requires_grad=False)
-        q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, mp.input_qparams, codes=codes)
+        if mp.weight_codes is None:
+            quantize_module(self.chain, mp, linear, self.scheme, self.make_observer, self.round_scale)
+        scale, zp = mp.weight_qparams
+        q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, mp.input_qparams, codes=mp.weight_codes)
+        mp.weight_codes = None  # written: the codes need not stay in memory
         return dict(q.state_dict())
 
     def stats(self) -> dict:
-        return error_stats(self.error, self.energy)
+        return self.chain.stats()
 
 
 def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer: ModuleQuantizer, max_shard_size) -> dict:
@@ -314,6 +313,8 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
                     tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
                 else:
                     module, sub = plan.owner[name]
+                    if module not in done and module in quantizer.ready:
+                        done[module] = quantizer.ready.pop(module)
                     if module not in done:
                         bias_key = f"{module}.bias"
                         weight = timed("read_s", source.get, f"{module}.weight")
@@ -335,9 +336,10 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
 
 
 def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir: str, max_shard_size,
-                    calibrate=None) -> dict:
+                    calibrate=None, windows=None) -> dict:
     """Quantize the checkpoint in `folder` into `<output_dir>/model` without loading the model. `calibrate(source,
-    dtype)` returns static input qparams by module (sequential calibration) for schemes that need them."""
+    dtype)` returns static input qparams by module (sequential calibration) for schemes that need them;
+    `windows` feed algorithms that learn from layer inputs, run one decoder layer at a time."""
     from transformers import GenerationConfig
 
     m = spec.model
@@ -357,8 +359,16 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
         for name, qparams in calibrate(source, skeleton.dtype).items():
             plan.module_plans[name].input_qparams = qparams
     quant_plan = QuantPlan(spec.scheme, spec.observer, dict(spec.observer_options), dict(plan.module_plans))
-    quantizer = ModuleQuantizer(registries().observers.get(spec.observer), spec.observer_options,
-                                getattr(backend, "round_scale", None), skeleton.dtype)
+    observer_cls = registries().observers.get(spec.observer)
+    quantizer = ModuleQuantizer(make_chain(spec.algorithms, spec.propagate),
+                                lambda args: observer_cls(args, **spec.observer_options),
+                                getattr(backend, "round_scale", None), skeleton.dtype, spec.scheme)
+    if quantizer.chain.requires_data:
+        from .sequential import quantize_sequentially
+
+        if windows is None:
+            raise StreamingError(f"algorithm {', '.join(quantizer.chain.names)} needs calibration windows")
+        quantize_sequentially(folder, source, spec, windows, skeleton.dtype, quantizer, plan.module_plans)
     log.info("streaming %d tensors (%d quantized modules) from %s", len(plan.entries), len(plan.module_plans), folder)
     tmp = partial_dir(output_dir)
     try:
@@ -385,6 +395,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     params = sum(p.numel() for p in skeleton.model.parameters())
     return {
         "quantization": dict(quantizer.stats(), modules=len(plan.module_plans), ignore=list(spec.scheme.ignore),
+                             algorithms=quantizer.chain.names, propagate=spec.propagate,
                              streamed={"input_bytes": source.nbytes(), **written}),
         "parameters": params,
         "baseline_bytes": plan.baseline_bytes,

@@ -35,6 +35,10 @@ class QuantArgs:
     group_size: Optional[int] = None
     observer: str = "minmax"
     dynamic: bool = False
+    #: symmetric only: map each slice's largest-magnitude value to qmin (-8 for int4), sign included, so all
+    #: 2**num_bits levels are used (llama.cpp's Q4_0 rule); the scale is negative where that value is positive.
+    #: False keeps the restricted rule (|max| → qmax, one level unused) that the int8 tutorials use.
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int):
@@ -63,6 +67,9 @@ class QuantArgs:
             raise QuantArgsError(
                 "strategy='token' needs dynamic=True: per-token scales are computed at run time"
             )
+        if self.full_range and not (self.symmetric and self.signed):
+            raise QuantArgsError("full_range=True needs symmetric=True and signed=True (it maps the largest-magnitude "
+                                 "value to qmin); remove full_range or use an asymmetric scheme")
         if not _NAME.match(str(self.observer)):
             raise QuantArgsError(
                 f"observer={self.observer!r} is not a valid plugin name (lower-case-hyphenated)"
@@ -83,7 +90,11 @@ class QuantArgs:
         return QuantArgs(**{**asdict(self), **changes})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Field values; `full_range` only when set, so configs written before it existed read back unchanged."""
+        data = asdict(self)
+        if not self.full_range:
+            del data["full_range"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantArgs":

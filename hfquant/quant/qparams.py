@@ -75,6 +75,8 @@ def compute_qparams(
     The range is widened to include 0 so that real zero is exactly representable (padding, ReLU zeros).
     Asymmetric: scale = (max - min) / (qmax - qmin), zero_point = round(qmin - min / scale), clamped.
     Symmetric: scale = max(|min|, |max|) / ((qmax - qmin) // 2), zero point 0 (signed) or the mid code.
+    Symmetric full range: scale = v / qmin where v is the signed value of largest magnitude (min or max), so v
+    maps to qmin exactly and every level is used; the scale is negative when v > 0.
     """
     min_vals = torch.as_tensor(min_vals)
     max_vals = torch.as_tensor(max_vals)
@@ -84,8 +86,11 @@ def compute_qparams(
     lo = torch.clamp(min_vals.to(dtype), max=0.0)
     hi = torch.clamp(max_vals.to(dtype), min=0.0)
     if args.symmetric:
-        half_range = (args.qmax - args.qmin) // 2
-        scale = _usable(torch.maximum(-lo, hi) / half_range)
+        if args.full_range:
+            scale = _usable(torch.where(-lo >= hi, lo, hi) / args.qmin)
+        else:
+            half_range = (args.qmax - args.qmin) // 2
+            scale = _usable(torch.maximum(-lo, hi) / half_range)
         mid = 0 if args.signed else (args.qmin + args.qmax + 1) // 2
         zero_point = torch.full_like(scale, mid, dtype=torch.int32)
     else:
@@ -95,10 +100,12 @@ def compute_qparams(
 
 
 def _usable(scale: torch.Tensor) -> torch.Tensor:
-    """An all-zero range gets scale 1; a subnormal scale (ranges of ~1e-38 and below) is raised to the smallest
-    normal number, where division still keeps the error within half a step (subnormal steps round too coarsely)."""
+    """An all-zero range gets scale 1; a subnormal scale (ranges of ~1e-38 and below) is raised in magnitude to the
+    smallest normal number, where division still keeps the error within half a step (subnormal steps round too
+    coarsely). The sign is kept: full-range scales may be negative."""
     tiny = torch.finfo(scale.dtype).tiny
-    return torch.where(scale > 0, scale.clamp(min=tiny), torch.ones_like(scale))
+    magnitude = scale.abs().clamp(min=tiny)
+    return torch.where(scale != 0, torch.where(scale < 0, -magnitude, magnitude), torch.ones_like(scale))
 
 
 def dynamic_qparams(x: torch.Tensor, args: QuantArgs) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hfquant.pipeline.calibrate import build_plan
+from hfquant.pipeline.layerwise import make_chain, quantize_in_memory
 from hfquant.pipeline.integrity import NonFiniteError
 from hfquant.pipeline.run import run
 from hfquant.plugins import registries
@@ -70,8 +71,10 @@ def test_nan_in_a_quantized_weight_is_named_when_observed(tiny_llm_dir):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[2, 5] = float("nan")
     scheme = registries().schemes.get("w8a16")
+    plan = build_plan(model, scheme, "minmax", registries().observers.get("minmax"), {})
+    minmax = registries().observers.get("minmax")
     with pytest.raises(NonFiniteError, match=r"model.layers.0.mlp.up_proj.weight: observed tensor contains NaN or Inf \(1 of"):
-        build_plan(model, scheme, "minmax", registries().observers.get("minmax"), {})
+        quantize_in_memory(model, plan, make_chain({"rtn": {}}), lambda args: minmax(args))
 
 
 def test_nan_in_the_baseline_logits_stops_the_run_before_quantizing(tiny_llm_dir, tmp_path, monkeypatch):

@@ -1,0 +1,75 @@
+"""Calibration windows the model writes itself: text in the model's own distribution, not one narrow domain.
+
+Error-correcting algorithms fit the layer inputs they see; calibrated on one domain (Python documentation)
+they win there and lose on everything else. Mixing windows sampled from the model (seeded, temperature 1, the
+first token drawn from the dataset's own calibration windows) with the dataset's windows keeps the statistics
+general. Sampling runs once per (model, seed, size): the windows are cached next to the baseline metrics, so a
+sweep and a re-run calibrate on the same tokens (whose hash the report and card record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+
+from .data import Windows
+from .evaluate import cache_dir
+
+log = logging.getLogger("hfquant")
+
+
+def _cache_path(fingerprint: str, count: int, seq_len: int, seed: int, first_tokens: torch.Tensor) -> str:
+    blob = json.dumps([fingerprint, count, seq_len, seed, first_tokens.tolist(), "generated-v1"])
+    return os.path.join(cache_dir(), "generated-" + hashlib.sha256(blob.encode()).hexdigest()[:24] + ".pt")
+
+
+@torch.no_grad()
+def generate_windows(model, count: int, seq_len: int, seed: int, first_tokens: torch.Tensor) -> torch.Tensor:
+    """(count, seq_len) token ids sampled from `model`, each sequence starting from one of `first_tokens`."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = first_tokens[:count].reshape(count, 1).to(device)
+    past = None
+    step_input = ids
+    for _ in range(seq_len - 1):
+        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+        nxt = torch.multinomial(probs, 1, generator=generator).to(device)
+        ids = torch.cat([ids, nxt], dim=1)
+        step_input = nxt
+    return ids.cpu()
+
+
+def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int, seed: int) -> Windows:
+    """`dataset_windows` followed by `count` windows sampled from `model` (cached), protocol updated."""
+    if count <= 0:
+        return dataset_windows
+    seq_len = dataset_windows.input_ids.shape[1]
+    pick = torch.randperm(dataset_windows.input_ids.numel(), generator=torch.Generator().manual_seed(seed))[:count]
+    first_tokens = dataset_windows.input_ids.reshape(-1)[pick]
+    path = _cache_path(fingerprint, count, seq_len, seed, first_tokens)
+    generated = None
+    if os.path.isfile(path):
+        try:
+            generated = torch.load(path, weights_only=True)
+        except Exception:  # a torn cache file is regenerated, never trusted
+            generated = None
+    if generated is None or tuple(generated.shape) != (count, seq_len):
+        log.info("sampling %d calibration windows of %d tokens from the model (cached for the next run)", count, seq_len)
+        generated = generate_windows(model, count, seq_len, seed, first_tokens)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        torch.save(generated, tmp)
+        os.replace(tmp, path)
+    ids = torch.cat([dataset_windows.input_ids, generated.to(dataset_windows.input_ids.dtype)])
+    mixed = Windows(ids, dict(dataset_windows.protocol), dataset_windows.score_from)
+    mixed.protocol.update(num_samples=len(ids), tokens=int(ids.numel()),
+                          generated={"windows": count, "seed": seed, "sampling": "temperature 1, first token from the "
+                                     "dataset windows, model's own continuation"},
+                          token_sha256=mixed.token_hash)
+    return mixed

@@ -1,0 +1,212 @@
+"""The layer-by-layer driver: every algorithm of a run, one decoder layer at a time, codes computed once.
+
+For each decoder layer: `start_layer` on every algorithm → the captured calibration inputs run through the layer
+(only when an algorithm `requires_data`) → `finish_layer` on every algorithm, in order → targets still without
+codes get round-to-nearest → the reported error of exactly those codes is accumulated → the layer runs again
+with its quantized weights (or float ones, `propagate="float"`) so the next layer sees what it will see at
+inference. Both pipelines call `quantize_layer`; they differ only in how a layer's weights become available
+(the model in memory, or tensors read from the checkpoint — `sequential.py`) and a data-free run needs no layer
+at all (`quantize_module`, used tensor by tensor by the streaming writer).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..algorithm import Algorithm, LayerContext
+from ..plan import ModulePlan, QuantPlan
+from ..quant import dequantize
+from .quantize import error_stats
+
+log = logging.getLogger("hfquant")
+
+PROPAGATION = ("quantized", "float")
+Captured = List[Tuple[torch.Tensor, dict]]  # per calibration window: (hidden states, the layer's keyword inputs)
+
+
+@dataclass
+class AlgorithmChain:
+    """The run's algorithms in order (a code producer last; `rtn` appended when none was asked for)."""
+
+    steps: List[Tuple[str, Algorithm]]
+    propagate: str = "quantized"
+    error: float = 0.0
+    energy: float = 0.0
+    handled: Dict[str, str] = field(default_factory=dict)  # module → the algorithm that chose its codes
+
+    @property
+    def requires_data(self) -> bool:
+        return any(getattr(a, "requires_data", False) for _, a in self.steps)
+
+    @property
+    def names(self) -> List[str]:
+        return [n for n, _ in self.steps]
+
+    def stats(self) -> dict:
+        """Relative MSE / SQNR of the saved codes against the weights they replaced (after any weight edits)."""
+        return error_stats(self.error, self.energy)
+
+
+def make_chain(algorithms: Dict[str, dict], propagate: str = "quantized", registry=None) -> AlgorithmChain:
+    """Instantiate `{name: options}` in order; a chain without a code producer gets `rtn` at the end."""
+    from ..plugins import registries
+
+    registry = registry or registries().algorithms
+    steps = [(name, registry.get(name)(**(options or {}))) for name, options in algorithms.items()]
+    if not steps or not getattr(steps[-1][1], "produces_codes", False):
+        steps.append(("rtn", registry.get("rtn")()))
+    return AlgorithmChain(steps, propagate)
+
+
+def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Captured], last: bool = False) -> Optional[Captured]:
+    """Run every algorithm on one layer; set each target's codes; return the inputs of the next layer."""
+    with torch.no_grad():
+        for _, algorithm in chain.steps:
+            algorithm.start_layer(ctx)
+        try:
+            if chain.requires_data and inputs is not None and ctx.layer is not None:
+                for hidden, kwargs in inputs:
+                    ctx.layer(hidden, **kwargs)
+        finally:
+            ctx.remove_hooks()
+        for name, algorithm in chain.steps:
+            missing = [n for n, mp in ctx.plans.items() if mp.weight_args is not None and mp.weight_codes is None]
+            algorithm.finish_layer(ctx)
+            for n in missing:
+                if ctx.plans[n].weight_codes is not None:
+                    chain.handled[n] = name
+        propagate = inputs is not None and ctx.layer is not None and not last
+        _account_codes(chain, ctx, write_back=propagate and chain.propagate == "quantized")
+        if not propagate:
+            return None
+        return [(_first(ctx.layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+
+
+def _account_codes(chain: AlgorithmChain, ctx: LayerContext, write_back: bool) -> None:
+    """Add each target's code error to the run's total; `write_back` puts the dequantized codes in the live
+    weight (quantized propagation: what the next layer must see)."""
+    for name, linear in ctx.targets.items():
+        mp = ctx.plans[name]
+        if mp.weight_args is None:
+            continue
+        if mp.weight_codes is None:
+            raise RuntimeError(f"no algorithm produced codes for {name} (chain: {', '.join(chain.names)})")
+        scale, zero_point = mp.weight_qparams
+        weight = linear.weight.detach()
+        approx = dequantize(mp.weight_codes, scale, zero_point, mp.weight_args, dtype=torch.float32)
+        exact = weight.float()
+        chain.error += float((approx - exact).pow_(2).sum())
+        chain.energy += float(exact.pow(2).sum())
+        if write_back:
+            linear.weight.data.copy_(approx.to(weight.dtype))
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _ReachedFirstLayer(Exception):
+    """Raised by the capture hook: nothing after the first decoder layer needs to run."""
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, windows) -> Captured:
+    """Each calibration window's hidden states and keyword inputs (positions, masks) at the first decoder layer."""
+    captured: Captured = []
+
+    def capture(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _ReachedFirstLayer
+
+    device = next((p.device for p in first_layer.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for i in range(len(windows)):
+            try:
+                model(input_ids=windows.input_ids[i : i + 1].to(device), use_cache=False)
+            except _ReachedFirstLayer:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def layer_groups(targets: Dict[str, torch.nn.Module], prefix: str, count: int) -> Tuple[List[List[str]], List[str]]:
+    """Target names per decoder layer (index order) and those outside every layer."""
+    per_layer: List[List[str]] = [[] for _ in range(count)]
+    outside: List[str] = []
+    for name in targets:
+        head = prefix + "."
+        if name.startswith(head):
+            index = name[len(head):].split(".", 1)[0]
+            if index.isdigit() and int(index) < count:
+                per_layer[int(index)].append(name)
+                continue
+        outside.append(name)
+    return per_layer, outside
+
+
+def context_factory(plan: QuantPlan, make_observer, round_scale, model) -> Callable[..., LayerContext]:
+    def make(prefix: str, layer, targets: Dict[str, torch.nn.Module]) -> LayerContext:
+        return LayerContext(prefix, layer, targets, {n: plan.modules[n] for n in targets}, plan.scheme, make_observer,
+                            round_scale or (lambda s: s), model)
+    return make
+
+
+@torch.no_grad()
+def quantize_in_memory(model: torch.nn.Module, plan: QuantPlan, chain: AlgorithmChain, make_observer,
+                       round_scale=None, windows=None) -> dict:
+    """Codes for every target of `plan` on a model in memory (weights are edited in place by weight editors,
+    and replaced by their dequantized codes for quantized propagation). Returns the error of the codes."""
+    from .sequential import decoder_layers
+
+    targets = {name: model.get_submodule(name) for name in plan.modules}
+    make_ctx = context_factory(plan, make_observer, round_scale, model)
+    try:
+        prefix, layers = decoder_layers(model)
+    except Exception:
+        if chain.requires_data:
+            raise
+        prefix, layers = "", []
+    per_layer, outside = layer_groups(targets, prefix, len(layers))
+    inputs = None
+    if chain.requires_data:
+        if windows is None:
+            raise ValueError(f"algorithm chain {chain.names} needs calibration data")
+        inputs = capture_first_layer_inputs(model, layers[0], windows)
+    for index in tqdm(range(len(layers)), desc="quantize layers", unit="layer", leave=False):
+        names = per_layer[index]
+        ctx = make_ctx(f"{prefix}.{index}.", layers[index], {n: targets[n] for n in names})
+        ctx.num_samples = len(inputs) if inputs is not None else 0
+        inputs = quantize_layer(chain, ctx, inputs, last=index == len(layers) - 1)
+    if outside:
+        _finish_outside(chain, make_ctx, {n: targets[n] for n in outside})
+    return chain.stats()
+
+
+def _finish_outside(chain: AlgorithmChain, make_ctx, targets) -> None:
+    """Targets outside the decoder layers (e.g. an lm_head a scheme quantizes): data-free producers only."""
+    data_free = AlgorithmChain([(n, a) for n, a in chain.steps if not getattr(a, "requires_data", False)
+                                and getattr(a, "produces_codes", False)], chain.propagate)
+    if not data_free.steps:
+        from ..plugins import registries
+
+        data_free.steps.append(("rtn", registries().algorithms.get("rtn")()))
+    log.info("%d target(s) outside the decoder layers get %s (no calibration inputs there)", len(targets), data_free.names[-1])
+    quantize_layer(data_free, make_ctx("", None, targets), None)
+    chain.error += data_free.error
+    chain.energy += data_free.energy
+    chain.handled.update(data_free.handled)
+
+
+def quantize_module(chain: AlgorithmChain, mp: ModulePlan, linear: torch.nn.Linear, scheme, make_observer,
+                    round_scale=None) -> None:
+    """Codes for one module with nothing else loaded (data-free chains; the streaming writer's unit of work)."""
+    plan = QuantPlan(scheme, "", {}, {mp.name: mp})
+    quantize_layer(chain, context_factory(plan, make_observer, round_scale, None)("", None, {mp.name: linear}), None)

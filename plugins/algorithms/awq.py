@@ -1,0 +1,124 @@
+"""`awq`: activation-aware scaling — per-input-channel scales searched on calibration inputs, folded into the
+preceding norm / Linear.
+
+Channels whose inputs are large matter most to the output; scaling their weight columns up (and the input
+down, inside the previous op) gives them finer quantization steps. For each group (a norm or Linear and the
+Linears reading its output) the scales are s = mean|x|^α for the α in a grid that minimises the group's
+quantized output error on a sample of calibration rows, ‖(Q(W·s)/s − W) Xᵀ‖², with the run's own quantizer
+(observer + backend scale rounding). α = 0 is "no scaling", so the result is never worse than round-to-nearest
+on the sample. It edits weights only: a code producer (rtn, gptq) runs after it, and the saved model keeps its
+architecture. After Lin et al., "AWQ" (2023).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+
+from hfquant import hookimpl
+from hfquant.algorithm import AlgorithmError, LayerContext
+from hfquant.pipeline.integrity import NonFiniteError
+from hfquant.quant import fake_quantize
+from hfquant.quant.smoothing import alpha_grid, awq_scales, error_basis, output_error, scaled_quant_delta
+from hfquant.smoothing import SmoothGroup, check_feeds, find_groups, fold, hook_groups
+
+log = logging.getLogger("hfquant")
+OPTIONS = ("grid", "max_tokens", "linear_pairs")
+
+
+class ActivationAwareScaling:
+    requires_data = True
+    produces_codes = False
+
+    def __init__(self, *, grid: int = 20, max_tokens: int = 2048, linear_pairs: bool = True, **unknown) -> None:
+        if unknown:
+            raise TypeError(f"awq got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
+        for key, value in (("grid", grid), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"awq: {key} must be a positive integer, got {value!r}")
+        self.grid, self.max_tokens, self.linear_pairs = grid, max_tokens, bool(linear_pairs)
+        self.chosen: Dict[str, float] = {}  # "model.layers.3.input_layernorm -> ..." → the α picked (for reports)
+        self._groups: List[SmoothGroup] = []
+        self._stats: Dict = {}
+
+    def start_layer(self, ctx: LayerContext) -> None:
+        self._groups, self._stats = [], {}
+        if ctx.layer is None or not ctx.prefix:  # targets outside the decoder layers: nothing to fold into
+            return
+        self._groups = [g for g in find_groups(ctx.layer, "awq", self.linear_pairs, ctx.prefix) if _quantized(g, ctx)]
+        self._stats = hook_groups(ctx, self._groups, max_rows=self.max_tokens)
+
+    @torch.no_grad()
+    def finish_layer(self, ctx: LayerContext) -> None:
+        try:
+            for group in self._groups:
+                first, inputs = self._stats[group.source_name]
+                check_feeds(group, first, inputs, ctx.layer, "awq", ctx.prefix)
+            # Last group first: a Linear that is both a source (rows) and a consumer (columns) — v_proj, up_proj —
+            # then has its rows scaled before its columns are searched, so every search sees final weights.
+            for group in reversed(self._groups):
+                inputs = self._stats[group.source_name][1]
+                if inputs.count == 0:
+                    log.warning("awq: no calibration input reached %s%s; left unscaled", ctx.prefix, group.consumer_names[0])
+                    continue
+                alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid)
+                self.chosen[ctx.prefix + group.label] = alpha
+                if alpha:
+                    fold(group, s)
+        finally:
+            self._groups, self._stats = [], {}
+
+
+def _quantized(group: SmoothGroup, ctx: LayerContext) -> bool:
+    """Whether a consumer's weights are quantized (else scaling buys nothing)."""
+    return any(_weight_args(ctx, name) is not None for name in group.consumer_names)
+
+
+def _weight_args(ctx: LayerContext, local: str):
+    plan = ctx.plans.get(ctx.prefix + local)
+    return None if plan is None else plan.weight_args
+
+
+def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tensor], ctx: LayerContext,
+           grid: int):
+    """(α, s) with the smallest quantized output error of the group's quantized consumers on `rows`."""
+    device = group.consumers[0].weight.device
+    basis = error_basis(rows.to(device))
+    mean_abs = mean_abs.to(device)
+    best = None
+    for alpha in alpha_grid(grid):
+        s = awq_scales(mean_abs, alpha)
+        err = 0.0
+        for local, linear in zip(group.consumer_names, group.consumers):
+            args = _weight_args(ctx, local)
+            if args is not None:
+                err += output_error(scaled_quant_delta(linear.weight, s, _quantizer(ctx, args, ctx.prefix + local)), basis)
+        if best is None or err < best[0]:
+            best = (err, alpha, s)
+    if best[0] != best[0]:  # NaN: even unscaled round-to-nearest overflowed
+        raise AlgorithmError(f"awq: the quantized error of {ctx.prefix}{group.label} is NaN; check the weights and "
+                             "calibration inputs for overflow")
+    log.debug("awq %s%s: alpha=%.2f", ctx.prefix, group.label, best[1])
+    return best[1], best[2]
+
+
+def _quantizer(ctx: LayerContext, args, name: str):
+    """Fake quantization with the run's observer and the backend's scale rounding — what the codes will be."""
+    def fq(w: torch.Tensor) -> torch.Tensor:
+        observer = ctx.make_observer(args)
+        try:
+            observer.observe(w)
+        except ValueError as exc:
+            if "NaN or Inf" not in str(exc):
+                raise
+            raise NonFiniteError(f"{name}.weight (awq-scaled): {exc}") from None
+        scale, zero_point = observer.qparams()
+        return fake_quantize(w, ctx.round_scale(scale), zero_point, args)
+    return fq
+
+
+@hookimpl
+def register_algorithms(register):
+    register("awq", ActivationAwareScaling)

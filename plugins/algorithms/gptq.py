@@ -1,0 +1,161 @@
+"""`gptq`: GPTQ — codes chosen column by column, each rounding error compensated by the columns still to come,
+weighted by the Hessian of the layer's calibration inputs (the math is `hfquant.quant.gptq`).
+
+Per decoder layer, a hook on each target accumulates H = (2/N) Σ x xᵀ over every calibration token. Targets
+that receive the very same input tensor (q/k/v after the attention norm, gate/up after the MLP norm) share one
+Hessian and one factorisation of its inverse, so memory stays at one layer plus one in×in float32 matrix per
+distinct input. Scales come from the run's observer and go through the backend's rounding before any code is
+chosen; with act-order the groups stay the plain consecutive ones, so every format can store the result.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+
+from hfquant import hookimpl
+from hfquant.algorithm import AlgorithmError, LayerContext
+from hfquant.pipeline.integrity import NonFiniteError
+from hfquant.quant import QuantArgs
+from hfquant.quant.gptq import HessianError, PreparedHessian, gptq_quantize_shared, prepare_hessian
+
+OPTIONS = ("block_size", "dampening", "act_order")
+
+
+class _Hessian:
+    """A running mean of 2·x xᵀ over tokens for one distinct input, and the inputs already folded in (weakly
+    referenced: a target that receives one of those very tensors shares this Hessian instead of adding it)."""
+
+    def __init__(self, columns: int) -> None:
+        self.h = torch.zeros(columns, columns, dtype=torch.float32)
+        self.tokens = 0
+        self.members: List[str] = []
+        self.recent: List[weakref.ref] = []
+        self.prepared: Optional[PreparedHessian] = None
+
+    def holds(self, x: torch.Tensor) -> bool:
+        self.recent = [r for r in self.recent if r() is not None]
+        return any(r() is x for r in self.recent)
+
+    def add(self, x: torch.Tensor) -> int:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        n = flat.shape[0]
+        if n:
+            total = self.tokens + n
+            self.h.mul_(self.tokens / total).addmm_(flat.t(), flat, alpha=2.0 / total)
+            self.tokens = total
+        self.recent.append(weakref.ref(x))
+        return n
+
+
+class Gptq:
+    """GPTQ with lazy block updates, act-order over static groups and automatic extra damping."""
+
+    requires_data = True
+    produces_codes = True
+
+    def __init__(self, block_size: int = 128, dampening: float = 0.01, act_order: bool = True, **unknown) -> None:
+        if unknown:
+            raise TypeError(f"gptq got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise AlgorithmError(f"gptq: block_size must be a positive integer, got {block_size!r}")
+        if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not (
+                math.isfinite(dampening) and dampening > 0):
+            raise AlgorithmError(f"gptq: dampening must be a positive number (typically 0.01-0.1), got {dampening!r}")
+        if not isinstance(act_order, bool):
+            raise AlgorithmError(f"gptq: act_order must be true or false, got {act_order!r}")
+        self.block_size, self.dampening, self.act_order = block_size, float(dampening), act_order
+        self._by_target: Dict[str, _Hessian] = {}
+        self._seen: Dict[str, int] = {}  # tokens each target received (a shared Hessian counts them once)
+
+    def start_layer(self, ctx: LayerContext) -> None:
+        self._by_target, self._seen = {}, {}
+        for name, linear in ctx.targets.items():
+            if ctx.plans[name].weight_args is not None and ctx.plans[name].weight_codes is None:
+                ctx.hook(linear, lambda module, x, name=name: self._observe(name, module, x))
+
+    def _observe(self, name: str, module: torch.nn.Linear, x: torch.Tensor) -> None:
+        if x.shape[-1] != module.in_features:
+            raise AlgorithmError(f"gptq: {name} received inputs with {x.shape[-1]} features, expected "
+                                 f"{module.in_features}; GPTQ handles Linear layers fed (..., in_features) tensors")
+        stats = self._by_target.get(name)
+        if stats is None:  # first call: share the Hessian of a target that received this very tensor
+            stats = next((s for s in self._distinct() if s.holds(x)), None) or _Hessian(module.in_features)
+            stats.members.append(name)
+            self._by_target[name] = stats
+        tokens = x.numel() // max(1, x.shape[-1])
+        if stats.holds(x):
+            self._seen[name] = self._seen.get(name, 0) + tokens
+            return
+        if len(stats.members) > 1 and self._seen.get(name, 0) < stats.tokens:
+            others = ", ".join(m for m in stats.members if m != name)
+            raise AlgorithmError(
+                f"gptq: {name} shared its input with {others} on the first calibration window but received a "
+                "different tensor later; GPTQ cannot tell which Hessian this input belongs to — report this model")
+        self._seen[name] = self._seen.get(name, 0) + stats.add(x)
+
+    def _distinct(self) -> List[_Hessian]:
+        return list({id(s): s for s in self._by_target.values()}.values())
+
+    @torch.no_grad()
+    def finish_layer(self, ctx: LayerContext) -> None:
+        try:
+            batches: Dict[tuple, List[str]] = {}  # (Hessian, args) → the targets quantized together
+            for name in ctx.targets:
+                mp = ctx.plans[name]
+                if mp.weight_args is None or mp.weight_codes is not None:
+                    continue
+                stats = self._by_target.get(name)
+                if stats is None or stats.tokens == 0:
+                    raise AlgorithmError(
+                        f"gptq: {name} received no calibration inputs (the layer's forward pass never reached it); "
+                        "check that the calibration data runs through this module, or exclude it from the scheme")
+                batches.setdefault((id(stats), mp.weight_args), []).append(name)
+            for names in batches.values():
+                stats = self._by_target[names[0]]
+                results = self._quantize(names, ctx, self._prepared(stats))
+                for name, (codes, scale, zero_point) in zip(names, results):
+                    ctx.plans[name].weight_qparams, ctx.plans[name].weight_codes = (scale, zero_point), codes
+                    stats.members.remove(name)
+                if not stats.members:
+                    stats.prepared = None  # free as soon as the last sharer is done
+        finally:
+            self._by_target, self._seen = {}, {}
+
+    def _prepared(self, stats: _Hessian) -> PreparedHessian:
+        if stats.prepared is None:
+            try:
+                stats.prepared = prepare_hessian(stats.h, self.dampening, self.act_order)
+            except HessianError as exc:
+                raise AlgorithmError(
+                    f"gptq: cannot invert the Hessian of {', '.join(stats.members)} ({exc}); raise the gptq option "
+                    f"`dampening` (now {self.dampening}) or use more calibration samples") from None
+            stats.h = None  # only the factorisation is needed from here on
+        return stats.prepared
+
+    def _quantize(self, names: List[str], ctx: LayerContext, prepared: PreparedHessian):
+        """GPTQ of targets that share a Hessian and quantization args, each with its own observed qparams."""
+        def qparams_for(name: str):
+            def observed(values: torch.Tensor, slice_args: QuantArgs):
+                observer = ctx.make_observer(slice_args)
+                try:
+                    observer.observe(values)
+                except ValueError as exc:
+                    if "NaN or Inf" not in str(exc):
+                        raise
+                    raise NonFiniteError(f"{name}.weight: {exc}") from None
+                scale, zero_point = observer.qparams()
+                return ctx.round_scale(scale), zero_point
+            return observed
+
+        weights = [ctx.targets[n].weight.detach() for n in names]
+        args = ctx.plans[names[0]].weight_args
+        return gptq_quantize_shared(weights, prepared, args, [qparams_for(n) for n in names], self.block_size)
+
+
+@hookimpl
+def register_algorithms(register):
+    register("gptq", Gptq)

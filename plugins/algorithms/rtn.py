@@ -1,0 +1,52 @@
+"""`rtn`: round-to-nearest — the run's observer picks each target's range, codes are the rounded weights.
+
+It is what every run did before algorithms existed, and what the driver falls back to for any target that no
+code-producing algorithm handled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hfquant import hookimpl
+from hfquant.algorithm import LayerContext
+from hfquant.pipeline.integrity import NonFiniteError
+from hfquant.quant import quantize
+
+
+class RoundToNearest:
+    requires_data = False
+    produces_codes = True
+
+    def __init__(self) -> None:
+        pass
+
+    def start_layer(self, ctx: LayerContext) -> None:
+        pass
+
+    @torch.no_grad()
+    def finish_layer(self, ctx: LayerContext) -> None:
+        for name, linear in ctx.targets.items():
+            mp = ctx.plans[name]
+            if mp.weight_args is None or mp.weight_codes is not None:
+                continue
+            mp.weight_qparams, mp.weight_codes = round_to_nearest(name, linear.weight.detach(), mp.weight_args, ctx)
+
+
+def round_to_nearest(name: str, weight: torch.Tensor, args, ctx: LayerContext):
+    """((scale, zero point), codes) of `weight` from the run's observer, scales rounded as the backend stores them."""
+    observer = ctx.make_observer(args)
+    try:
+        observer.observe(weight)
+    except ValueError as exc:
+        if "NaN or Inf" not in str(exc):
+            raise
+        raise NonFiniteError(f"{name}.weight: {exc}") from None  # say which weight
+    scale, zero_point = observer.qparams()
+    scale = ctx.round_scale(scale)
+    return (scale, zero_point), quantize(weight, scale, zero_point, args)
+
+
+@hookimpl
+def register_algorithms(register):
+    register("rtn", RoundToNearest)

@@ -1,0 +1,137 @@
+"""`awq`: scales searched on calibration inputs, folded so the float layer is unchanged and its quantized
+output error drops below round-to-nearest's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from hfquant.algorithm import AlgorithmError
+from hfquant.plugins import registries
+from hfquant.quant import QuantArgs
+from hfquant.scheme import QuantScheme
+from hfquant_builtins.algorithms.awq import ActivationAwareScaling
+from hfquant_builtins.algorithms.rtn import RoundToNearest
+
+from .test_smoothing import (ARCHS, W4, apply_codes, layer_context, outlier_inputs, relative, simulate,
+                             sublayer_output, tiny_model)
+
+
+def quantized_error(model, algorithms, x, scheme=W4) -> float:
+    """Mean squared error of layer 0's quantized output against the float one, after `algorithms` + codes."""
+    ref = sublayer_output(model, x)
+    model = copy.deepcopy(model)
+    apply_codes(simulate(model, algorithms, x, scheme))
+    return float((sublayer_output(model, x) - ref).pow(2).mean())
+
+
+def test_registered_as_a_data_driven_weight_editor():
+    cls = registries().algorithms.get("awq")
+    assert cls is ActivationAwareScaling and cls.requires_data and not cls.produces_codes
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_float_function_unchanged(arch):
+    model, x = tiny_model(arch), outlier_inputs()
+    before = sublayer_output(model, x)
+    awq = ActivationAwareScaling()
+    simulate(model, [awq], x)
+    assert relative(sublayer_output(model, x), before) < 1e-5
+    assert any(alpha > 0 for alpha in awq.chosen.values())  # it did scale something
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_beats_round_to_nearest_on_outlier_channels(arch):
+    model, x = tiny_model(arch), outlier_inputs()
+    rtn = quantized_error(model, [RoundToNearest()], x)
+    awq = quantized_error(model, [ActivationAwareScaling(), RoundToNearest()], x)
+    assert awq < 0.8 * rtn
+
+
+def test_full_range_negative_scales():
+    scheme = QuantScheme("t-q4_0", weights=QuantArgs(num_bits=4, strategy="group", group_size=16, full_range=True))
+    model, x = tiny_model("llama"), outlier_inputs()
+    rtn = quantized_error(model, [RoundToNearest()], x, scheme)
+    assert quantized_error(model, [ActivationAwareScaling(), RoundToNearest()], x, scheme) < 0.8 * rtn
+
+
+def test_ignored_consumer_is_still_folded_consistently():
+    scheme = QuantScheme("t-no-k", weights=W4.weights, ignore=("re:.*k_proj",))
+    model, x = tiny_model("llama"), outlier_inputs()
+    k_before = model.model.layers[0].self_attn.k_proj.weight.clone()
+    before = sublayer_output(model, x)
+    ctx = simulate(model, [ActivationAwareScaling()], x, scheme)
+    assert "model.layers.0.self_attn.k_proj" not in ctx.targets
+    assert not torch.equal(model.model.layers[0].self_attn.k_proj.weight, k_before)
+    assert relative(sublayer_output(model, x), before) < 1e-5
+
+
+def test_groups_without_quantized_consumers_are_left_alone():
+    scheme = QuantScheme("t-attn-only", weights=W4.weights, ignore=("re:.*mlp\\..*",))
+    model, x = tiny_model("llama"), outlier_inputs()
+    mlp_params = {n: p.clone() for n, p in model.named_parameters() if "mlp" in n or "post_attention" in n}
+    awq = ActivationAwareScaling()
+    simulate(model, [awq], x, scheme)
+    assert all(torch.equal(p, mlp_params[n]) for n, p in model.named_parameters() if n in mlp_params)
+    assert list(awq.chosen) == ["model.layers.0.input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"]
+
+
+class PostNormLayer(torch.nn.Module):
+    """Llama's module names, but post_attention_layernorm normalises the attention output (OLMo2-style) and the
+    MLP reads the raw residual: folding into it would change the function."""
+
+    def __init__(self, h: int = 16):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = LlamaRMSNorm(h), LlamaRMSNorm(h)
+        self.self_attn, self.mlp = torch.nn.Module(), torch.nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, torch.nn.Linear(h, h, bias=False))
+        for name, shape in (("gate_proj", (h, 32)), ("up_proj", (h, 32)), ("down_proj", (32, h))):
+            setattr(self.mlp, name, torch.nn.Linear(*shape, bias=False))
+        self.mlp.forward = lambda x: self.mlp.down_proj(torch.nn.functional.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+
+    def forward(self, x):
+        a = self.input_layernorm(x)
+        attn = self.self_attn.o_proj(self.self_attn.v_proj(a) + 0 * self.self_attn.q_proj(a) + 0 * self.self_attn.k_proj(a))
+        h = x + self.post_attention_layernorm(attn)
+        return h + self.mlp(h)
+
+
+def test_norm_that_does_not_feed_its_consumers_is_refused():
+    layer = PostNormLayer()
+    ctx = layer_context(layer)
+    awq = ActivationAwareScaling()
+    awq.start_layer(ctx)
+    with torch.no_grad():
+        layer(torch.randn(2, 5, 16))
+    ctx.remove_hooks()
+    with pytest.raises(AlgorithmError, match="PostNormLayer.*does not read post_attention_layernorm"):
+        awq.finish_layer(ctx)
+
+
+def test_start_layer_refuses_unknown_layer_naming_module_and_class():
+    import transformers
+    layer = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2)).h[0]
+    with pytest.raises(AlgorithmError, match=r"model\.layers\.0 \(GPT2Block\)"):
+        ActivationAwareScaling().start_layer(layer_context(layer))
+
+
+def test_targets_outside_layers_are_a_no_op():
+    model = tiny_model("llama")
+    ctx = layer_context(model.model.layers[0])
+    ctx.prefix, ctx.layer = "", None
+    awq = ActivationAwareScaling()
+    awq.start_layer(ctx)
+    awq.finish_layer(ctx)
+    assert not ctx._handles and not awq.chosen
+
+
+def test_options():
+    with pytest.raises(TypeError, match="alpha.*allowed: grid, max_tokens, linear_pairs"):
+        ActivationAwareScaling(alpha=0.5)
+    with pytest.raises(ValueError, match="grid"):
+        ActivationAwareScaling(grid=0)
+    assert ActivationAwareScaling(grid=5, max_tokens=64).grid == 5

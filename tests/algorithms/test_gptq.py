@@ -1,0 +1,241 @@
+"""GPTQ: the math (`hfquant.quant.gptq`) and the plugin (`hfquant_builtins.algorithms.gptq`) on tiny layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfquant import Observer, QuantScheme
+from hfquant.algorithm import AlgorithmError, LayerContext
+from hfquant.plan import ModulePlan
+from hfquant.quant import QuantArgs, code_dtype, compute_qparams, dequantize, min_max, quantize
+from hfquant.quant.gptq import HessianError, gptq_quantize, prepare_hessian
+from hfquant_builtins.algorithms.gptq import Gptq
+
+G32 = QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=32)
+ARGS = [
+    G32,
+    QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32),
+    QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=32, full_range=True),
+    QuantArgs(num_bits=8, symmetric=True, strategy="channel"),
+    QuantArgs(num_bits=4, symmetric=True, strategy="tensor"),
+]
+
+
+def minmax_qparams(x, args):
+    return compute_qparams(*min_max(x, args), args)
+
+
+def correlated_inputs(columns: int, tokens: int = 1024, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(columns) + 0.4 * torch.randn(columns, columns, generator=g)
+    return torch.randn(tokens, columns, generator=g) @ mix
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    return 2.0 * x.T @ x / x.shape[0]
+
+
+def weight(rows: int = 24, columns: int = 80, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed))
+
+
+def run(w, h, args, act_order=True, block_size=128, dampening=0.01):
+    return gptq_quantize(w, prepare_hessian(h, dampening, act_order), args, minmax_qparams, block_size)
+
+
+def output_error(w, codes, scale, zp, args, x):
+    return float(((dequantize(codes, scale, zp, args) - w) @ x.T).pow(2).mean())
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: f"{a.strategy}-{'sym' if a.symmetric else 'asym'}{'-full' if a.full_range else ''}")
+@pytest.mark.parametrize("act_order", [True, False])
+def test_identity_hessian_is_round_to_nearest(args, act_order):
+    """With uncorrelated inputs there is nothing to compensate: GPTQ must give exactly the RTN codes."""
+    w = weight()
+    codes, scale, zp = run(w, torch.eye(80), args, act_order)
+    rtn_scale, rtn_zp = minmax_qparams(w, args)
+    assert torch.equal(codes, quantize(w, rtn_scale, rtn_zp, args))
+    assert torch.equal(scale, rtn_scale) and torch.equal(zp, rtn_zp)
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: f"{a.strategy}-{'sym' if a.symmetric else 'asym'}{'-full' if a.full_range else ''}")
+@pytest.mark.parametrize("act_order", [True, False])
+def test_reduces_output_error_against_round_to_nearest(args, act_order):
+    w, x = weight(), correlated_inputs(80)
+    codes, scale, zp = run(w, hessian_of(x), args, act_order)
+    assert codes.dtype == code_dtype(args)
+    assert int(codes.min()) >= args.qmin and int(codes.max()) <= args.qmax
+    rtn_scale, rtn_zp = minmax_qparams(w, args)
+    rtn = output_error(w, quantize(w, rtn_scale, rtn_zp, args), rtn_scale, rtn_zp, args, x)
+    assert output_error(w, codes, scale, zp, args, x) < 0.7 * rtn
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_ragged_last_group_keeps_plain_layout(act_order):
+    """80 columns in groups of 32: three groups, the last of 16; requantizing the stored values is a fixpoint."""
+    w, x = weight(), correlated_inputs(80)
+    codes, scale, zp = run(w, hessian_of(x), G32, act_order)
+    assert codes.shape == (24, 80) and scale.shape == (24, 3) and zp.shape == (24, 3)
+    assert scale.dtype == torch.float32 and zp.dtype == torch.int32
+    assert int(codes.min()) >= G32.qmin and int(codes.max()) <= G32.qmax
+    assert torch.equal(quantize(dequantize(codes, scale, zp, G32), scale, zp, G32), codes)
+    if act_order:  # static groups: each group's qparams are those of the original weight's group
+        rtn_scale, _ = minmax_qparams(w, G32)
+        assert torch.equal(scale, rtn_scale)
+
+
+def test_full_range_negative_scales():
+    args = ARGS[2]
+    w, x = weight(), correlated_inputs(80)
+    codes, scale, zp = run(w, hessian_of(x), args)
+    assert bool((scale < 0).any()) and bool((scale > 0).any())
+    assert int(codes.min()) == args.qmin  # the full range is used
+    assert torch.equal(quantize(dequantize(codes, scale, zp, args), scale, zp, args), codes)
+
+
+def test_block_size_changes_only_rounding_noise():
+    """Lazy block updates (and a group start inside a block, whose pending updates are added) are exact."""
+    w, h = weight(), hessian_of(correlated_inputs(80))
+    for act_order in (True, False):
+        a, _, _ = run(w, h, G32, act_order, block_size=128)
+        b, _, _ = run(w, h, G32, act_order, block_size=7)
+        assert float((a == b).float().mean()) > 0.99
+
+
+def test_deterministic():
+    w, h = weight(), hessian_of(correlated_inputs(80))
+    first, second = run(w, h, G32), run(w, h, G32)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_dead_inputs_get_zero_weights():
+    x = correlated_inputs(80)
+    x[:, [3, 40]] = 0.0
+    w = weight()
+    codes, scale, zp = run(w, hessian_of(x), G32)
+    values = dequantize(codes, scale, zp, G32)
+    assert torch.isfinite(values).all()
+    assert torch.equal(values[:, [3, 40]], torch.zeros(24, 2))
+
+
+def test_indefinite_hessian_is_retried_then_refused():
+    h = torch.eye(4)
+    h[0, 1] = h[1, 0] = 1000.0  # eigenvalue -999: no damping tried can fix it
+    with pytest.raises(HessianError, match="retries"):
+        prepare_hessian(h)
+    slightly = torch.eye(4)
+    slightly[0, 1] = slightly[1, 0] = 1.05  # eigenvalue -0.05: fixed by the second damping increase
+    assert prepare_hessian(slightly).damping > 0.01
+    with pytest.raises(HessianError, match="negative diagonal"):
+        prepare_hessian(-torch.eye(4))
+
+
+# --- the plugin ---------------------------------------------------------------------------------------------
+
+def context(layer, targets, args=G32, prefix=""):
+    scheme = QuantScheme("test", weights=args)
+    plans = {n: ModulePlan(n, args) for n in targets}
+    return LayerContext(prefix, layer, targets, plans, scheme, make_observer=lambda a: Observer(a),
+                        round_scale=lambda s: s.half().float())
+
+
+def run_plugin(algorithm, ctx, batches):
+    algorithm.start_layer(ctx)
+    for x in batches:
+        ctx.layer(x)
+    ctx.remove_hooks()
+    algorithm.finish_layer(ctx)
+
+
+def test_plugin_matches_the_math_and_rounds_scales_first():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(80, 24, bias=False)
+    ctx = context(linear, {"fc": linear})
+    batches = [correlated_inputs(80, 64, seed=s).reshape(2, 32, 80) for s in range(3)]
+    before = linear.weight.detach().clone()
+    run_plugin(Gptq(), ctx, batches)
+    assert torch.equal(linear.weight, before)  # the driver, not the algorithm, writes the weight back
+    x = torch.cat([b.reshape(-1, 80) for b in batches])
+    rounded = lambda v, a: (lambda s, z: (s.half().float(), z))(*minmax_qparams(v, a))  # noqa: E731
+    codes, scale, zp = gptq_quantize(before, prepare_hessian(hessian_of(x)), G32, rounded)
+    mp = ctx.plans["fc"]
+    assert torch.equal(mp.weight_qparams[0], scale) and torch.equal(mp.weight_qparams[1], zp)
+    assert float((mp.weight_codes == codes).float().mean()) > 0.99  # running mean vs one sum: float noise only
+
+
+def test_shared_inputs_share_one_hessian():
+    """q/k/v read the attention norm's output and gate/up the MLP norm's: 4 Hessians for 7 targets."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    layer = model.model.layers[0]
+    targets = {f"model.layers.0.{n}": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    ctx = context(layer, targets, QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16),
+                  prefix="model.layers.0.")
+    gptq = Gptq()
+    gptq.start_layer(ctx)
+    with torch.no_grad():
+        for seed in range(2):
+            model(input_ids=torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(seed)))
+    ctx.remove_hooks()
+    groups = sorted(sorted(ctx.local_name(n) for n in s.members) for s in gptq._distinct())
+    assert groups == [["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                      ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    assert all(s.tokens == 24 for s in gptq._distinct())
+    gptq.finish_layer(ctx)
+    assert ctx.plans["model.layers.0.mlp.down_proj"].weight_qparams[0].shape == (32, 3)
+    assert all(mp.weight_codes is not None and mp.weight_codes.shape == targets[n].weight.shape
+               for n, mp in ctx.plans.items())
+    assert gptq._by_target == {}  # statistics freed
+
+
+def test_plugin_skips_targets_with_codes_and_unquantized_ones():
+    linear = torch.nn.Linear(80, 24, bias=False)
+    ctx = context(linear, {"fc": linear})
+    ctx.plans["fc"].weight_codes = done = torch.zeros(24, 80, dtype=torch.int8)
+    run_plugin(Gptq(), ctx, [correlated_inputs(80, 16)])
+    assert ctx.plans["fc"].weight_codes is done and ctx.plans["fc"].weight_qparams is None
+    ctx.plans["fc"] = ModulePlan("fc", None)
+    run_plugin(Gptq(), ctx, [correlated_inputs(80, 16)])
+    assert ctx.plans["fc"].weight_codes is None
+
+
+def test_target_without_inputs_is_named():
+    used, unused = torch.nn.Linear(80, 24), torch.nn.Linear(80, 24)
+    ctx = context(used, {"model.layers.0.used": used, "model.layers.0.unused": unused})
+    with pytest.raises(AlgorithmError, match="model.layers.0.unused received no calibration inputs"):
+        run_plugin(Gptq(), ctx, [correlated_inputs(80, 16)])
+
+
+def test_failed_cholesky_names_the_module(monkeypatch):
+    linear = torch.nn.Linear(4, 3)
+    ctx = context(linear, {"model.layers.2.mlp.up_proj": linear}, QuantArgs(num_bits=8, strategy="channel"))
+    gptq = Gptq()
+    gptq.start_layer(ctx)
+    linear(torch.randn(8, 4))
+    ctx.remove_hooks()
+    stats = gptq._by_target["model.layers.2.mlp.up_proj"]
+    stats.h = torch.eye(4)
+    stats.h[0, 1] = stats.h[1, 0] = 1000.0
+    with pytest.raises(AlgorithmError, match=r"model\.layers\.2\.mlp\.up_proj.*dampening"):
+        gptq.finish_layer(ctx)
+
+
+def test_options_are_checked():
+    with pytest.raises(TypeError, match="blocksize.*allowed: block_size, dampening, act_order"):
+        Gptq(blocksize=64)
+    with pytest.raises(AlgorithmError, match="dampening"):
+        Gptq(dampening=0)
+    gptq = Gptq(block_size=64, dampening=0.05, act_order=False)
+    assert (gptq.block_size, gptq.dampening, gptq.act_order) == (64, 0.05, False)
+
+
+def test_registered():
+    from hfquant.plugins import registries
+
+    assert registries().algorithms.get("gptq") is Gptq
+    assert Gptq.requires_data and Gptq.produces_codes

@@ -1,0 +1,146 @@
+"""The layer-by-layer driver: algorithms called in order around one calibration pass per layer, codes computed
+once and stored as chosen, quantized outputs propagated by default; config errors before any work."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from hfquant.config import ConfigError, validate
+from hfquant.pipeline.calibrate import build_plan
+from hfquant.pipeline.layerwise import make_chain, quantize_in_memory
+from hfquant.pipeline.run import run
+from hfquant.plugins import registries
+from hfquant.quant import dequantize, quantize
+from hfquant.registry import Registry
+from tests.conftest import compose, tiny_overrides
+from tests.pipeline.test_streaming import assert_same_folder
+
+
+def _model(tiny_llm_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
+
+
+class _Windows:
+    def __init__(self, ids):
+        self.input_ids = ids
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+
+class Recorder:
+    """A data-hungry weight editor that edits nothing: records what it was called with, and in what order."""
+
+    requires_data, produces_codes = True, False
+    calls = []
+
+    def __init__(self):
+        self.seen = {}
+
+    def start_layer(self, ctx):
+        Recorder.calls.append(("start", ctx.prefix))
+        for name, module in ctx.targets.items():
+            ctx.hook(module, lambda m, x, name=name: self.seen.setdefault(name, []).append(x.detach().clone()))
+
+    def finish_layer(self, ctx):
+        Recorder.calls.append(("finish", ctx.prefix, {n: mp.weight_codes is None for n, mp in ctx.plans.items()}))
+
+
+def _registry():
+    reg = Registry("algorithms")
+    reg.add("rtn", registries().algorithms.get("rtn"), "test")
+    reg.add("recorder", Recorder, "test")
+    return reg
+
+
+def _plan(model, scheme="w4a16"):
+    minmax = registries().observers.get("minmax")
+    sch = registries().schemes.get(scheme)
+    if sch.weights.strategy == "group":
+        sch = dataclasses.replace(sch, weights=sch.weights.replace(group_size=32))
+    return build_plan(model, sch, "minmax", minmax, {}), lambda args: minmax(args)
+
+
+def test_rtn_codes_are_the_observer_codes_and_the_error_is_theirs(tiny_llm_dir):
+    model = _model(tiny_llm_dir)
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    plan, make_observer = _plan(model, "w8a16")
+    stats = quantize_in_memory(model, plan, make_chain({"rtn": {}}), make_observer)
+    err = energy = 0.0
+    for name, mp in plan.modules.items():
+        obs = make_observer(mp.weight_args)
+        obs.observe(weights[name])
+        scale, zp = obs.qparams()
+        assert torch.equal(mp.weight_codes, quantize(weights[name], scale, zp, mp.weight_args))
+        err += float((dequantize(mp.weight_codes, scale, zp, mp.weight_args) - weights[name]).pow(2).sum())
+        energy += float(weights[name].pow(2).sum())
+    assert stats["weight_relative_mse"] == pytest.approx(err / energy, rel=1e-6)
+
+
+@pytest.mark.parametrize("propagate", ["quantized", "float"])
+def test_each_layer_sees_the_previous_layers_outputs(tiny_llm_dir, propagate):
+    torch.manual_seed(0)
+    ids = torch.randint(2, 300, (3, 24))
+    model = _model(tiny_llm_dir)
+    float_inputs = []  # what layer 1's q_proj sees in the float model
+    h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: float_inputs.append(a[0].clone()))
+    with torch.no_grad():
+        for i in range(3):
+            model(input_ids=ids[i : i + 1])
+    h.remove()
+    plan, make_observer = _plan(model)
+    Recorder.calls = []
+    chain = make_chain({"recorder": {}}, propagate, registry=_registry())
+    quantize_in_memory(model, plan, chain, make_observer, windows=_Windows(ids))
+    recorder = chain.steps[0][1]
+    seen = torch.cat(recorder.seen["model.layers.1.self_attn.q_proj"])
+    expected = torch.cat(float_inputs)
+    if propagate == "float":
+        torch.testing.assert_close(seen, expected, rtol=1e-5, atol=1e-5)
+    else:  # layer 0's quantized weights changed what layer 1 sees
+        assert not torch.allclose(seen, expected, rtol=1e-4, atol=1e-4)
+    # order: start → (pass) → finish per layer, weight editor before the appended rtn, which set every code
+    assert chain.names == ["recorder", "rtn"]
+    assert [c[:2] for c in Recorder.calls] == [("start", "model.layers.0."), ("finish", "model.layers.0."),
+                                               ("start", "model.layers.1."), ("finish", "model.layers.1.")]
+    assert all(Recorder.calls[1][2].values())  # no codes yet when the editor finishes
+    assert all(mp.weight_codes is not None for mp in plan.modules.values())
+    assert set(chain.handled.values()) == {"rtn"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["calibration=none", "algorithm=gptq"], "algorithm gptq learns from layer inputs and needs calibration data"),
+    (["algorithm=[gptq,awq]"], "gptq chooses the codes, so it must come last (e.g. algorithm=[awq,gptq])"),
+    (["algorithm=[hqq,gptq]"], "hqq and gptq both choose the integer codes"),
+    (["algorithm=gptq", "scheme=nf4", "backend=bitsandbytes"], "backend=bitsandbytes computes its own codes"),
+    (["algorithm=gptq", "+algorithm.gptq.blok_size=3"], "algorithm.gptq: unknown option(s) ['blok_size']"),
+    (["algorithm=awq", "scheme=w8a8-static"], "edits weights after static activation scales are observed"),
+    (["propagate=sideways"], "propagate='sideways'; allowed: quantized"),
+])
+def test_bad_algorithm_requests_fail_at_config_time(tiny_llm_dir, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        overrides = (["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'out'}", *extra]
+                     if "calibration=none" in extra else tiny_overrides(tiny_llm_dir, tmp_path / "out", *extra))
+        validate(compose(overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_algorithm_list_composes_in_order(tiny_llm_dir, tmp_path):
+    spec = validate(compose(tiny_overrides(tiny_llm_dir, tmp_path / "o", "algorithm=[awq,gptq]", "algorithm.gptq.block_size=64")))
+    assert list(spec.algorithms) == ["awq", "gptq"] and spec.algorithms["gptq"]["block_size"] == 64
+    assert list(validate(compose(tiny_overrides(tiny_llm_dir, tmp_path / "o"))).algorithms) == ["rtn"]
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]"])
+def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, algorithm):
+    common = ["evaluation=none", "scheme=w4a16", "scheme.weights.group_size=32", f"algorithm={algorithm}",
+              "calibration.generated=0"]
+    mem = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "mem", "pipeline=in_memory", *common)))
+    streamed = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "str", "pipeline=streaming", *common)))
+    assert streamed["run"]["pipeline"] == "streaming" and "learned from layer inputs" in streamed["calibration"]["status"]
+    assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
+    assert streamed["quantization"]["weight_sqnr_db"] == pytest.approx(mem["quantization"]["weight_sqnr_db"], rel=1e-9)
+    assert mem["quantization"]["algorithms"] == algorithm.strip("[]").split(",")
