@@ -4,6 +4,7 @@ Public API for users and plugin authors; the tensor math lives in `hfquant.quant
 """
 
 from .algorithm import Algorithm, AlgorithmError, LayerContext
+from .format import Format
 from .hookspecs import hookimpl
 from .observer import Observer
 from .quant import QuantArgs, QuantArgsError, compute_qparams, dequantize, fake_quantize, quantize
@@ -32,6 +33,7 @@ _register_format()
 __all__ = [
     "Algorithm",
     "AlgorithmError",
+    "Format",
     "LayerContext",
     "Observer",
     "PluginError",

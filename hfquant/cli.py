@@ -39,6 +39,8 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
         cs.store(group="observer", name=name, node={"name": name, "options": constructor_defaults(regs.observers.get(name))})
     for name in regs.algorithms.names():
         cs.store(group="algorithm", name=name, node={name: constructor_defaults(regs.algorithms.get(name))})
+    for name in regs.formats.names() + ["auto"]:
+        cs.store(group="format", name=name, node={"name": name})
     for name in regs.backends.names() + ["auto"]:
         cs.store(group="backend", name=name, node={"name": name})
     get_plugin_manager().hook.register_configs(config_store=cs)

@@ -65,6 +65,7 @@ class RunSpec:
     pipeline: str = "auto"
     max_shard_size: Any = "5GB"
     algorithms: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"rtn": {}})  # in order
+    format: str = "auto"  # auto = the backend's format
     propagate: str = "quantized"
 
     @property
@@ -247,6 +248,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     calibration = _data(cfg.calibration, "calibration", need_samples=True)
     if scheme.needs_calibration_data and calibration is None:
         raise ConfigError(f"scheme {scheme.name!r} calibrates static activations: set calibration=pydoc (or another dataset), not none")
+    fmt = _format(cfg, scheme, backend, device)
     algorithms, propagate = _algorithms(cfg, scheme, backend)
     needs_data = [n for n in algorithms if getattr(registries().algorithms.get(n), "requires_data", False)]
     if needs_data and calibration is None:
@@ -275,7 +277,27 @@ def validate(cfg: DictConfig) -> RunSpec:
     _check_hub(hub, evaluation, bool(cfg.get("resume", False)), str(output_dir))
     return RunSpec(model, scheme, observer, options, backend, calibration, evaluation, str(output_dir),
                    bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub, pipeline, max_shard_size,
-                   algorithms, propagate)
+                   algorithms=algorithms, propagate=propagate, format=fmt)
+
+
+def _format(cfg: DictConfig, scheme: QuantScheme, backend: str, device: str) -> str:
+    """`format=auto` keeps the backend's own; a named format must store the scheme and be run by the backend."""
+    fmt = str((_plain(cfg.get("format")) or {}).get("name", "auto"))
+    if fmt == "auto":
+        return fmt
+    _known("formats", fmt, "format")
+    problem = registries().formats.get(fmt).problem(scheme)
+    if problem:
+        raise ConfigError(f"format={fmt} cannot store scheme {scheme.name!r}: {problem}")
+    runs = {n: getattr(registries().backends.get(n), "format", "hfquant") for n in registries().backends.names()}
+    if backend != "auto" and runs[backend] != fmt:
+        able = [n for n, f in runs.items() if f == fmt]
+        raise ConfigError(f"backend={backend} runs the {runs[backend]} format, not {fmt}; use backend="
+                          f"{' or '.join(able) or 'auto'} (or format=auto)")
+    if backend == "auto" and not any(f == fmt and registries().backends.get(n).supports(scheme, device) is None
+                                     for n, f in runs.items()):
+        raise ConfigError(f"no backend runs format={fmt} with scheme {scheme.name!r} on {device}")
+    return fmt
 
 
 def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str):

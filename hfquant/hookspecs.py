@@ -38,6 +38,17 @@ def register_algorithms(register):
 
 
 @hookspec
+def register_formats(register):
+    """Register on-disk formats: ``register("name", FormatClass)``.
+
+    ``FormatClass.problem(scheme)`` says (at config time) why a scheme cannot be stored; ``FormatClass(scheme)``
+    then provides ``compress(module_plan, {"weight", "bias"}) -> {local name: tensor}`` (pure: the same call for a
+    live module and for tensors streamed from a checkpoint), ``parameter_names`` and ``quantization_config``.
+    See ``hfquant.Format`` and docs/plugins.md.
+    """
+
+
+@hookspec
 def register_backends(register):
     """Register backends: ``register("name", BackendClass)``; see docs/plugins.md for the Backend protocol."""
 

@@ -25,7 +25,7 @@ from .registry import PluginError, Registry
 ENTRY_POINT_GROUP = "hfquant"
 ALLOWLIST_ENV = "HFQUANT_LOAD_PLUGINS"
 log = logging.getLogger("hfquant")
-KINDS = ("observers", "schemes", "algorithms", "backends", "datasets", "evaluators")
+KINDS = ("observers", "schemes", "algorithms", "formats", "backends", "datasets", "evaluators")
 
 BUILTIN_MODULES = (
     "hfquant_builtins.observers.minmax",
@@ -44,6 +44,8 @@ BUILTIN_MODULES = (
     "hfquant_builtins.datasets.prose",
     "hfquant_builtins.evaluators.perplexity",
     "hfquant_builtins.evaluators.embedding_similarity",
+    "hfquant_builtins.formats.hfquant_format",
+    "hfquant_builtins.formats.bitsandbytes_format",
     "hfquant_builtins.backends.fake",
     "hfquant_builtins.backends.cpu",
     "hfquant_builtins.backends.bitsandbytes",

@@ -5,7 +5,7 @@ the op's output channels by `s` and multiplying the consumers' input columns by 
 function unchanged, and the saved model keeps its original architecture — that is what AWQ and SmoothQuant
 edit. Layouts are recognised by the modules a layer has (names and shapes), never by class name; norms are
 probed to learn whether they multiply by `w` (Llama) or by `1 + w` (Gemma), and during calibration each
-norm is checked to really feed its consumers (`FeedCheck`). Anything else is refused naming the class.
+norm is checked to really feed its consumers (`check_feeds`). Anything else is refused naming the class.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ SUPPORTED_LAYOUTS = (
     "sandwich-norm (Gemma2, Gemma3): input_layernorm -> self_attn.{q,k,v}_proj, "
     "pre_feedforward_layernorm -> mlp.{gate,up}_proj",
 )
-# Modules of self_attn that cannot sit between v_proj's output and o_proj's input (q/k norms act on q and k).
+# All self_attn may hold for v_proj -> o_proj to be exact: anything else might sit between v and o (q/k norms
+# act on q and k only).
 _ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rotary_emb"}
 NORM, NORM_PLUS_ONE, LINEAR = "norm", "norm+1", "linear"
 
@@ -55,56 +56,47 @@ def refuse(layer: torch.nn.Module, why: str, algorithm: str, name: str = "") -> 
     )
 
 
-def find_groups(layer: torch.nn.Module, algorithm: str, linear_pairs: bool = True, name: str = "") -> List[SmoothGroup]:
+def find_groups(layer: torch.nn.Module, algorithm: str, linear_pairs: bool = True,
+                name: str = "") -> List[SmoothGroup]:
     """The layer's groups in forward order: attention input, [v -> o], MLP input, [up -> down].
 
     `linear_pairs` adds the Linear -> Linear groups where they are exact: v_proj -> o_proj when nothing but
     attention sits between them and their shapes agree (no grouped-query head sharing), up_proj -> down_proj
     when the MLP is linear in up_proj's output (probed). `name` (the layer's prefix) is named in refusals."""
-    try:
-        return _groups(layer, algorithm, linear_pairs)
-    except AlgorithmError as exc:
-        if not name:
-            raise
-        raise AlgorithmError(str(exc).replace(f"smooth {type(layer).__name__}:",
-                                              f"smooth {name.rstrip('.')} ({type(layer).__name__}):", 1)) from None
+    def fail(why: str) -> AlgorithmError:
+        return refuse(layer, why, algorithm, name)
 
-
-def _groups(layer: torch.nn.Module, algorithm: str, linear_pairs: bool) -> List[SmoothGroup]:
-    attn = _part(layer, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), algorithm)
-    mlp = _part(layer, "mlp", ("gate_proj", "up_proj", "down_proj"), algorithm)
-    mlp_norm = "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
-    groups = [
-        _norm_group(layer, "input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), algorithm),
-    ]
+    attn = _part(layer, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), fail)
+    mlp = _part(layer, "mlp", ("gate_proj", "up_proj", "down_proj"), fail)
+    sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma2/3: post_attention_layernorm follows attention
+    groups = [_norm_group(layer, "input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), fail)]
     if linear_pairs and attn.v_proj.out_features == attn.o_proj.in_features and \
             {n for n, _ in attn.named_children()} <= _ATTENTION_PARTS:
         groups.append(_linear_group("self_attn", attn, "v_proj", "o_proj"))
-    groups.append(_norm_group(layer, mlp_norm, "mlp", ("gate_proj", "up_proj"), algorithm))
+    mlp_norm = "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"
+    groups.append(_norm_group(layer, mlp_norm, "mlp", ("gate_proj", "up_proj"), fail))
     if linear_pairs and _linear_in_up(mlp):
         groups.append(_linear_group("mlp", mlp, "up_proj", "down_proj"))
     return groups
 
 
-def _part(layer, name: str, linears: Tuple[str, ...], algorithm: str) -> torch.nn.Module:
+def _part(layer, name: str, linears: Tuple[str, ...], fail) -> torch.nn.Module:
     part = getattr(layer, name, None)
     missing = [n for n in linears if not isinstance(getattr(part, n, None), torch.nn.Linear)]
     if part is None or missing:
-        names = ", ".join(f"{name}.{n}" for n in (missing or linears))
-        raise refuse(layer, f"it has no Linear {names}", algorithm)
+        raise fail("it has no Linear " + ", ".join(f"{name}.{n}" for n in (missing or linears)))
     return part
 
 
-def _norm_group(layer, norm_name: str, part: str, consumers: Tuple[str, ...], algorithm: str) -> SmoothGroup:
+def _norm_group(layer, norm_name: str, part: str, consumers: Tuple[str, ...], fail) -> SmoothGroup:
     norm = getattr(layer, norm_name, None)
     if not isinstance(norm, torch.nn.Module):
-        raise refuse(layer, f"it has no {norm_name}", algorithm)
+        raise fail(f"it has no {norm_name}")
     mods = tuple(getattr(getattr(layer, part), c) for c in consumers)
+    kind = norm_form(norm, norm_name, fail)
     width = {m.in_features for m in mods}
-    kind = norm_form(norm, norm_name, layer, algorithm)
     if width != {norm.weight.numel()}:
-        raise refuse(layer, f"{norm_name} has {norm.weight.numel()} channels but {part}'s projections read "
-                            f"{sorted(width)}", algorithm)
+        raise fail(f"{norm_name} has {norm.weight.numel()} channels but {part}'s projections read {sorted(width)}")
     return SmoothGroup(norm_name, norm, kind, tuple(f"{part}.{c}" for c in consumers), mods)
 
 
@@ -113,14 +105,14 @@ def _linear_group(part: str, parent, source: str, consumer: str) -> SmoothGroup:
                        (getattr(parent, consumer),))
 
 
-def norm_form(norm: torch.nn.Module, name: str, layer: torch.nn.Module, algorithm: str) -> str:
+def norm_form(norm: torch.nn.Module, name: str, fail) -> str:
     """NORM when `norm` computes w·n(x) [+ b], NORM_PLUS_ONE when (1 + w)·n(x): probed on a copy with set
     weights (Gemma's zero-initialised weight means "× 1"), so no list of norm classes is needed."""
     params = dict(norm.named_parameters())
     if set(params) not in ({"weight"}, {"weight", "bias"}) or params["weight"].dim() != 1:
-        raise refuse(layer, f"{name} ({type(norm).__name__}) is not a norm with a per-channel weight "
-                            f"(parameters: {sorted(params)})", algorithm)
-    probe = copy.deepcopy(norm).float()
+        raise fail(f"{name} ({type(norm).__name__}) is not a norm with a per-channel weight "
+                   f"(parameters: {sorted(params)})")
+    probe = _without_hooks(copy.deepcopy(norm)).float()
     n = probe.weight.numel()
     x = torch.randn(4, n, generator=torch.Generator().manual_seed(0)).to(probe.weight.device)
 
@@ -137,12 +129,13 @@ def norm_form(norm: torch.nn.Module, name: str, layer: torch.nn.Module, algorith
         return NORM
     if ym.abs().max() <= tol and (y1 - 2 * y0).abs().max() <= tol:
         return NORM_PLUS_ONE
-    raise refuse(layer, f"{name} ({type(norm).__name__}) scales its output neither by w nor by 1 + w", algorithm)
+    raise fail(f"{name} ({type(norm).__name__}) scales its output neither by w nor by 1 + w")
 
 
 def _linear_in_up(mlp: torch.nn.Module) -> bool:
     """Whether the MLP's output stays the same when up_proj's outputs are divided by s and down_proj's inputs
     multiplied by s — i.e. down reads up's output channel by channel (down(act(gate(x)) * up(x)))."""
+    mlp = _without_hooks(mlp)  # other algorithms' statistics hooks must not see the probe
     w = mlp.up_proj.weight
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, mlp.up_proj.in_features, generator=gen).to(w.device, w.dtype)
@@ -162,6 +155,20 @@ def _linear_in_up(mlp: torch.nn.Module) -> bool:
     if not ok:
         log.debug("%s: up_proj -> down_proj is not channel-wise; not smoothed", type(mlp).__name__)
     return ok
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def _without_hooks(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of `module` and its submodules (parameters shared, not copied) without forward hooks."""
+    clone = copy.copy(module)
+    for attr in _HOOK_DICTS:
+        if hasattr(module, attr):
+            setattr(clone, attr, type(getattr(module, attr))())
+    clone._modules = {name: None if m is None else _without_hooks(m) for name, m in module._modules.items()}
+    return clone
 
 
 @torch.no_grad()
@@ -238,10 +245,10 @@ class InputStats:
 
 class FirstRows:
     """A ctx.hook callback keeping the first rows a module sees (the input of a norm, to check its output is
-    what the group's consumers read)."""
+    what the group's consumers read), and the norm's weight when the hooks went in."""
 
-    def __init__(self, rows: int = 8) -> None:
-        self.n, self.rows = rows, None
+    def __init__(self, weight: torch.Tensor, rows: int = 8) -> None:
+        self.n, self.rows, self.weight = rows, None, weight.detach().clone()
 
     def __call__(self, module: torch.nn.Module, x: torch.Tensor) -> None:
         if self.rows is None:
@@ -255,6 +262,10 @@ def check_feeds(group: SmoothGroup, source_input: Optional[FirstRows], consumer_
     sublayer), which folding would silently break. Linear pairs are checked when found."""
     if group.kind == LINEAR or source_input is None or source_input.rows is None or consumer_input.first is None:
         return
+    if not torch.equal(group.source.weight, source_input.weight):
+        raise AlgorithmError(f"{algorithm}: {name}{group.source_name} was rescaled by an algorithm before it, after "
+                             "the calibration pass, so its statistics no longer hold; use one smoothing algorithm "
+                             "(awq or smoothquant) per run")
     expected = group.source(source_input.rows).float()
     got = consumer_input.first.to(expected.device)
     if expected.shape != got.shape:
@@ -267,12 +278,12 @@ def check_feeds(group: SmoothGroup, source_input: Optional[FirstRows], consumer_
 
 
 def hook_groups(ctx, groups: List[SmoothGroup], max_rows: int = 0) -> Dict[str, Tuple[Optional[FirstRows], InputStats]]:
-    """Install the statistics hooks for `groups` on ctx; returns {group source name: (norm input, consumers' input)}."""
+    """Install the statistics hooks for `groups` on ctx: {group source name: (norm input, consumers' input)}."""
     stats = {}
     for group in groups:
         first = None
         if group.kind != LINEAR:
-            first = FirstRows()
+            first = FirstRows(group.source.weight)
             ctx.hook(group.source, first)
         inputs = InputStats(max_rows=max_rows)
         ctx.hook(group.consumers[0], inputs)

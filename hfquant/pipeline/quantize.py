@@ -17,8 +17,13 @@ log = logging.getLogger("hfquant")
 AUTO_PREFERENCE = ("cpu", "bitsandbytes", "fake")
 
 
-def resolve_backend(name: str, scheme, device: str) -> Tuple[str, str]:
-    """(backend name, why it was chosen)."""
+def backend_format(backend) -> str:
+    """The format a backend's kernels run (and its folders are saved in)."""
+    return getattr(backend, "format", "hfquant")
+
+
+def resolve_backend(name: str, scheme, device: str, fmt: str = "auto") -> Tuple[str, str]:
+    """(backend name, why it was chosen); with `fmt` set, only backends running that format qualify."""
     if name != "auto":
         return name, "asked for by backend=" + name
     backends = registries().backends
@@ -26,6 +31,8 @@ def resolve_backend(name: str, scheme, device: str) -> Tuple[str, str]:
     refusals = []
     for candidate in order:
         reason = backends.get(candidate).supports(scheme, device)
+        if reason is None and fmt != "auto" and backend_format(backends.get(candidate)) != fmt:
+            reason = f"runs format {backend_format(backends.get(candidate))}, not {fmt}"
         if reason is None:
             why = f"auto: first of {', '.join(order)} that runs {scheme.name} on {device}"
             if refusals:

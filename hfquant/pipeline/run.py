@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
         spec.output_dir = ranks.broadcast(spec.output_dir)  # Hydra's timestamped folder may differ per process
         if spec.device.startswith("cuda") and ":" not in spec.device:
             spec.device = f"cuda:{ranks.local_rank}"
-    backend, backend_reason = resolve_backend(spec.backend, spec.scheme, spec.device)
+    backend, backend_reason = resolve_backend(spec.backend, spec.scheme, spec.device, spec.format)
     pipeline, pipeline_reason = choose_pipeline(spec, backend)
     timer = Timer()
     lock = None

@@ -260,27 +260,25 @@ class TensorSource:
 
 
 class ModuleQuantizer:
-    """One Linear's tensors → its quantized state dict: the run's algorithm chain chooses the codes exactly as
-    the in-memory driver does (`layerwise.quantize_module`), hfquant's format stores them."""
+    """One Linear's tensors → its saved tensors: the run's algorithm chain chooses the codes exactly as the
+    in-memory driver does (`layerwise.quantize_module`), the format's pure `compress` lays them out."""
 
-    def __init__(self, chain, make_observer, round_scale, dtype: torch.dtype, scheme) -> None:
+    def __init__(self, chain, make_observer, round_scale, dtype: torch.dtype, scheme, fmt) -> None:
         self.chain, self.make_observer, self.round_scale = chain, make_observer, round_scale
-        self.dtype, self.scheme = dtype, scheme
+        self.dtype, self.scheme, self.format = dtype, scheme, fmt
         self.ready: Dict[str, Dict[str, torch.Tensor]] = {}  # modules compressed layer by layer, not yet written
 
     @torch.no_grad()
     def __call__(self, mp: ModulePlan, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         weight = weight.to(self.dtype)
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=self.dtype)
-        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            linear.bias = torch.nn.Parameter(bias.to(self.dtype), requires_grad=False)
+        bias = None if bias is None else bias.to(self.dtype)
         if mp.weight_codes is None:
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=self.dtype)
+            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
             quantize_module(self.chain, mp, linear, self.scheme, self.make_observer, self.round_scale)
-        scale, zp = mp.weight_qparams
-        q = QuantLinear.from_linear(linear, mp.weight_args, scale, zp, mp.input_args, mp.input_qparams, codes=mp.weight_codes)
+        out = self.format.compress(mp, {"weight": weight, **({"bias": bias} if bias is not None else {})})
         mp.weight_codes = None  # written: the codes need not stay in memory
-        return dict(q.state_dict())
+        return out
 
     def stats(self) -> dict:
         return self.chain.stats()
@@ -362,7 +360,8 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     observer_cls = registries().observers.get(spec.observer)
     quantizer = ModuleQuantizer(make_chain(spec.algorithms, spec.propagate),
                                 lambda args: observer_cls(args, **spec.observer_options),
-                                getattr(backend, "round_scale", None), skeleton.dtype, spec.scheme)
+                                getattr(backend, "round_scale", None), skeleton.dtype, spec.scheme,
+                                registries().formats.get(getattr(backend, "format", "hfquant"))(spec.scheme))
     if quantizer.chain.requires_data:
         from .sequential import quantize_sequentially
 

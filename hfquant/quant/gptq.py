@@ -134,21 +134,23 @@ def gptq_quantize_shared(
     for w in weights:
         bounds.append(bounds[-1] + w.shape[0])
     # the work matrix is transposed (columns × stacked rows): each column's vector operations are contiguous
-    wt = torch.cat([w.detach().t().to(work) for w in weights], dim=1)
-    wt[hessian.dead] = 0.0  # an input that is always zero: its weights never reach the output
+    device = weights[0].device
+    perm = None if hessian.perm is None else hessian.perm.to(device)
+    wt = torch.cat([w.detach().t().to(device=device, dtype=work) for w in weights], dim=1)
+    wt[hessian.dead.to(device)] = 0.0  # an input that is always zero: its weights never reach the output
     qparams: List[List[QParams]] = [[] for _ in weights]  # per weight: its (scale, zp), or one pair per group
     if static:
         for k, fn in enumerate(qparams_for):
             qparams[k].append(fn(wt[:, bounds[k]:bounds[k + 1]].t(), args))
-    if hessian.perm is not None:
-        wt = wt[hessian.perm]
+    if perm is not None:
+        wt = wt[perm]
     if static:
-        scale_t = torch.cat([_column_qparams(q[0][0], args, hessian.perm, columns, work, bounds[k + 1] - bounds[k])
+        scale_t = torch.cat([_column_qparams(q[0][0], args, perm, columns, work, bounds[k + 1] - bounds[k])
                              for k, q in enumerate(qparams)], dim=1)
-        zero_t = torch.cat([_column_qparams(q[0][1], args, hessian.perm, columns, work, bounds[k + 1] - bounds[k])
+        zero_t = torch.cat([_column_qparams(q[0][1], args, perm, columns, work, bounds[k + 1] - bounds[k])
                             for k, q in enumerate(qparams)], dim=1)
     has_zero = not (args.symmetric and args.signed)  # symmetric signed: every zero point is 0, skip adding it
-    hinv = hessian.hinv.to(work)
+    hinv = hessian.hinv.to(device=device, dtype=work)
     group_args = args.replace(strategy="channel", group_size=None) if grouped else args
     qmin, qmax = args.qmin, args.qmax
     s = z = None
@@ -180,8 +182,8 @@ def gptq_quantize_shared(
         wt[i1:i2] = block  # the values just before rounding: their codes are the result
         if i2 < columns:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), errors, alpha=-1.0)
-    if hessian.perm is not None:
-        wt = wt[torch.argsort(hessian.perm)]
+    if perm is not None:
+        wt = wt[torch.argsort(perm)]
     results = []
     for k in range(len(weights)):
         if static:
@@ -216,8 +218,60 @@ def _column_qparams(p: torch.Tensor, args: QuantArgs, perm: Optional[torch.Tenso
     if p.dim() == 0:
         return p.expand(cols, rows)
     if args.strategy == "group":
-        index = torch.arange(cols) // args.group_size
+        index = torch.arange(cols, device=p.device) // args.group_size
         if perm is not None:
             index = index[perm]
         return p.t()[index]
     return p.reshape(1, rows).expand(cols, rows)
+
+
+# --- weights rescaled after the calibration pass --------------------------------------------------------------
+# Smoothing algorithms (AWQ, SmoothQuant) that run before GPTQ in the same chain fold per-channel scales into a
+# layer after its calibration pass: a target's weight becomes diag(r)·W·diag(c) and its input x/c, so the
+# Hessian collected on x must become diag(1/c)·H·diag(1/c). A few sums of the weight, taken before, recover c.
+
+
+@dataclass
+class WeightPrint:
+    """Per row and per column: Σ log|w| and the count of nonzero entries; and W·g for a fixed probe g."""
+
+    col_log: torch.Tensor
+    col_count: torch.Tensor
+    row_log: torch.Tensor
+    row_count: torch.Tensor
+    probe: torch.Tensor
+
+
+def _probe(columns: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(columns, generator=torch.Generator().manual_seed(columns), dtype=torch.float64).to(device)
+
+
+def weight_print(weight: torch.Tensor) -> WeightPrint:
+    w = weight.detach().to(torch.float64)
+    nonzero = w != 0
+    logs = torch.where(nonzero, w.abs().clamp_min(1e-300).log(), torch.zeros((), dtype=torch.float64))
+    return WeightPrint(logs.sum(0), nonzero.sum(0), logs.sum(1), nonzero.sum(1), w @ _probe(w.shape[1], w.device))
+
+
+def input_rescaling(before: WeightPrint, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """None when `weight` is unchanged since `before`; else c (up to one constant factor, which GPTQ ignores)
+    such that weight = diag(r)·W·diag(c). ValueError when it changed in any other way."""
+    after = weight_print(weight)
+    if torch.equal(after.probe, before.probe):
+        return None
+    if not (torch.equal(after.col_count, before.col_count) and torch.equal(after.row_count, before.row_count)):
+        raise ValueError("the weight changed after the calibration pass (not only rescaled: its zeros moved)")
+    col = (after.col_log - before.col_log) / before.col_count.clamp_min(1)  # log c_j + mean log r
+    row = (after.row_log - before.row_log) / before.row_count.clamp_min(1)  # log r_i + mean log c
+    c, r = col.exp(), row.exp()
+    w = weight.detach().to(torch.float64)
+    g = _probe(w.shape[1], w.device) / c
+    predicted = r * before.probe * float(torch.exp(-row[before.row_count > 0].mean()))
+    # storing the rescaled weight rounds each term by ≤ eps/2: their sum stays within a few eps of its L2 norm
+    scale = ((w * g).pow(2).sum(1).sqrt()).clamp_min(1e-300)
+    worst = float(((w @ g - predicted).abs() / scale).max())
+    tolerance = 8 * torch.finfo(weight.dtype).eps if weight.dtype.is_floating_point else 1e-9
+    if not worst <= tolerance:
+        raise ValueError(f"the weight changed after the calibration pass (not only rescaled per row and column: "
+                         f"mismatch {worst:.2g})")
+    return c / c.mean()

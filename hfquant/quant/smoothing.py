@@ -45,16 +45,15 @@ def column_max_abs(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def error_basis(rows: torch.Tensor) -> torch.Tensor:
-    """B with BᵀB = XᵀX for sample rows X (n, in): X itself when n <= in, else the (in, in) R of X = QR. Then
-    ‖X Δᵀ‖² = ‖B Δᵀ‖², at the cost of min(n, in) rows per evaluation (computed in float64, returned float32)."""
-    x = rows.double()
-    if x.shape[0] <= x.shape[1]:
+    """B with BᵀB = XᵀX for sample rows X (n, in): X itself when n <= in, else the (in, in) R of X = QR (in
+    float64). Then ‖X Δᵀ‖² = ‖B Δᵀ‖², at the cost of min(n, in) rows per evaluation."""
+    if rows.shape[0] <= rows.shape[1]:
         return rows.float()
-    return torch.linalg.qr(x, mode="r").R.float()
+    return torch.linalg.qr(rows.double(), mode="r").R.float()
 
 
 def output_error(delta: torch.Tensor, basis: torch.Tensor) -> float:
-    """Σ‖X Δᵀ‖²: the squared output error that a weight error Δ (out, in) causes on the rows behind `basis`."""
+    """Σ‖X Δᵀ‖²: the squared output error a weight error Δ (out, in) causes on the rows behind `basis`."""
     return float((delta.float() @ basis.T).pow(2).sum())
 
 

@@ -47,7 +47,8 @@ class ActivationAwareScaling:
         self._groups, self._stats = [], {}
         if ctx.layer is None or not ctx.prefix:  # targets outside the decoder layers: nothing to fold into
             return
-        self._groups = [g for g in find_groups(ctx.layer, "awq", self.linear_pairs, ctx.prefix) if _quantized(g, ctx)]
+        groups = find_groups(ctx.layer, "awq", self.linear_pairs, ctx.prefix)
+        self._groups = [g for g in groups if _quantized(g, ctx)]
         self._stats = hook_groups(ctx, self._groups, max_rows=self.max_tokens)
 
     @torch.no_grad()
@@ -61,7 +62,8 @@ class ActivationAwareScaling:
             for group in reversed(self._groups):
                 inputs = self._stats[group.source_name][1]
                 if inputs.count == 0:
-                    log.warning("awq: no calibration input reached %s%s; left unscaled", ctx.prefix, group.consumer_names[0])
+                    log.warning("awq: no calibration input reached %s%s; left unscaled", ctx.prefix,
+                                group.consumer_names[0])
                     continue
                 alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid)
                 self.chosen[ctx.prefix + group.label] = alpha
@@ -94,7 +96,8 @@ def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tens
         for local, linear in zip(group.consumer_names, group.consumers):
             args = _weight_args(ctx, local)
             if args is not None:
-                err += output_error(scaled_quant_delta(linear.weight, s, _quantizer(ctx, args, ctx.prefix + local)), basis)
+                fake_quant = _quantizer(ctx, args, ctx.prefix + local)
+                err += output_error(scaled_quant_delta(linear.weight, s, fake_quant), basis)
         if best is None or err < best[0]:
             best = (err, alpha, s)
     if best[0] != best[0]:  # NaN: even unscaled round-to-nearest overflowed

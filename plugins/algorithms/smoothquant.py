@@ -40,7 +40,8 @@ class SmoothQuant:
         self._groups, self._stats = [], {}
         if ctx.layer is None or not ctx.prefix:  # targets outside the decoder layers: nothing to fold into
             return
-        self._groups = [g for g in find_groups(ctx.layer, "smoothquant", self.linear_pairs, ctx.prefix) if _quantized(g, ctx)]
+        groups = find_groups(ctx.layer, "smoothquant", self.linear_pairs, ctx.prefix)
+        self._groups = [g for g in groups if _quantized(g, ctx)]
         self._stats = hook_groups(ctx, self._groups)
 
     @torch.no_grad()

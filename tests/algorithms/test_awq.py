@@ -16,8 +16,8 @@ from hfquant.scheme import QuantScheme
 from hfquant_builtins.algorithms.awq import ActivationAwareScaling
 from hfquant_builtins.algorithms.rtn import RoundToNearest
 
-from .test_smoothing import (ARCHS, W4, apply_codes, layer_context, outlier_inputs, relative, simulate,
-                             sublayer_output, tiny_model)
+from .test_smoothing import (ARCHS, W4, apply_codes, layer_context, outlier_inputs, relative, run_driver, simulate,
+                             sublayer_output, tiny_model, two_layer_llama)
 
 
 def quantized_error(model, algorithms, x, scheme=W4) -> float:
@@ -51,6 +51,21 @@ def test_beats_round_to_nearest_on_outlier_channels(arch):
     assert awq < 0.8 * rtn
 
 
+def test_under_the_layerwise_driver_logits_beat_round_to_nearest():
+    base = two_layer_llama()
+    calib, test = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0)).split(4)
+    with torch.no_grad():
+        ref = base(test).logits
+    errors = {}
+    for name in ("rtn", "awq"):
+        model = copy.deepcopy(base)
+        chain = run_driver(model, {name: {}}, W4, calib)
+        with torch.no_grad():
+            errors[name] = float((model(test).logits - ref).pow(2).mean())
+    assert chain.names == ["awq", "rtn"] and len(chain.steps[0][1].chosen) == 6  # 3 groups × 2 layers
+    assert errors["awq"] < 0.85 * errors["rtn"]
+
+
 def test_full_range_negative_scales():
     scheme = QuantScheme("t-q4_0", weights=QuantArgs(num_bits=4, strategy="group", group_size=16, full_range=True))
     model, x = tiny_model("llama"), outlier_inputs()
@@ -76,7 +91,27 @@ def test_groups_without_quantized_consumers_are_left_alone():
     awq = ActivationAwareScaling()
     simulate(model, [awq], x, scheme)
     assert all(torch.equal(p, mlp_params[n]) for n, p in model.named_parameters() if n in mlp_params)
-    assert list(awq.chosen) == ["model.layers.0.input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"]
+    assert list(awq.chosen) == [
+        "model.layers.0.input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"]
+
+
+class GatedMlp(torch.nn.Module):
+    def __init__(self, h: int, inner: int = 32):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(h, inner, bias=False), torch.nn.Linear(h, inner, bias=False)
+        self.down_proj = torch.nn.Linear(inner, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ValueOnlyAttention(torch.nn.Module):
+    def __init__(self, h: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(h, h, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.v_proj(x)) + 0 * (self.q_proj(x) + self.k_proj(x))
 
 
 class PostNormLayer(torch.nn.Module):
@@ -86,17 +121,10 @@ class PostNormLayer(torch.nn.Module):
     def __init__(self, h: int = 16):
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = LlamaRMSNorm(h), LlamaRMSNorm(h)
-        self.self_attn, self.mlp = torch.nn.Module(), torch.nn.Module()
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self.self_attn, name, torch.nn.Linear(h, h, bias=False))
-        for name, shape in (("gate_proj", (h, 32)), ("up_proj", (h, 32)), ("down_proj", (32, h))):
-            setattr(self.mlp, name, torch.nn.Linear(*shape, bias=False))
-        self.mlp.forward = lambda x: self.mlp.down_proj(torch.nn.functional.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+        self.self_attn, self.mlp = ValueOnlyAttention(h), GatedMlp(h)
 
     def forward(self, x):
-        a = self.input_layernorm(x)
-        attn = self.self_attn.o_proj(self.self_attn.v_proj(a) + 0 * self.self_attn.q_proj(a) + 0 * self.self_attn.k_proj(a))
-        h = x + self.post_attention_layernorm(attn)
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
         return h + self.mlp(h)
 
 

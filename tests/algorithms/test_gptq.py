@@ -109,6 +109,21 @@ def test_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_weights_sharing_a_hessian_are_quantized_together_exactly(act_order):
+    """Stacking rows is exact: each weight gets the codes and qparams it gets alone."""
+    from hfquant.quant.gptq import gptq_quantize_shared
+
+    h = prepare_hessian(hessian_of(correlated_inputs(80)), act_order=act_order)
+    weights = [weight(24, seed=1), weight(8, seed=2), weight(40, seed=3)]
+    together = gptq_quantize_shared(weights, h, G32, [minmax_qparams] * 3)
+    for w, (codes, scale, zp) in zip(weights, together):
+        alone = gptq_quantize(w, h, G32, minmax_qparams)
+        # BLAS blocking may differ with the row count: float noise only (in scales too, without act-order)
+        assert torch.allclose(scale, alone[1], rtol=1e-5) and torch.equal(zp, alone[2])
+        assert float((codes == alone[0]).float().mean()) > 0.99
+
+
 def test_dead_inputs_get_zero_weights():
     x = correlated_inputs(80)
     x[:, [3, 40]] = 0.0
@@ -164,24 +179,33 @@ def test_plugin_matches_the_math_and_rounds_scales_first():
     assert float((mp.weight_codes == codes).float().mean()) > 0.99  # running mean vs one sum: float noise only
 
 
-def test_shared_inputs_share_one_hessian():
-    """q/k/v read the attention norm's output and gate/up the MLP norm's: 4 Hessians for 7 targets."""
+def tiny_llama_layer(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
     layer = model.model.layers[0]
     targets = {f"model.layers.0.{n}": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    return model, layer, targets
+
+
+def calibrate(model, gptq, ctx, windows=2):
+    gptq.start_layer(ctx)
+    with torch.no_grad():
+        for seed in range(windows):
+            model(input_ids=torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(seed)))
+    ctx.remove_hooks()
+
+
+def test_shared_inputs_share_one_hessian():
+    """q/k/v read the attention norm's output and gate/up the MLP norm's: 4 Hessians for 7 targets."""
+    model, layer, targets = tiny_llama_layer()
     ctx = context(layer, targets, QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16),
                   prefix="model.layers.0.")
     gptq = Gptq()
-    gptq.start_layer(ctx)
-    with torch.no_grad():
-        for seed in range(2):
-            model(input_ids=torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(seed)))
-    ctx.remove_hooks()
+    calibrate(model, gptq, ctx)
     groups = sorted(sorted(ctx.local_name(n) for n in s.members) for s in gptq._distinct())
     assert groups == [["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"],
                       ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
@@ -191,6 +215,22 @@ def test_shared_inputs_share_one_hessian():
     assert all(mp.weight_codes is not None and mp.weight_codes.shape == targets[n].weight.shape
                for n, mp in ctx.plans.items())
     assert gptq._by_target == {}  # statistics freed
+
+
+def test_an_input_shared_only_sometimes_is_refused():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.calls = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else x.clone())
+
+    pair = Pair()
+    ctx = context(pair, {"l.a": pair.a, "l.b": pair.b}, QuantArgs(num_bits=8, strategy="channel"))
+    with pytest.raises(AlgorithmError, match="l.b shared its input with l.a"):
+        run_plugin(Gptq(), ctx, [torch.randn(5, 8), torch.randn(5, 8)])
 
 
 def test_plugin_skips_targets_with_codes_and_unquantized_ones():
@@ -239,3 +279,57 @@ def test_registered():
 
     assert registries().algorithms.get("gptq") is Gptq
     assert Gptq.requires_data and Gptq.produces_codes
+
+
+@torch.no_grad()
+def fold_scales(layer):
+    """What a smoothing editor does after the calibration pass: inputs ÷ c in the previous op, columns × c."""
+    g = torch.Generator().manual_seed(5)
+    for norm, consumers in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                            (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+        c = torch.rand(32, generator=g) * 4 + 0.25
+        norm.weight.div_(c)
+        parent = layer.self_attn if consumers[0] == "q_proj" else layer.mlp
+        for name in consumers:
+            getattr(parent, name).weight.mul_(c)
+    c = torch.rand(48, generator=g) * 4 + 0.25
+    layer.mlp.up_proj.weight.div_(c[:, None])
+    layer.mlp.down_proj.weight.mul_(c)
+
+
+def test_follows_weights_rescaled_after_the_calibration_pass(monkeypatch):
+    """[awq, gptq]: the editor folds scales after the pass GPTQ collected its Hessians on; GPTQ must give the
+    codes it would give had it seen the rescaled inputs."""
+    args = QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16)
+
+    def codes(rescale_before_pass: bool, follow: bool = True):
+        model, layer, targets = tiny_llama_layer()
+        ctx = context(layer, targets, args, prefix="model.layers.0.")
+        if rescale_before_pass:
+            fold_scales(layer)
+        gptq = Gptq()
+        calibrate(model, gptq, ctx)
+        if not rescale_before_pass:
+            fold_scales(layer)
+        if not follow:
+            monkeypatch.setattr("hfquant_builtins.algorithms.gptq.input_rescaling", lambda before, w: None)
+        gptq.finish_layer(ctx)
+        return torch.cat([mp.weight_codes.flatten() for mp in ctx.plans.values()])
+
+    fresh = codes(rescale_before_pass=True)
+    followed = codes(rescale_before_pass=False)
+    stale = codes(rescale_before_pass=False, follow=False)
+    assert float((followed == fresh).float().mean()) > 0.99
+    assert float((stale == fresh).float().mean()) < 0.95  # the Hessian of the old inputs is measurably wrong
+
+
+def test_weights_edited_otherwise_are_warned_about(caplog):
+    model, layer, targets = tiny_llama_layer()
+    ctx = context(layer, targets, prefix="model.layers.0.")
+    gptq = Gptq()
+    calibrate(model, gptq, ctx)
+    with torch.no_grad():
+        layer.mlp.down_proj.weight[0, :8] = 0.0  # not a rescaling: zeros moved
+    with caplog.at_level("WARNING", logger="hfquant"):
+        gptq.finish_layer(ctx)
+    assert "model.layers.0.mlp.down_proj" in caplog.text and "not only rescaled" in caplog.text

@@ -14,7 +14,8 @@ from hfquant.scheme import QuantScheme
 from hfquant_builtins.algorithms.rtn import RoundToNearest
 from hfquant_builtins.algorithms.smoothquant import SmoothQuant
 
-from .test_smoothing import ARCHS, apply_codes, outlier_inputs, relative, simulate, sublayer_output, tiny_model
+from .test_smoothing import (ARCHS, apply_codes, outlier_inputs, relative, run_driver, simulate, sublayer_output,
+                             tiny_model, two_layer_llama)
 
 W8A8 = QuantScheme("t-w8a8", weights=QuantArgs(num_bits=8, strategy="channel"),
                    input_activations=QuantArgs(num_bits=8, strategy="token", dynamic=True))
@@ -76,6 +77,14 @@ def test_reduces_w8a8_error():
     assert w8a8_error(model, [SmoothQuant(), RoundToNearest()], x) < 0.7 * rtn
 
 
+def test_under_the_layerwise_driver():
+    model = two_layer_llama()
+    norms = {n: p.clone() for n, p in model.named_parameters() if "layernorm" in n}
+    chain = run_driver(model, {"smoothquant": {}}, W8A8, torch.randint(0, 300, (4, 32)))
+    assert chain.names == ["smoothquant", "rtn"]
+    assert all(not torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)
+
+
 def test_alpha_zero_moves_only_weight_range_and_ignored_consumers_follow():
     scheme = QuantScheme("t-no-k", weights=W8A8.weights, input_activations=W8A8.input_activations,
                          ignore=("re:.*k_proj",))
@@ -85,6 +94,14 @@ def test_alpha_zero_moves_only_weight_range_and_ignored_consumers_follow():
     simulate(model, [SmoothQuant(alpha=0.0)], x, scheme)
     assert not torch.equal(model.model.layers[0].self_attn.k_proj.weight, k_before)
     assert relative(sublayer_output(model, x), before) < 1e-5
+
+
+def test_two_smoothing_algorithms_in_one_run_are_refused():
+    from hfquant.algorithm import AlgorithmError
+    from hfquant_builtins.algorithms.awq import ActivationAwareScaling
+
+    with pytest.raises(AlgorithmError, match="use one smoothing algorithm"):
+        simulate(tiny_model("llama"), [SmoothQuant(), ActivationAwareScaling()], outlier_inputs(), W8A8)
 
 
 def test_options():
