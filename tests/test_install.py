@@ -67,10 +67,10 @@ def test_wheel_ships_console_script_configs_and_builtins(fresh_venv, tmp_path):
 
 
 @pytest.mark.slow
-def test_third_party_plugin_appears_by_name_after_pip_install(fresh_venv, tmp_path):
+def test_third_party_plugin_appears_by_name_after_pip_install(fresh_venv, tmp_path, tiny_llm_dir):
     out = run([str(fresh_venv / "bin" / "hfquant"), "plugins", "--json"], cwd=tmp_path, env=venv_env())
     by_name = {d["name"]: d for d in json.loads(out)}
-    assert by_name["sigma"]["registered"] == {"observers": ["sigma"]}
+    assert by_name["sigma"]["registered"] == {"observers": ["sigma"], "algorithms": ["weighted-clip"]}
     assert by_name["sigma"]["version"] == "0.1.0" and not by_name["sigma"]["builtin"]
     text = run([str(fresh_venv / "bin" / "hfquant"), "plugins"], cwd=tmp_path, env=venv_env())
     assert "sigma 0.1.0 [entry point]" in text
@@ -82,3 +82,10 @@ def test_third_party_plugin_appears_by_name_after_pip_install(fresh_venv, tmp_pa
     code = ("import torch, hfquant; o = hfquant.get_observer('sigma')(hfquant.QuantArgs(), k=3.0);"
             "o.observe(torch.randn(1000)); s, z = o.qparams(); print(float(s) > 0)")
     assert run([str(fresh_venv / "bin" / "python"), "-c", code], cwd=tmp_path, env=venv_env()).strip() == "True"
+    # The algorithm it registered runs in the layer-by-layer driver, learning from calibration inputs.
+    run([str(fresh_venv / "bin" / "hfquant"), "model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'wc'}",
+         "algorithm=weighted-clip", "evaluation=none", "calibration.seq_len=64", "calibration.num_samples=4",
+         "calibration.generated=0", "scheme.weights.group_size=32"], cwd=tmp_path, env=venv_env())
+    report = json.loads((tmp_path / "wc" / "report.json").read_text())
+    assert report["quantization"]["algorithms"] == ["weighted-clip"]
+    assert "weighted-clip learned from layer inputs" in report["calibration"]["status"]

@@ -24,6 +24,20 @@ class ToyDataset:
     pass
 
 
+class ToyAlgorithm:
+    requires_data, produces_codes = False, True
+
+    def start_layer(self, ctx):
+        pass
+
+    def finish_layer(self, ctx):
+        pass
+
+
+class ToyFormat:
+    pass
+
+
 class ToyEvaluator:
     pass
 
@@ -59,6 +73,8 @@ def test_every_registration_hook_reaches_its_registry(fresh_pm):
         register_observers=lambda register: register("echo", EchoObserver),
         register_schemes=lambda register: register("toy-scheme", QuantScheme("toy-scheme", weights=QuantArgs())),
         register_backends=lambda register: register("toy-backend", ToyBackend),
+        register_algorithms=lambda register: register("toy-algorithm", ToyAlgorithm),
+        register_formats=lambda register: register("toy-format", ToyFormat),
         register_datasets=lambda register: register("toy-data", ToyDataset),
         register_evaluators=lambda register: register("toy-eval", ToyEvaluator),
         register_configs=lambda config_store: config_store.store(group="observer", name="echo", node={"name": "echo"}),
@@ -69,6 +85,7 @@ def test_every_registration_hook_reaches_its_registry(fresh_pm):
     assert regs.observers.get("echo") is EchoObserver
     assert regs.schemes.get("toy-scheme").name == "toy-scheme"
     assert regs.backends.get("toy-backend") is ToyBackend
+    assert regs.algorithms.get("toy-algorithm") is ToyAlgorithm and regs.formats.get("toy-format") is ToyFormat
     assert regs.datasets.get("toy-data") is ToyDataset
     assert regs.evaluators.get("toy-eval") is ToyEvaluator
     assert regs.observers.by_plugin("toy") == ["echo"]
@@ -76,7 +93,8 @@ def test_every_registration_hook_reaches_its_registry(fresh_pm):
     assert stored == [{"group": "observer", "name": "echo", "node": {"name": "echo"}}]
     infos = {i.name: i for i in plugins.plugin_infos(fresh_pm)}
     assert infos["toy"].registered == {
-        "observers": ["echo"], "schemes": ["toy-scheme"], "backends": ["toy-backend"],
+        "observers": ["echo"], "schemes": ["toy-scheme"], "algorithms": ["toy-algorithm"], "formats": ["toy-format"],
+        "backends": ["toy-backend"],
         "datasets": ["toy-data"], "evaluators": ["toy-eval"],
     }
     assert "register_configs" in infos["toy"].hooks
