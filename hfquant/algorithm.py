@@ -1,6 +1,8 @@
 """The `Algorithm` protocol: what chooses each target's integer codes (and may edit weights first).
 
-The layer-by-layer driver (`hfquant.pipeline.layerwise`) calls, for every decoder layer in order:
+The layer-by-layer driver (`hfquant.pipeline.layerwise`) calls, for every decoder layer in order, steps 1–3
+once for the weight editors and once more for the code producer (so a producer's statistics describe the
+layer as the editors left it):
 
 1. ``start_layer(ctx)`` on every algorithm of the run, in the configured order — install forward hooks with
    ``ctx.hook(module, fn)`` to accumulate statistics (the driver removes them);

@@ -23,26 +23,21 @@ log = logging.getLogger("hfquant")
 
 
 def _cache_path(fingerprint: str, count: int, seq_len: int, seed: int, first_tokens: torch.Tensor) -> str:
-    blob = json.dumps([fingerprint, count, seq_len, seed, first_tokens.tolist(), "generated-v1"])
+    blob = json.dumps([fingerprint, count, seq_len, seed, first_tokens.tolist(), "generated-v2"])
     return os.path.join(cache_dir(), "generated-" + hashlib.sha256(blob.encode()).hexdigest()[:24] + ".pt")
 
 
 @torch.no_grad()
 def generate_windows(model, count: int, seq_len: int, seed: int, first_tokens: torch.Tensor) -> torch.Tensor:
-    """(count, seq_len) token ids sampled from `model`, each sequence starting from one of `first_tokens`."""
-    generator = torch.Generator().manual_seed(seed)
+    """(count, seq_len) token ids sampled from `model` (temperature 1, no top-k/top-p, end-of-text not allowed
+    to stop a window early), each sequence starting from one of `first_tokens`; seeded, global RNG untouched."""
     device = next(model.parameters()).device
-    ids = first_tokens[:count].reshape(count, 1).to(device)
-    past = None
-    step_input = ids
-    for _ in range(seq_len - 1):
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-        nxt = torch.multinomial(probs, 1, generator=generator).to(device)
-        ids = torch.cat([ids, nxt], dim=1)
-        step_input = nxt
-    return ids.cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ids = model.generate(first_tokens[:count].reshape(count, 1).to(device), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                             attention_mask=torch.ones(count, 1, dtype=torch.long, device=device))
+    return ids[:, :seq_len].cpu()
 
 
 def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int, seed: int) -> Windows:

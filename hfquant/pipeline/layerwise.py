@@ -1,8 +1,9 @@
 """The layer-by-layer driver: every algorithm of a run, one decoder layer at a time, codes computed once.
 
-For each decoder layer: `start_layer` on every algorithm → the captured calibration inputs run through the layer
-(only when an algorithm `requires_data`) → `finish_layer` on every algorithm, in order → targets still without
-codes get round-to-nearest → the reported error of exactly those codes is accumulated → the layer runs again
+For each decoder layer, in two phases — the weight editors (AWQ, SmoothQuant), then the code producer, each with
+its own calibration pass so the producer sees the edited layer: `start_layer` → the captured calibration inputs
+run through the layer (only when an algorithm of the phase `requires_data`) → `finish_layer`, in configured
+order → targets still without codes get round-to-nearest → the reported error of exactly those codes is accumulated → the layer runs again
 with its quantized weights (or float ones, `propagate="float"`) so the next layer sees what it will see at
 inference. Both pipelines call `quantize_layer`; they differ only in how a layer's weights become available
 (the model in memory, or tensors read from the checkpoint — `sequential.py`) and a data-free run needs no layer
@@ -44,6 +45,10 @@ class AlgorithmChain:
         return any(getattr(a, "requires_data", False) for _, a in self.steps)
 
     @property
+    def edits_weights(self) -> bool:
+        return any(not getattr(a, "produces_codes", False) for _, a in self.steps)
+
+    @property
     def names(self) -> List[str]:
         return [n for n, _ in self.steps]
 
@@ -64,27 +69,38 @@ def make_chain(algorithms: Dict[str, dict], propagate: str = "quantized", regist
 
 
 def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Captured], last: bool = False) -> Optional[Captured]:
-    """Run every algorithm on one layer; set each target's codes; return the inputs of the next layer."""
+    """Run every algorithm on one layer; set each target's codes; return the inputs of the next layer.
+
+    Weight editors run first, as one phase; the code producer then gets its own calibration pass, so its
+    statistics (a GPTQ Hessian) describe the edited layer it actually quantizes."""
     with torch.no_grad():
-        for _, algorithm in chain.steps:
-            algorithm.start_layer(ctx)
-        try:
-            if chain.requires_data and inputs is not None and ctx.layer is not None:
-                for hidden, kwargs in inputs:
-                    ctx.layer(hidden, **kwargs)
-        finally:
-            ctx.remove_hooks()
-        for name, algorithm in chain.steps:
-            missing = [n for n, mp in ctx.plans.items() if mp.weight_args is not None and mp.weight_codes is None]
-            algorithm.finish_layer(ctx)
-            for n in missing:
-                if ctx.plans[n].weight_codes is not None:
-                    chain.handled[n] = name
+        for phase in _phases(chain.steps):
+            for _, algorithm in phase:
+                algorithm.start_layer(ctx)
+            try:
+                if inputs is not None and ctx.layer is not None and any(getattr(a, "requires_data", False) for _, a in phase):
+                    for hidden, kwargs in inputs:
+                        ctx.layer(hidden, **kwargs)
+            finally:
+                ctx.remove_hooks()
+            for name, algorithm in phase:
+                missing = [n for n, mp in ctx.plans.items() if mp.weight_args is not None and mp.weight_codes is None]
+                algorithm.finish_layer(ctx)
+                for n in missing:
+                    if ctx.plans[n].weight_codes is not None:
+                        chain.handled[n] = name
         propagate = inputs is not None and ctx.layer is not None and not last
         _account_codes(chain, ctx, write_back=propagate and chain.propagate == "quantized")
         if not propagate:
             return None
         return [(_first(ctx.layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+
+
+def _phases(steps):
+    """[weight editors…], [code producer]: each phase gets its own calibration pass."""
+    editors = [s for s in steps if not getattr(s[1], "produces_codes", False)]
+    producers = [s for s in steps if getattr(s[1], "produces_codes", False)]
+    return [p for p in (editors, producers) if p]
 
 
 def _account_codes(chain: AlgorithmChain, ctx: LayerContext, write_back: bool) -> None:

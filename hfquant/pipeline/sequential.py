@@ -134,6 +134,11 @@ def quantize_sequentially(folder: str, source: TensorSource, spec, windows, dtyp
         ctx = context_factory(plan, quantizer.make_observer, quantizer.round_scale, model)(prefix, layer, targets)
         ctx.num_samples = len(captured)
         following = quantize_layer(quantizer.chain, ctx, captured, last)
+        if quantizer.chain.edits_weights:  # folded scales live in norms / non-target Linears: keep the edited ones
+            owned = {f"{n}.{leaf}" for n in targets for leaf in ("weight", "bias")}
+            for local, tensor in layer.state_dict().items():
+                if prefix + local not in owned and tensor.is_floating_point():
+                    quantizer.edited[prefix + local] = tensor.detach().clone()
         for name, linear in targets.items():
             quantizer.ready[name] = quantizer(module_plans[name], linear.weight.detach().clone(),
                                               None if linear.bias is None else linear.bias.detach().clone())

@@ -267,6 +267,7 @@ class ModuleQuantizer:
         self.chain, self.make_observer, self.round_scale = chain, make_observer, round_scale
         self.dtype, self.scheme, self.format = dtype, scheme, fmt
         self.ready: Dict[str, Dict[str, torch.Tensor]] = {}  # modules compressed layer by layer, not yet written
+        self.edited: Dict[str, torch.Tensor] = {}  # non-target tensors a weight editor changed (folded norms)
 
     @torch.no_grad()
     def __call__(self, mp: ModulePlan, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -307,7 +308,8 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
             for name in names:
                 if name in plan.source:
                     dtype = plan.entries[name][0]
-                    tensor = timed("read_s", source.get, plan.source[name])
+                    edited = quantizer.edited.pop(plan.source[name], None)
+                    tensor = edited if edited is not None else timed("read_s", source.get, plan.source[name])
                     tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
                 else:
                     module, sub = plan.owner[name]

@@ -144,12 +144,11 @@ def gptq_quantize_shared(
             qparams[k].append(fn(wt[:, bounds[k]:bounds[k + 1]].t(), args))
     if perm is not None:
         wt = wt[perm]
-    if static:
-        scale_t = torch.cat([_column_qparams(q[0][0], args, perm, columns, work, bounds[k + 1] - bounds[k])
-                             for k, q in enumerate(qparams)], dim=1)
-        zero_t = torch.cat([_column_qparams(q[0][1], args, perm, columns, work, bounds[k + 1] - bounds[k])
-                            for k, q in enumerate(qparams)], dim=1)
     has_zero = not (args.symmetric and args.signed)  # symmetric signed: every zero point is 0, skip adding it
+    if static:  # one scale (and zero point) per (column, row)
+        scale_t, zero_t = (torch.cat([_column_qparams(q[0][j], args, perm, columns, work, bounds[k + 1] - bounds[k])
+                                      for k, q in enumerate(qparams)], dim=1) if j == 0 or has_zero else None
+                           for j in (0, 1))
     hinv = hessian.hinv.to(device=device, dtype=work)
     group_args = args.replace(strategy="channel", group_size=None) if grouped else args
     qmin, qmax = args.qmin, args.qmax
@@ -162,7 +161,8 @@ def gptq_quantize_shared(
         inv_diag = (-1.0 / hblock.diagonal()).tolist()
         xs, es, hrows = block.unbind(0), errors.unbind(0), hblock.unbind(0)
         if static:
-            ss, zs = scale_t[i1:i2].unbind(0), zero_t[i1:i2].unbind(0)
+            ss = scale_t[i1:i2].unbind(0)
+            zs = zero_t[i1:i2].unbind(0) if has_zero else ss
         for i in range(i2 - i1):
             if static:
                 s, z = ss[i], zs[i]
@@ -247,18 +247,25 @@ def _probe(columns: int, device: torch.device) -> torch.Tensor:
 
 
 def weight_print(weight: torch.Tensor) -> WeightPrint:
-    w = weight.detach().to(torch.float64)
-    nonzero = w != 0
-    logs = torch.where(nonzero, w.abs().clamp_min(1e-300).log(), torch.zeros((), dtype=torch.float64))
-    return WeightPrint(logs.sum(0), nonzero.sum(0), logs.sum(1), nonzero.sum(1), w @ _probe(w.shape[1], w.device))
+    w = weight.detach().float()
+    logs = w.abs().log_()  # float32 logs summed in float64: a few ms per layer, precise enough to recover c
+    zero = torch.isneginf(logs)
+    logs.masked_fill_(zero, 0.0)
+    nonzero = ~zero
+    return WeightPrint(logs.sum(0, dtype=torch.float64), nonzero.sum(0), logs.sum(1, dtype=torch.float64),
+                       nonzero.sum(1), _probed(weight))
+
+
+def _probed(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(torch.float64) @ _probe(weight.shape[1], weight.device)
 
 
 def input_rescaling(before: WeightPrint, weight: torch.Tensor) -> Optional[torch.Tensor]:
     """None when `weight` is unchanged since `before`; else c (up to one constant factor, which GPTQ ignores)
     such that weight = diag(r)·W·diag(c). ValueError when it changed in any other way."""
-    after = weight_print(weight)
-    if torch.equal(after.probe, before.probe):
+    if torch.equal(_probed(weight), before.probe):
         return None
+    after = weight_print(weight)
     if not (torch.equal(after.col_count, before.col_count) and torch.equal(after.row_count, before.row_count)):
         raise ValueError("the weight changed after the calibration pass (not only rescaled: its zeros moved)")
     col = (after.col_log - before.col_log) / before.col_count.clamp_min(1)  # log c_j + mean log r

@@ -13,7 +13,7 @@ CHUNK_ELEMENTS = 1 << 18
 
 
 def optimize_qparams(weight, args, init, iterations=20, round_scale=None, norm=0.7, beta=10.0, kappa=1.01,
-                     select=2.0, zero_radius=1, starts=(1.0,), fit="joint"):
+                     select=2.0, zero_radius=1, starts=(1.0,), fit="joint", clip=None, tight=0):
     scale0, zp0 = init
     rs = round_scale or (lambda s: s)
     w = weight.detach()
@@ -21,7 +21,7 @@ def optimize_qparams(weight, args, init, iterations=20, round_scale=None, norm=0
     scale = torch.as_tensor(scale0).to(work).clone()
     zp = torch.as_tensor(zp0).to(torch.int32).clone()
     opts = dict(iterations=iterations, rs=rs, norm=norm, beta=beta, kappa=kappa, select=select,
-                zero_radius=zero_radius, starts=starts, fit=fit)
+                zero_radius=zero_radius, starts=starts, fit=fit, clip=clip, tight=tight)
     if args.strategy == "tensor":
         x = w.reshape(1, 1, -1).to(work)
         s, z = _solve(x, scale.reshape(1, 1, 1), zp.reshape(1, 1, 1).to(work), args, **opts)
@@ -54,11 +54,15 @@ def _codes(x, s, z, args):
     return torch.round(x / s).add_(z).clamp_(args.qmin, args.qmax)
 
 
-def _err(x, s, z, q, p):
+def _err(x, s, z, q, p, bound=None, clip=None):
     d = (q - z).mul_(s).sub_(x).abs_()
+    m = d.amax(-1, keepdim=True)
     if p != 1:
         d.pow_(p)
-    return d.sum(-1, keepdim=True)
+    e = d.sum(-1, keepdim=True)
+    if clip is not None and bound is not None:
+        e = torch.where(m <= torch.maximum(bound, clip * s.abs()) * (1 + 1e-6), e, torch.full_like(e, float("inf")))
+    return e
 
 
 def _shrink(e, beta, p):
@@ -68,20 +72,21 @@ def _shrink(e, beta, p):
     return torch.sign(e) * torch.relu(a - (1.0 / beta) * (a + 1e-8).pow(p - 1))
 
 
-def _solve(x, s, z, args, iterations, rs, norm, beta, kappa, select, zero_radius, starts, fit):
+def _solve(x, s, z, args, iterations, rs, norm, beta, kappa, select, zero_radius, starts, fit, clip, tight):
     opt_zero = not args.symmetric
     best_s, best_z = s.clone(), z.clone()
-    best_e = _err(x, s, z, _codes(x, s, z, args), select)
-    for c in starts:
-        cs = rs(s * c)
-        cz = z
-        if opt_zero and c != 1.0:
-            lo = x.amin(-1, keepdim=True).clamp(max=0)
-            cz = torch.round(args.qmin - lo / cs).clamp(args.qmin, args.qmax)
+    q0 = _codes(x, s, z, args)
+    bound = (q0 - z).mul_(s).sub_(x).abs_().amax(-1, keepdim=True)
+    best_e = _err(x, s, z, q0, select)
+    E = lambda x, s, z, q, p: _err(x, s, z, q, p, bound, clip)
+    cands = [(rs(s * c), z) for c in starts]
+    if tight and opt_zero:
+        cands += tight_starts(x, s, z, args, rs, tight)
+    for cs, cz in cands:
         b = beta
         for _ in range(iterations):
             q = _codes(x, cs, cz, args)
-            e = _err(x, cs, cz, q, select)
+            e = E(x, cs, cz, q, select)
             better = e < best_e
             best_e = torch.where(better, e, best_e)
             best_s = torch.where(better, cs, best_s)
@@ -109,7 +114,7 @@ def _solve(x, s, z, args, iterations, rs, norm, beta, kappa, select, zero_radius
                 ok = (den > 0) & torch.isfinite(ns) & (ns * cs > 0)
                 cs = torch.where(ok, ns, cs)
         q = _codes(x, cs, cz, args)
-        e = _err(x, cs, cz, q, select)
+        e = E(x, cs, cz, q, select)
         better = e < best_e
         best_e = torch.where(better, e, best_e)
         best_s = torch.where(better, cs, best_s)
@@ -127,9 +132,25 @@ def _solve(x, s, z, args, iterations, rs, norm, beta, kappa, select, zero_radius
             ok = (den > 0) & torch.isfinite(ns) & (ns * best_s > 0)
             ns = torch.where(ok, ns, best_s)
             for cs in (best_s, ns):
-                e = _err(x, cs, cz, _codes(x, cs, cz, args), select)
+                e = E(x, cs, cz, _codes(x, cs, cz, args), select)
                 better = e < best_e
                 best_e = torch.where(better, e, best_e)
                 best_s = torch.where(better, cs, best_s)
                 best_z = torch.where(better, cz, best_z)
     return best_s, best_z
+
+
+def tight_starts(x, s, z, args, rs, radius=1):
+    """(scale, zero) candidates: for each integer zero near z, the smallest same-sign scale that keeps the group's
+    extremes within half a step of the grid."""
+    lo = x.amin(-1, keepdim=True)
+    hi = x.amax(-1, keepdim=True)
+    out = []
+    for dz in range(-radius, radius + 1):
+        cz = (z + dz).clamp(args.qmin, args.qmax)
+        top = args.qmax - cz + 0.5  # hi/s <= top
+        bot = args.qmin - cz - 0.5  # lo/s >= bot (bot < 0)
+        cand = torch.maximum(hi.clamp(min=0) / top.clamp(min=0.5), lo.clamp(max=0) / bot.clamp(max=-0.5))
+        cand = torch.where(cand > 0, cand, s)
+        out.append((rs(cand * 1.0001), cz))
+    return out

