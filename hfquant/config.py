@@ -29,7 +29,8 @@ if not OmegaConf.has_resolver("hfquant.if_path"):
     OmegaConf.register_new_resolver("hfquant.if_path", _if_path)
 
 PIPELINES = ("auto", "streaming", "in_memory")
-DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size", "generated"}
+DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size", "generated",
+                         "out_of_domain", "compare_rtn"}
 
 
 class ConfigError(HfquantError, ValueError):
@@ -46,6 +47,8 @@ class DataSpec:
     max_windows: Optional[int] = None
     evaluators: List[str] = field(default_factory=list)
     generated: int = 0  # calibration: extra windows sampled from the model itself (pipeline/generated.py)
+    out_of_domain: Optional[str] = None  # evaluation: a second dataset outside the calibration domain (compare.py)
+    compare_rtn: bool = False  # evaluation: also score round-to-nearest with the same scheme
 
 
 @dataclass
@@ -133,6 +136,11 @@ def _data(node, key: str, need_samples: bool) -> Optional[DataSpec]:
     else:
         spec.max_windows = _positive_int(raw.get("max_windows"), f"{key}.max_windows", allow_none=True)
         spec.evaluators = list(raw.get("evaluators") or [])
+        spec.compare_rtn = bool(raw.get("compare_rtn", False))
+        ood = raw.get("out_of_domain")
+        if ood not in (None, "", "none"):
+            _known("datasets", str(ood), f"{key}.out_of_domain")
+            spec.out_of_domain = str(ood)
         for ev in spec.evaluators:
             _known("evaluators", ev, f"{key}.evaluators")
     return spec

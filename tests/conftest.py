@@ -88,5 +88,5 @@ def tiny_overrides(model_dir, output_dir, *extra):
     return [
         "model=hub", f"model.path={model_dir}", "model.name=tiny-llama", f"output_dir={output_dir}",
         "evaluation.seq_len=64", "evaluation.max_windows=4", "calibration.seq_len=64", "calibration.num_samples=4",
-        *extra,
+        "evaluation.out_of_domain=none", *extra,
     ]

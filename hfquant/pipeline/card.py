@@ -95,6 +95,11 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     windows = cal.get("windows")
     cal_lines = (f"- dataset: {windows['dataset']}, {windows['num_samples']} samples × {windows['seq_len']} tokens "
                  f"(seed {windows['seed']}), token-id sha256 {windows['token_sha256']}" if windows else f"- {cal.get('status')}")
+    if windows and isinstance(windows.get("generated"), dict):
+        cal_lines += (f"\n- of which {windows['generated']['windows']} windows were written by the model itself "
+                      f"({windows['generated']['sampling']}), so the algorithms do not fit one narrow domain")
+    elif windows and windows.get("generated"):
+        cal_lines += f"\n- model-written windows: {windows['generated']}"
     load_path = repo_id or "path/to/this/folder"
     q = report.get("quantization", {})
     versions = report.get("versions", {})
@@ -109,6 +114,7 @@ against the unquantized model on the same text.
 - scheme: `{run['scheme']}` — {scheme.get('description') or ''}
 - weights: `{scheme.get('weights')}`
 - activations: `{scheme.get('input_activations')}`
+- algorithms: {', '.join(f'`{a}`' for a in (report.get('quantization', {}).get('algorithms') or ['rtn']))} (in order; the last chose the integer codes), layer inputs propagated {report.get('quantization', {}).get('propagate', 'quantized')}
 - observer: `{run['observer']}` {run.get('observer_options') or ''}; backend: `{run['backend']}` ({run['backend_reason']})
 - modules quantized: {q.get('modules')}; left unquantized: {', '.join((scheme.get('ignore') or []) + list(q.get('left_unquantized') or {})) or 'none'}
 - bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}

@@ -36,6 +36,20 @@ def summary_rows(report: dict) -> List[List[str]]:
         rows.append(["perplexity", f"{bp:.4f}", f"{qp:.4f}", f"{(qp / bp - 1) * 100:+.2f}%"])
         rows.append(["KL divergence (nats/token)", "0", f"{q['perplexity']['kl_divergence']:.5f}", ""])
         rows.append(["top-1 agreement", "100%", f"{q['perplexity']['top1_agreement'] * 100:.2f}%", ""])
+    cmp = report.get("comparison") or {}
+    rtn = (cmp.get("rtn") or {}).get("perplexity", {}).get("perplexity")
+    if bp is not None and rtn is not None:
+        rows.append(["perplexity, round-to-nearest instead", f"{bp:.4f}", f"{rtn:.4f}", f"{(rtn / bp - 1) * 100:+.2f}%"])
+    ood = cmp.get("out_of_domain") or {}
+    obp = (ood.get("baseline") or {}).get("perplexity", {}).get("perplexity")
+    oqp = (ood.get("quantized") or {}).get("perplexity", {}).get("perplexity")
+    if obp is not None and oqp is not None:
+        rows.append([f"perplexity out of calibration domain ({ood.get('dataset')})", f"{obp:.4f}", f"{oqp:.4f}",
+                     f"{(oqp / obp - 1) * 100:+.2f}%"])
+        ortn = (ood.get("rtn") or {}).get("perplexity", {}).get("perplexity")
+        if ortn is not None:
+            rows.append([f"… round-to-nearest instead ({ood.get('dataset')})", f"{obp:.4f}", f"{ortn:.4f}",
+                         f"{(ortn / obp - 1) * 100:+.2f}%"])
     emb = q.get("embedding-similarity")
     if emb:
         rows.append(["embedding cosine (mean / min)", "1 / 1", f"{emb['cosine_mean']:.5f} / {emb['cosine_min']:.5f}", ""])

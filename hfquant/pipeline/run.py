@@ -34,6 +34,7 @@ from .push import PushError, push
 from .quantize import check_model_fits, convert, resolve_backend
 from .layerwise import make_chain, quantize_in_memory
 from .generated import with_generated
+from . import compare
 from .report import markdown, summary_rows, table, versions
 from .save import compare_with_reference, load_quantized, reload_check as check_reload, save_quantized
 from .streaming import StreamingError, stream_quantize, streaming_problem
@@ -216,18 +217,22 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         check_model_fits(model, spec.scheme, backend)  # before any data is read or evaluated
     params, baseline_bytes = unique_parameter_count(model), state_bytes(model)
 
-    eval_windows = calib_windows = None
+    eval_windows = calib_windows = ood_windows = None
     with timer.stage("data"):
         if spec.evaluation:
             eval_windows = data_mod.windows(loaded.tokenizer, spec, "evaluation")
+            ood_windows = compare.out_of_domain_windows(loaded.tokenizer, spec)
         if calibrate:
             calib_windows = data_mod.windows(loaded.tokenizer, spec, "calibration")
 
     evaluators = make_evaluators(spec.evaluation.evaluators) if spec.evaluation else {}
-    baseline = {}
+    baseline, comparison = {}, {}
     if spec.evaluation:
         with timer.stage("evaluate baseline"):
             baseline = evaluate_baseline(model, eval_windows, evaluators, loaded.fingerprint, ranks=ranks)
+            if ood_windows is not None:
+                comparison["baseline_out_of_domain"] = evaluate_baseline(model, ood_windows, evaluators, loaded.fingerprint,
+                                                                         ranks=ranks)
 
     if spec.resume:
         del model
@@ -240,6 +245,14 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             plan = build_plan(model, spec.scheme, spec.observer, obs_cls, spec.observer_options, calib_windows,
                               observe=own_format)
         chain = make_chain(spec.algorithms, spec.propagate)
+        if compare.wants_rtn_reference(spec, own_format):
+            with timer.stage("evaluate round-to-nearest"):  # before the algorithms edit the model's weights
+                rtn = compare.rtn_reference(model, spec, backend)
+                comparison["rtn"] = compare.score(rtn, eval_windows, evaluators, baseline, ranks)
+                if ood_windows is not None:
+                    comparison["rtn_out_of_domain"] = compare.score(rtn, ood_windows, evaluators,
+                                                                    comparison["baseline_out_of_domain"], ranks)
+                del rtn
         if own_format and chain.requires_data and spec.calibration.generated:
             with timer.stage("sample calibration text"):  # algorithms also learn from text the model writes
                 calib_windows = with_generated(model, loaded.fingerprint, calib_windows, spec.calibration.generated,
@@ -264,12 +277,24 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     if spec.evaluation:
         with timer.stage("evaluate quantized"):
             quantized = evaluate_quantized(qmodel, eval_windows, evaluators, baseline, ranks)
+            if ood_windows is not None:
+                comparison["quantized_out_of_domain"] = compare.score(qmodel, ood_windows, evaluators,
+                                                                      comparison["baseline_out_of_domain"], ranks)
     header = _run_header(spec, loaded.source)
     if placement:
         header["device_map"] = placement
-    return _report(spec, header, calibration_status, calib_windows, baseline_bytes, params, baseline, quantized,
-                   dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
-                   report_quant, reload_check)
+    report = _report(spec, header, calibration_status, calib_windows, baseline_bytes, params, baseline, quantized,
+                     dict(eval_windows.protocol if eval_windows is not None else {}, **protocols(evaluators)),
+                     report_quant, reload_check)
+    if comparison:
+        report["comparison"] = {
+            "out_of_domain": {"dataset": spec.evaluation.out_of_domain, "protocol": compare.describe(ood_windows),
+                              "baseline": {k: public(v) for k, v in comparison.get("baseline_out_of_domain", {}).items()},
+                              "quantized": comparison.get("quantized_out_of_domain", {}),
+                              **({"rtn": comparison["rtn_out_of_domain"]} if "rtn_out_of_domain" in comparison else {})},
+            **({"rtn": comparison["rtn"]} if "rtn" in comparison else {}),
+        }
+    return report
 
 
 def _calibration_status(spec: RunSpec, backend: str, own_format: bool, calib_windows) -> str:

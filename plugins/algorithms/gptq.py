@@ -6,13 +6,10 @@ that receive the very same input tensor (q/k/v after the attention norm, gate/up
 Hessian and one factorisation of its inverse, so memory stays at one layer plus one in×in float32 matrix per
 distinct input. Scales come from the run's observer and go through the backend's rounding before any code is
 chosen; with act-order the groups stay the plain consecutive ones, so every format can store the result.
-A smoothing algorithm earlier in the chain (awq, smoothquant) rescales the layer after the calibration pass;
-a small print of each weight taken before the pass lets the Hessian follow that rescaling exactly.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import weakref
 from typing import Dict, List, Optional
@@ -23,10 +20,7 @@ from hfquant import hookimpl
 from hfquant.algorithm import AlgorithmError, LayerContext
 from hfquant.pipeline.integrity import NonFiniteError
 from hfquant.quant import QuantArgs
-from hfquant.quant.gptq import (HessianError, PreparedHessian, WeightPrint, gptq_quantize_shared, input_rescaling,
-                                prepare_hessian, weight_print)
-
-log = logging.getLogger("hfquant")
+from hfquant.quant.gptq import HessianError, PreparedHessian, gptq_quantize_shared, prepare_hessian
 
 OPTIONS = ("block_size", "dampening", "act_order")
 
@@ -79,14 +73,12 @@ class Gptq:
         self.block_size, self.dampening, self.act_order = block_size, float(dampening), act_order
         self._by_target: Dict[str, _Hessian] = {}
         self._seen: Dict[str, int] = {}  # tokens each target received (a shared Hessian counts them once)
-        self._prints: Dict[str, WeightPrint] = {}
 
     def start_layer(self, ctx: LayerContext) -> None:
-        self._by_target, self._seen, self._prints = {}, {}, {}
+        self._by_target, self._seen = {}, {}
         for name, linear in ctx.targets.items():
             if ctx.plans[name].weight_args is not None and ctx.plans[name].weight_codes is None:
                 ctx.hook(linear, lambda module, x, name=name: self._observe(name, module, x))
-                self._prints[name] = weight_print(linear.weight)  # to follow rescaling by a later weight editor
 
     def _observe(self, name: str, module: torch.nn.Linear, x: torch.Tensor) -> None:
         if x.shape[-1] != module.in_features:
@@ -125,8 +117,6 @@ class Gptq:
                         f"gptq: {name} received no calibration inputs (the layer's forward pass never reached it); "
                         "check that the calibration data runs through this module, or exclude it from the scheme")
                 batches.setdefault((id(stats), mp.weight_args), []).append(name)
-            for stats in self._distinct():
-                self._follow_rescaling(stats, ctx)
             for names in batches.values():
                 stats = self._by_target[names[0]]
                 results = self._quantize(names, ctx, self._prepared(stats))
@@ -136,29 +126,7 @@ class Gptq:
                 if not stats.members:
                     stats.prepared = None  # free as soon as the last sharer is done
         finally:
-            self._by_target, self._seen, self._prints = {}, {}, {}
-
-    def _follow_rescaling(self, stats: _Hessian, ctx: LayerContext) -> None:
-        """A smoothing algorithm earlier in the chain folded scales c into this layer after the calibration pass
-        (input x/c, weight columns ·c): the Hessian of the new input is diag(1/c)·H·diag(1/c)."""
-        members = [n for n in stats.members if n in self._prints]
-        if stats.h is None or not members:
-            return
-        try:
-            found = [input_rescaling(self._prints[n], ctx.targets[n].weight) for n in members]
-        except ValueError as exc:
-            log.warning("gptq: %s: %s; GPTQ uses the Hessian of the inputs seen before", ", ".join(members), exc)
-            return
-        if all(c is None for c in found):
-            return
-        cs = torch.stack([torch.ones(stats.columns, dtype=torch.float64) if c is None else c.cpu() for c in found])
-        c = cs.log().mean(0).exp()
-        if float((cs / c - 1).abs().max()) > 1e-2:
-            log.warning("gptq: %s share an input but were rescaled differently after the calibration pass; GPTQ "
-                        "uses the Hessian of the inputs seen before", ", ".join(members))
-            return
-        inverse = (1.0 / c).to(device=stats.h.device, dtype=torch.float32)
-        stats.h.mul_(inverse[:, None]).mul_(inverse[None, :])
+            self._by_target, self._seen = {}, {}
 
     def _prepared(self, stats: _Hessian) -> PreparedHessian:
         if stats.prepared is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -285,55 +287,34 @@ def test_registered():
     assert Gptq.requires_data and Gptq.produces_codes
 
 
-@torch.no_grad()
-def fold_scales(layer):
-    """What a smoothing editor does after the calibration pass: inputs ÷ c in the previous op, columns × c."""
-    g = torch.Generator().manual_seed(5)
-    for norm, consumers in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
-                            (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
-        c = torch.rand(32, generator=g) * 4 + 0.25
-        norm.weight.div_(c)
-        parent = layer.self_attn if consumers[0] == "q_proj" else layer.mlp
-        for name in consumers:
-            getattr(parent, name).weight.mul_(c)
-    c = torch.rand(48, generator=g) * 4 + 0.25
-    layer.mlp.up_proj.weight.div_(c[:, None])
-    layer.mlp.down_proj.weight.mul_(c)
+def test_after_a_weight_editor_gptq_quantizes_the_edited_layer():
+    """[awq, gptq] through the layer-by-layer driver: GPTQ gets its own calibration pass after AWQ's edits, so its
+    codes are exactly those GPTQ alone gives on a copy of the model whose layer AWQ already edited."""
+    from hfquant.pipeline.calibrate import build_plan
+    from hfquant.pipeline.layerwise import make_chain, quantize_in_memory
+    from hfquant_builtins.observers.minmax import MinMaxObserver
 
-
-def test_follows_weights_rescaled_after_the_calibration_pass(monkeypatch):
-    """[awq, gptq]: the editor folds scales after the pass GPTQ collected its Hessians on; GPTQ must give the
-    codes it would give had it seen the rescaled inputs."""
-    args = QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16)
-
-    def codes(rescale_before_pass: bool, follow: bool = True):
-        model, layer, targets = tiny_llama_layer()
-        ctx = context(layer, targets, args, prefix="model.layers.0.")
-        if rescale_before_pass:
-            fold_scales(layer)
-        gptq = Gptq()
-        calibrate(model, gptq, ctx)
-        if not rescale_before_pass:
-            fold_scales(layer)
-        if not follow:
-            monkeypatch.setattr("hfquant_builtins.algorithms.gptq.input_rescaling", lambda before, w: None)
-        gptq.finish_layer(ctx)
-        return torch.cat([mp.weight_codes.flatten() for mp in ctx.plans.values()])
-
-    fresh = codes(rescale_before_pass=True)
-    followed = codes(rescale_before_pass=False)
-    stale = codes(rescale_before_pass=False, follow=False)
-    assert float((followed == fresh).float().mean()) > 0.99
-    assert float((stale == fresh).float().mean()) < 0.95  # the Hessian of the old inputs is measurably wrong
-
-
-def test_weights_edited_otherwise_are_warned_about(caplog):
-    model, layer, targets = tiny_llama_layer()
-    ctx = context(layer, targets, prefix="model.layers.0.")
-    gptq = Gptq()
-    calibrate(model, gptq, ctx)
+    model, _, _ = tiny_llama_layer()
     with torch.no_grad():
-        layer.mlp.down_proj.weight[0, :8] = 0.0  # not a rescaling: zeros moved
-    with caplog.at_level("WARNING", logger="hfquant"):
-        gptq.finish_layer(ctx)
-    assert "model.layers.0.mlp.down_proj" in caplog.text and "not only rescaled" in caplog.text
+        model.model.embed_tokens.weight[:, [3, 17]] *= 20  # outlier channels: AWQ has something to scale
+    scheme = QuantScheme("t-w4", weights=QuantArgs(num_bits=4, strategy="group", group_size=16))
+
+    class Windows:
+        input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return 4
+
+    def codes(model, algorithms):
+        plan = build_plan(model, scheme, "minmax", MinMaxObserver, {})
+        chain = make_chain(algorithms)
+        quantize_in_memory(model, plan, chain, lambda a: MinMaxObserver(a), windows=Windows())
+        return chain, {n: mp.weight_codes for n, mp in plan.modules.items()}
+
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    chain, chained = codes(model, {"awq": {}, "gptq": {}})  # the last layer keeps its float (edited) weights
+    assert chain.names == ["awq", "gptq"] and any(a > 0 for a in chain.steps[0][1].chosen.values())
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, before)  # AWQ did edit the layer
+    _, alone = codes(copy.deepcopy(model), {"gptq": {}})
+    assert len(chained) == 7 and chained.keys() == alone.keys()
+    assert all(torch.equal(chained[n], alone[n]) for n in chained)

@@ -144,3 +144,18 @@ def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, a
     assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
     assert streamed["quantization"]["weight_sqnr_db"] == pytest.approx(mem["quantization"]["weight_sqnr_db"], rel=1e-9)
     assert mem["quantization"]["algorithms"] == algorithm.strip("[]").split(",")
+
+
+def test_report_compares_with_round_to_nearest_in_and_out_of_domain(tiny_llm_dir, tmp_path):
+    report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "r", "algorithm=gptq", "scheme.weights.group_size=32",
+                                        "calibration.generated=2", "evaluation.out_of_domain=prose")))
+    cmp = report["comparison"]
+    assert cmp["out_of_domain"]["dataset"] == "prose" and cmp["out_of_domain"]["protocol"]["dataset"]["name"] == "prose"
+    for part in (cmp["rtn"], cmp["out_of_domain"]["quantized"], cmp["out_of_domain"]["rtn"]):
+        assert part["perplexity"]["perplexity"] > 0
+    assert report["calibration"]["windows"]["generated"]["windows"] == 2
+    assert report["calibration"]["windows"]["num_samples"] == 6  # 4 from the dataset + 2 the model wrote
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "round-to-nearest instead" in text and "out of calibration domain (prose)" in text
+    card = (tmp_path / "r" / "model" / "README.md").read_text()
+    assert report["calibration"]["windows"]["token_sha256"] in card and "gptq" in card
