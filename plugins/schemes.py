@@ -12,8 +12,9 @@ PRESETS = (
     ),
     QuantScheme(
         "w4a16",
-        weights=QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=128),
-        description="int4 weights in groups of 128 input columns, symmetric; activations in floating point",
+        weights=QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=128, full_range=True),
+        description="int4 weights in groups of 128 input columns, symmetric full range (each group's largest-magnitude "
+                    "value maps to -8, as llama.cpp's Q4_0; all 16 levels used); activations in floating point",
     ),
     QuantScheme(
         "w4a16-asym",

@@ -44,13 +44,15 @@ def test_the_untouched_folder_loads(saved):
 def test_an_edited_module_entry_is_refused_naming_the_tensor(saved, tmp_path, field, value, message):
     def edit(qcfg):
         qcfg["modules"][MODULE]["weights"][field] = value
+        if field == "signed":  # unsigned codes cannot be full range: drop it, so only the tensor check can refuse
+            qcfg["modules"][MODULE]["weights"].pop("full_range", None)
 
     with pytest.raises(StoredTensorMismatchError, match=message + r".*restore config.json"):
         hfquant.load_quantized(edited(saved, tmp_path, edit))
 
 
 @pytest.mark.parametrize("edit", [
-    lambda m: m["weights"].update(symmetric=False),  # no stored tensor differs
+    lambda m: m["weights"].update(symmetric=False, full_range=False),  # no stored tensor differs
     lambda m: m.update(input_activations={"num_bits": 8, "strategy": "token", "dynamic": True}),  # none stored
 ], ids=["weights.symmetric", "dynamic-activations"])
 def test_an_edit_the_tensors_cannot_show_is_refused_by_the_entry_digest(saved, tmp_path, edit):
