@@ -41,6 +41,7 @@ BUILTIN_MODULES = (
     "hfquant_builtins.datasets.pydoc",
     "hfquant_builtins.datasets.text",
     "hfquant_builtins.datasets.hub",
+    "hfquant_builtins.datasets.random_tokens",
     "hfquant_builtins.datasets.prose",
     "hfquant_builtins.evaluators.perplexity",
     "hfquant_builtins.evaluators.embedding_similarity",

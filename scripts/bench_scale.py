@@ -170,6 +170,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for the next run")
     ap.add_argument("--sequential", action="store_true",
                     help="also: w8a8-static calibration of the default model, layer by layer vs whole model")
+    ap.add_argument("--algorithm", default=None, help="e.g. gptq: a data-hungry algorithm, run layer by layer on "
+                    "random calibration token ids (calibration=random), as streaming GPTQ of a large model would")
+    ap.add_argument("--samples", type=int, default=8, help="calibration windows of 512 random tokens (--algorithm)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_scale.json"))
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -190,10 +193,14 @@ def main() -> None:
             out = os.path.join(args.dir, f"out-{size:g}-{scheme}")
             shutil.rmtree(out, ignore_errors=True)
             drop_cache(inputs)
-            run = run_hfquant(ckpt, out, scheme)
+            extra = ("calibration=none",) if not args.algorithm else (
+                f"algorithm={args.algorithm}", "calibration=random", f"calibration.num_samples={args.samples}",
+                "pipeline=streaming")
+            run = run_hfquant(ckpt, out, scheme, extra)
             shutil.rmtree(out, ignore_errors=True)  # disk: the floor writes the same number of bytes again
             floor = floor_seconds(inputs, run["output_bytes"], os.path.join(args.dir, "floor.tmp"))
-            row = {"size_gib": size, "input_bytes": in_bytes, "scheme": scheme, **run, **floor,
+            row = {"size_gib": size, "input_bytes": in_bytes, "scheme": scheme, "algorithm": args.algorithm or "rtn",
+                   **run, **floor,
                    "time_vs_floor": run["wall_s"] / floor["floor_s"],
                    "stream_vs_floor": run["stages_s"].get("stream quantize", run["wall_s"]) / floor["floor_s"]}
             results["runs"].append(row)

@@ -141,10 +141,19 @@ def where(dataset, name: str, part: str) -> str:
     return describe(part) if describe is not None else f"the {part} part of dataset {name!r}"
 
 
-def windows(tokenizer, spec, part: str) -> Windows:
-    """`part`'s windows, with the dataset's description and the token hash in the protocol."""
+def windows(tokenizer, spec, part: str, vocab_size: Optional[int] = None) -> Windows:
+    """`part`'s windows, with the dataset's description and the token hash in the protocol. A dataset with
+    `token_windows` (e.g. `random`) gives token ids itself: no tokenizer needed, `vocab_size` bounds them."""
     dspec = _spec(spec, part)
     dataset = build_dataset(spec, part)
+    if hasattr(dataset, "token_windows") and part == "calibration":
+        if vocab_size is None:
+            vocab_size = len(tokenizer)
+        ids = dataset.token_windows(part, dspec.num_samples, dspec.seq_len, dspec.seed, vocab_size)
+        w = Windows(ids, {"num_samples": dspec.num_samples, "seq_len": dspec.seq_len, "seed": dspec.seed,
+                          "tokens": int(ids.numel()), "vocab_size": vocab_size})
+        w.protocol = dict(w.protocol, dataset=dataset.describe(), token_sha256=w.token_hash)
+        return w
     try:
         texts = dataset.texts(part)
     except DataError as exc:

@@ -173,11 +173,17 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
                                            bool(m.get("allow_pickle", False)))
         if not m.get("gguf_file") and folder != source:  # fetched from the Hub: check it as a local one is
             check_checkpoint(folder, m.get("task", "causal-lm"), bool(m.get("trust_remote_code", False)))
-        tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=static or learns)
+        token_ids = learns and not static and hasattr(registries().datasets.get(spec.calibration.name), "token_windows")
+        tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=(static or learns) and not token_ids)
     calib_windows = None
     if static or learns:
         with timer.stage("data"):
-            calib_windows = data_mod.windows(tokenizer, spec, "calibration")
+            vocab = None
+            if token_ids:
+                from transformers import AutoConfig
+
+                vocab = AutoConfig.from_pretrained(folder, trust_remote_code=bool(m.get("trust_remote_code", False))).vocab_size
+            calib_windows = data_mod.windows(tokenizer, spec, "calibration", vocab_size=vocab)
             if spec.calibration.generated:
                 calib_windows.protocol["generated"] = "skipped: streaming never loads the whole model to sample from it"
 

@@ -159,3 +159,17 @@ def test_report_compares_with_round_to_nearest_in_and_out_of_domain(tiny_llm_dir
     assert "round-to-nearest instead" in text and "out of calibration domain (prose)" in text
     card = (tmp_path / "r" / "model" / "README.md").read_text()
     assert report["calibration"]["windows"]["token_sha256"] in card and "gptq" in card
+
+
+def test_streaming_gptq_on_a_tokenizer_less_checkpoint_with_random_token_ids(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "ckpt")
+    report = run(compose(["model=hub", f"model.path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'out'}",
+                          "evaluation=none", "algorithm=gptq", "calibration=random", "calibration.num_samples=2",
+                          "calibration.seq_len=32", "scheme.weights.group_size=32"]))
+    assert report["run"]["pipeline"] == "streaming" and report["quantization"]["algorithms"] == ["gptq"]
+    assert report["calibration"]["windows"]["vocab_size"] == 300
+    assert report["calibration"]["windows"]["dataset"]["name"] == "random"
