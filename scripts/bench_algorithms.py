@@ -134,7 +134,8 @@ def peer_rows(folder: str, windows: dict) -> list:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         hashes = data.get("windows", {})
-        mismatch = [k for k in windows if k in hashes and hashes[k] not in (windows[k]["token_sha256"], windows[k]["token_hash"])]
+        digest = {k: v.get("token_sha256") if isinstance(v, dict) else v for k, v in hashes.items()}
+        mismatch = [k for k in windows if k in digest and digest[k] not in (windows[k]["token_sha256"], windows[k]["token_hash"])]
         data["same_windows"] = not mismatch
         data["file"] = os.path.basename(path)
         rows.append(data)
@@ -146,11 +147,17 @@ def markdown(result: dict) -> str:
     lines = ["| method | bits/weight | calibration | in-domain ppl ratio | out-of-domain ppl ratio | quantize (s) |",
              "|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: r["ratio"]["out_of_domain"]):
-        lines.append(f"| hfquant {r['name']} | {r['bits_per_weight']:.2f} | {r['calibration']} | "
+        lines.append(f"| hfquant {r['name'].replace('|', chr(92) + '|')} | {r['bits_per_weight']:.2f} | {r['calibration']} | "
                      f"{r['ratio']['in_domain']:.3f} | {r['ratio']['out_of_domain']:.3f} | {r['quantize_seconds']:.1f} |")
     for p in result["peers"]:
         ratio = p.get("ratio", {})
-        lines.append(f"| {p.get('peer')} {p.get('settings', {})} | | {p.get('calibration', 'see settings')} | "
+        if "ratio" not in p:
+            continue
+        settings = p.get("settings", {})
+        label = f"{p.get('peer')} ({settings.get('scheme', '')}, g{p.get('group_size', '?')})"
+        calib = "pydoc" if p.get("peer") in ("llmc-gptq", "autoround") else "none"
+        lines.append(f"| {label}{'' if p.get('same_windows') else ' (different windows!)'} | "
+                     f"{p.get('bits_per_weight', float('nan')):.2f} | {calib} | "
                      f"{ratio.get('in_domain', float('nan')):.3f} | {ratio.get('out_of_domain', float('nan')):.3f} | "
                      f"{p.get('quant_seconds', float('nan')):.1f} |")
     return "\n".join(lines)
@@ -160,12 +167,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", default="/work/peers/windows.pt")
     parser.add_argument("--peers", default="/work/peers/results")
-    parser.add_argument("--only", nargs="*", help="run only recipes whose name contains one of these")
+    parser.add_argument("--only", nargs="*", help="run only these recipes (exact names; 'prefix*' for a prefix)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 avoids "
                         "OpenMP barrier stalls when other processes share the cores")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_algorithms.json"))
+    parser.add_argument("--render", nargs="*", help="no runs: merge these result files (rows by name, later wins), "
+                        "re-read the peers, write --out and print the table")
     args = parser.parse_args()
 
+    if args.render:
+        merged = None
+        for path in args.render:
+            with open(path, encoding="utf-8") as f:
+                part = json.load(f)
+            if merged is None:
+                merged = part
+                continue
+            if part["windows"] != merged["windows"] or part["baseline_ppl"] != merged["baseline_ppl"]:
+                raise SystemExit(f"{path} was measured on other windows or another baseline; not merged")
+            names = {r["name"] for r in part["rows"]}
+            merged["rows"] = [r for r in merged["rows"] if r["name"] not in names] + part["rows"]
+        saved = torch.load(args.windows, weights_only=False)
+        merged["peers"] = peer_rows(args.peers, {k: saved[k] for k in ("in_domain", "out_of_domain")})
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=2, default=str)
+        print(markdown(merged))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     saved = torch.load(args.windows, weights_only=False)
@@ -185,7 +212,7 @@ def main() -> None:
     baseline = {k: perplexity(model, w["input_ids"])["perplexity"] for k, w in windows.items()}
     rows = []
     for recipe in RECIPES:
-        if args.only and not any(o in recipe.name for o in args.only):
+        if args.only and not any(recipe.name == o or (o.endswith("*") and recipe.name.startswith(o[:-1])) for o in args.only):
             continue
         print(f"… {recipe.name}", flush=True)
         row = run_recipe(model, recipe, calibration, windows)

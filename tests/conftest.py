@@ -85,8 +85,11 @@ def compose(overrides):
 
 
 def tiny_overrides(model_dir, output_dir, *extra):
+    """A quick run on a tiny model: round-to-nearest unless `extra` names an algorithm (the default, GPTQ on
+    model-written calibration text plus a round-to-nearest comparison, is exercised by its own tests)."""
+    algorithm = [] if any(e.startswith("algorithm=") for e in extra) else ["algorithm=rtn"]
     return [
         "model=hub", f"model.path={model_dir}", "model.name=tiny-llama", f"output_dir={output_dir}",
         "evaluation.seq_len=64", "evaluation.max_windows=4", "calibration.seq_len=64", "calibration.num_samples=4",
-        "evaluation.out_of_domain=none", *extra,
+        "++evaluation.out_of_domain=none", *extra, *algorithm,
     ]

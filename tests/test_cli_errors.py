@@ -39,8 +39,8 @@ def one_error_line(result) -> str:
 @pytest.mark.parametrize("override, message", [
     ("model=smolm2", "model=smolm2: no such option in config group 'model'; available: hub, minilm, smollm2. "
                      "Did you mean 'smollm2'?"),
-    ("calibration=pydc", "calibration=pydc: no such option in config group 'calibration'; available: hub, none, "
-                         "pydoc, text, wikitext2. Did you mean 'pydoc'?"),
+    ("calibration=pydc", "calibration=pydc: no such option in config group 'calibration'; available: hub, mix, "
+                         "none, prose, pydoc, random, text, wikitext2. Did you mean 'pydoc'?"),
     ("evaluation=txt", "Did you mean 'text'?"),
     ("hub=defualt", "hub=defualt: no such option in config group 'hub'; available: default. Did you mean 'default'?"),
     ("hydra/launcher=jobllib", "no such option in config group 'hydra/launcher'; available: basic, joblib. "
@@ -139,7 +139,7 @@ def test_verbose_shows_the_traceback(tmp_path, how):
 def test_hydra_files_go_under_output_dir_and_a_refused_run_keeps_them(tiny_llm_dir, tmp_path):
     cwd, out = tmp_path / "cwd", tmp_path / "out"
     cwd.mkdir()
-    overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "scheme=w8a16", "calibration=none",
+    overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "scheme=w8a16", "calibration=none", "algorithm=rtn",
                  "evaluation=none"]
     first = hfquant(*overrides, cwd=cwd, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]

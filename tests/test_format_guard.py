@@ -16,7 +16,7 @@ MODULE = "model.layers.0.mlp.up_proj"
 @pytest.fixture(scope="module")
 def saved(tiny_llm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("guard") / "run"
-    run(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "calibration=none", "evaluation=none",
+    run(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "calibration=none", "algorithm=rtn", "evaluation=none",
                  "scheme=w4a16", "scheme.weights.group_size=32", "backend=fake"]))
     return out / "model"
 

@@ -17,7 +17,7 @@ from tests.conftest import compose
 
 TOKEN = "hf_" + "Ab3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3f"  # the shape of a real Hub token: hf_ + 34 letters/digits
 OTHER = "hf_" + "Zz9yX8wV7uT6sR5qP4oN3mL2kJ1iH0gF9e"
-QUIET = ["calibration=none", "evaluation=none", "scheme=w8a16", "backend=cpu"]
+QUIET = ["calibration=none", "algorithm=rtn", "evaluation=none", "scheme=w8a16", "backend=cpu"]
 
 
 def files_under(*folders):

@@ -184,7 +184,7 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
 
                 vocab = AutoConfig.from_pretrained(folder, trust_remote_code=bool(m.get("trust_remote_code", False))).vocab_size
             calib_windows = data_mod.windows(tokenizer, spec, "calibration", vocab_size=vocab)
-            if spec.calibration.generated:
+            if learns and spec.calibration.generated:
                 calib_windows.protocol["generated"] = "skipped: streaming never loads the whole model to sample from it"
 
     def calibrate(tensors, dtype):
@@ -259,7 +259,9 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
                     comparison["rtn_out_of_domain"] = compare.score(rtn, ood_windows, evaluators,
                                                                     comparison["baseline_out_of_domain"], ranks)
                 del rtn
-        if own_format and chain.requires_data and spec.calibration.generated:
+        if own_format and chain.requires_data and spec.calibration.generated and not _can_generate(model):
+            calib_windows.protocol["generated"] = f"skipped: {type(model).__name__} does not generate text"
+        elif own_format and chain.requires_data and spec.calibration.generated:
             with timer.stage("sample calibration text"):  # algorithms also learn from text the model writes
                 calib_windows = with_generated(model, loaded.fingerprint, calib_windows, spec.calibration.generated,
                                                spec.calibration.seed)
@@ -301,6 +303,13 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             **({"rtn": comparison["rtn"]} if "rtn" in comparison else {}),
         }
     return report
+
+
+def _can_generate(model) -> bool:
+    try:
+        return bool(model.can_generate())
+    except AttributeError:
+        return False
 
 
 def _calibration_status(spec: RunSpec, backend: str, own_format: bool, calib_windows) -> str:

@@ -1,16 +1,18 @@
-"""Data-free error minimisation of scales and integer zero points (HQQ-style, no calibration data).
+"""Data-free error minimisation of scales and integer zero points (HQQ-style: no calibration data).
 
-Round-to-nearest takes each slice's (scale, zero point) from its min/max. Two things are left on the table:
-the min-max grid wastes the half step of rounding room at both ends (the extremes may round to the edge codes),
-and the scale that minimises ‖w − ŵ‖ for the codes actually chosen differs from the min-max one. This module
-searches, per slice, integer zero points near the initial one, starting each from the finest scale that still
-keeps the slice's extremes within `margin` steps of the grid, then alternates codes ↔ least-squares (scale,
-zero point) a few times, and keeps the best candidate by Σ|w − ŵ|^norm — never worse than the start.
+Round-to-nearest takes each slice's (scale, zero point) from its min/max, which leaves two things on the table:
+the half step of rounding room at both ends of the grid (the extremes may round to the edge codes rather than
+sit exactly on them), and the scale that minimises ‖w − ŵ‖ for the codes actually chosen. Per slice, this module
+tries integer zero points near the initial one, each started from the finest scale that keeps the slice's
+extremes within `margin` steps of the code range, alternates codes ↔ least-squares (scale, zero point) a few
+times (HQQ's alternating closed-form updates), and keeps the best candidate by Σ|w − ŵ|^norm, never worse than
+the start.
 
-Why integer zero points and a margin (measured on SmolLM2-135M, docs/benchmarks.md): hfquant stores integer zero
-points, and an HQQ float zero point rounded to an integer loses all of HQQ's gain; and letting the scale shrink
-freely (clipping the largest weights) lowers the weight error but raises perplexity, so no candidate may clip a
-slice's extreme values by more than `margin` of a step (or more than round-to-nearest did).
+Measured on SmolLM2-135M (int4, pydoc perplexity): HQQ's float zero point rounded to an integer — hfquant stores
+integer zero points — loses all of its gain over round-to-nearest; and letting the scale shrink freely (clipping
+the largest weights) lowers the squared weight error but raises perplexity, so no candidate may clip a slice's
+extremes by more than `margin` of a step (or by more than round-to-nearest did). HQQ's lp (p < 1) shrinkage of
+the error did not beat plain least squares here, so the fits are least squares and `norm` only ranks candidates.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ SLACK = 1.0 / 64
 
 
 def optimize_qparams(weight: torch.Tensor, args: QuantArgs, init: Tuple[torch.Tensor, torch.Tensor],
-                     iterations: int = 5, round_scale: Optional[RoundScale] = None, zero_radius: int = 1,
+                     iterations: int = 3, round_scale: Optional[RoundScale] = None, zero_radius: int = 1,
                      margin: float = 0.5, norm: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero point) for `weight` (out, in) that lower Σ|w − ŵ|^norm per slice of `args.strategy`.
 

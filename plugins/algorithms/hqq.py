@@ -16,18 +16,23 @@ from hfquant.quant.hqq import optimize_qparams
 
 
 class Hqq:
+    """Options: `iterations` (least-squares refits per start), `zero_radius` (integer zero points tried either side
+    of the observer's; asymmetric only), `margin` (how far, in steps, a slice's extremes may lie beyond the edge
+    codes: 0.5 = rounded, never clipped), `norm` (the p of Σ|w − ŵ|^p that ranks candidates)."""
+
     requires_data = False
     produces_codes = True
 
-    def __init__(self, *, iterations: int = 5, zero_radius: int = 1, margin: float = 0.5, norm: float = 2.0,
+    def __init__(self, *, iterations: int = 3, zero_radius: int = 1, margin: float = 0.5, norm: float = 2.0,
                  **unknown) -> None:
         if unknown:
-            raise TypeError(f"hqq got unknown option(s) {sorted(unknown)}; allowed: iterations, margin, norm, zero_radius")
+            raise TypeError(f"hqq got unknown option(s) {sorted(unknown)}; "
+                            "allowed: iterations, margin, norm, zero_radius")
         for key, value in (("iterations", iterations), ("zero_radius", zero_radius)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"hqq: {key} must be an integer >= 0, got {value!r}")
         for key, value in (("margin", margin), ("norm", norm)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"hqq: {key} must be a finite number >= 0, got {value!r}")
         if norm == 0:
             raise ValueError("hqq: norm must be > 0 (the error exponent p of Σ|w − ŵ|^p; 2 = squared error)")

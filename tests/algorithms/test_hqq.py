@@ -1,4 +1,5 @@
-"""HQQ-style data-free optimisation: the math (`hfquant.quant.hqq`) and the plugin (`hfquant_builtins.algorithms.hqq`)."""
+"""HQQ-style data-free optimisation: the math (`hfquant.quant.hqq`) and the plugin
+(`hfquant_builtins.algorithms.hqq`)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ ARGS = [
 
 
 def args_id(args: QuantArgs) -> str:
-    sign = "" if args.signed else "-unsigned"
-    return f"{args.strategy}-int{args.num_bits}-{'sym' if args.symmetric else 'asym'}{'-full' if args.full_range else ''}{sign}"
+    kind = ("sym" if args.symmetric else "asym") + ("-full" if args.full_range else "")
+    kind += "" if args.signed else "-unsigned"
+    return f"{args.strategy}-int{args.num_bits}-{kind}"
 
 
 def bf16(s: torch.Tensor) -> torch.Tensor:
@@ -169,8 +171,8 @@ def test_rejects_bad_arguments():
 
 def context(targets, args=ASYM64):
     plans = {n: ModulePlan(n, args) for n in targets}
-    return LayerContext("", None, targets, plans, QuantScheme("test", weights=args), make_observer=lambda a: Observer(a),
-                        round_scale=bf16)
+    return LayerContext("", None, targets, plans, QuantScheme("test", weights=args),
+                        make_observer=lambda a: Observer(a), round_scale=bf16)
 
 
 @pytest.mark.parametrize("args", [ASYM64, ARGS[2]], ids=args_id)
@@ -225,3 +227,19 @@ def test_registered():
     from hfquant.plugins import registries
 
     assert registries().algorithms.get("hqq") is Hqq
+
+
+def test_streaming_driver_unit():
+    """The streaming writer's unit of work (one module, nothing else loaded) uses hqq's codes, no data needed."""
+    from hfquant.pipeline.layerwise import make_chain, quantize_module
+
+    linear = torch.nn.Linear(200, 24, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(heavy_tailed(seed=12))
+    chain = make_chain({"hqq": {"iterations": 2}})
+    assert not chain.requires_data
+    mp = ModulePlan("fc", ASYM64)
+    quantize_module(chain, mp, linear, QuantScheme("test", weights=ASYM64), lambda a: Observer(a), bf16)
+    assert chain.handled == {"fc": "hqq"}
+    expected = optimize_qparams(linear.weight.detach(), ASYM64, rtn(linear.weight.detach(), ASYM64), 2, bf16)
+    assert torch.equal(mp.weight_qparams[0], expected[0]) and torch.equal(mp.weight_qparams[1], expected[1])

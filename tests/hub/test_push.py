@@ -136,7 +136,7 @@ def test_streaming_reads_a_hub_model_through_the_client(hub, tiny_llm_dir, tmp_p
               "api.create_repo('org/tiny-base', exist_ok=True)\napi.upload_folder(folder_path=sys.argv[1], repo_id='org/tiny-base')")
     done = subprocess.run([sys.executable, "-c", upload, tiny_llm_dir], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    common = ["scheme=w8a16", "calibration=none", "evaluation=none", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    common = ["scheme=w8a16", "calibration=none", "algorithm=rtn", "evaluation=none", f"hydra.run.dir={tmp_path / 'hydra'}"]
     hfquant_cli(env, "model=hub", "model.path=org/tiny-base", f"output_dir={tmp_path / 'hub'}", *common)
     hfquant_cli(env, "model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'local'}", *common)
     report = json.loads((tmp_path / "hub" / "report.json").read_text())

@@ -76,7 +76,7 @@ def test_a_resumed_push_with_evaluation_none_needs_a_run_that_recorded_its_check
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     checked, unchecked = tmp_path / "checked", tmp_path / "unchecked"
     run(compose(tiny_overrides(tiny_llm_dir, checked, *QUIET)))  # evaluated: its reload check is recorded
-    unevaluated = ["model=hub", f"model.path={tiny_llm_dir}", "calibration=none", "evaluation=none", *QUIET]
+    unevaluated = ["model=hub", f"model.path={tiny_llm_dir}", "calibration=none", "algorithm=rtn", "evaluation=none", *QUIET]
     run(compose([*unevaluated, f"output_dir={unchecked}"]))  # streamed, never checked
     resume_push = ["resume=true", "hub.push=true", "hub.repo_id=me/model"]
     assert validate(compose([*unevaluated, f"output_dir={checked}", *resume_push])).resume

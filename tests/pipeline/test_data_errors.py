@@ -16,7 +16,8 @@ from hfquant.pipeline.run import run
 from tests.conftest import compose
 
 def tiny_overrides(model_dir, out, *extra):
-    return ["model=hub", f"model.path={model_dir}", f"output_dir={out}", *extra]
+    algorithm = [] if any(e.startswith("algorithm=") for e in extra) else ["algorithm=rtn"]
+    return ["model=hub", f"model.path={model_dir}", f"output_dir={out}", *extra, *algorithm]
 
 
 PARAGRAPHS = "\n\n".join(f"Paragraph {i} says something about integer quantization of weights." for i in range(10))
@@ -54,7 +55,7 @@ def test_a_bad_evaluation_file_fails_before_the_model_loads(tiny_llm_dir, tmp_pa
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="hfquant")
     overrides = tiny_overrides(tiny_llm_dir, out, "scheme=w8a16", "evaluation=text", f"evaluation.files=['{path}']",
-                               "calibration=none")
+                               "calibration=none", "algorithm=rtn")
     with pytest.raises(DataError) as err:
         run(compose(overrides))
     assert str(err.value).startswith(f"evaluation.files: {str(path)!r} ")
@@ -80,7 +81,7 @@ def test_evaluation_files_are_checked_under_their_own_key(tiny_llm_dir, tmp_path
     good.write_text(PARAGRAPHS)
     (tmp_path / "empty.txt").write_bytes(b"")
     overrides = tiny_overrides(tiny_llm_dir, tmp_path / "out", "evaluation=text", f"evaluation.files=['{good}']",
-                               f"+evaluation.evaluation_files=['{tmp_path / 'empty.txt'}']", "calibration=none")
+                               f"+evaluation.evaluation_files=['{tmp_path / 'empty.txt'}']", "calibration=none", "algorithm=rtn")
     with pytest.raises(DataError, match=r"^evaluation\.evaluation_files: .*empty\.txt' is empty"):
         run(compose(overrides))
 
@@ -98,7 +99,7 @@ def test_cli_prints_one_line_and_exits_2(tiny_llm_dir, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes("Übung macht den Meister.\n".encode("latin-1"))
     cmd = [sys.executable, "-m", "hfquant", *tiny_overrides(tiny_llm_dir, tmp_path / "out", "evaluation=text",
-                                                            f"evaluation.files=['{path}']", "calibration=none")]
+                                                            f"evaluation.files=['{path}']", "calibration=none", "algorithm=rtn")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -110,7 +111,7 @@ def test_cli_prints_one_line_and_exits_2(tiny_llm_dir, tmp_path):
 def test_malformed_json_lines_name_the_file(tmp_path):
     bad = tmp_path / "rows.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')
-    spec = validate(compose(["evaluation=text", f"evaluation.files=['{bad}']", "calibration=none",
+    spec = validate(compose(["evaluation=text", f"evaluation.files=['{bad}']", "calibration=none", "algorithm=rtn",
                              f"output_dir={tmp_path / 'out'}"]))
     with pytest.raises(DataError, match=r"^evaluation\.files: \[.*rows\.jsonl'\] could not be read as json \("):
         data_mod.windows(None, spec, "evaluation")
@@ -122,7 +123,7 @@ def test_a_file_shorter_than_one_window_says_how_many_tokens_it_has(tiny_llm_dir
     path = tmp_path / "short.txt"
     path.write_text(PARAGRAPHS)
     overrides = tiny_overrides(tiny_llm_dir, tmp_path / "out", "evaluation=text", f"evaluation.files=['{path}']",
-                               "evaluation.seq_len=256", "calibration=none")
+                               "evaluation.seq_len=256", "calibration=none", "algorithm=rtn")
     with pytest.raises(DataError) as err:
         run(compose(overrides))
     message = str(err.value)
@@ -138,7 +139,7 @@ def test_an_empty_part_says_it_has_no_tokens(tiny_tokenizer, tmp_path):
     path = tmp_path / "three.txt"
     path.write_text("One.\n\nTwo.\n\nThree.")  # every fifth paragraph evaluates: none here
     spec = validate(compose(["evaluation=text", f"evaluation.files=['{path}']", "evaluation.seq_len=64",
-                             "calibration=none", f"output_dir={tmp_path / 'out'}"]))
+                             "calibration=none", "algorithm=rtn", f"output_dir={tmp_path / 'out'}"]))
     with pytest.raises(DataError, match=r"but the evaluation part of .*three\.txt' \(every fifth paragraph\) has 0 "
                                         r"tokens, less than one window; lower evaluation\.seq_len or add text"):
         data_mod.windows(tiny_tokenizer, spec, "evaluation")
@@ -158,7 +159,7 @@ def test_a_short_calibration_part_names_its_files_and_the_tokens_needed(tiny_tok
 
 
 def test_pydoc_too_short_names_the_part(tiny_tokenizer, tmp_path):
-    spec = validate(compose(["evaluation.seq_len=100000000", "calibration=none", f"output_dir={tmp_path / 'out'}"]))
+    spec = validate(compose(["evaluation.seq_len=100000000", "calibration=none", "algorithm=rtn", f"output_dir={tmp_path / 'out'}"]))
     n = data_mod.token_stream(tiny_tokenizer, data_mod.build_dataset(spec, "evaluation").texts("evaluation")).numel()
     with pytest.raises(DataError, match=rf"at least seq_len = 100000000 tokens, but the evaluation part of the pydoc "
                                         rf"topics \(every fifth topic\) has {n} tokens, less than one window; lower "
@@ -171,11 +172,11 @@ def test_hub_dataset_too_short_names_repository_and_split(tiny_tokenizer, tmp_pa
     repo.mkdir()
     (repo / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(10)) + "\n")
     spec = validate(compose(["evaluation=hub", f"evaluation.path={repo}", "evaluation.split=train",
-                             "evaluation.seq_len=512", "calibration=none", f"output_dir={tmp_path / 'out'}"]))
+                             "evaluation.seq_len=512", "calibration=none", "algorithm=rtn", f"output_dir={tmp_path / 'out'}"]))
     with pytest.raises(DataError, match=rf"but split 'train' of Hub dataset '{repo}' \(every fifth row\) has \d+ "
                                         r"tokens, less than one window"):
         data_mod.windows(tiny_tokenizer, spec, "evaluation")
     spec = validate(compose(["evaluation=hub", f"evaluation.path={repo}", "evaluation.split=train", "evaluation.column=body",
-                             "calibration=none", f"output_dir={tmp_path / 'out'}"]))
+                             "calibration=none", "algorithm=rtn", f"output_dir={tmp_path / 'out'}"]))
     with pytest.raises(DataError, match=r"^evaluation\.column: Hub dataset .* has no column 'body'; columns: \['text'\]"):
         data_mod.windows(tiny_tokenizer, spec, "evaluation")

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 def _hfquant(prefix, model_dir, out, cwd, cache):
     exe = os.path.join(os.path.dirname(sys.executable), "hfquant")
-    args = ["model=hub", f"model.path={model_dir}", f"output_dir={out}", "scheme=w8a16", "calibration=none",
+    args = ["model=hub", f"model.path={model_dir}", f"output_dir={out}", "scheme=w8a16", "calibration=none", "algorithm=rtn",
             "evaluation.seq_len=64", "evaluation.max_windows=7"]
     env = dict(os.environ, HFQUANT_CACHE=str(cache), OMP_NUM_THREADS="1")
     done = subprocess.run([*prefix, exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -34,7 +34,7 @@ def poison(name, index, value):
 
 
 def streaming(model_dir, out, *extra):
-    return ["model=hub", f"model.path={model_dir}", f"output_dir={out}", "calibration=none", "evaluation=none", *extra]
+    return ["model=hub", f"model.path={model_dir}", f"output_dir={out}", "calibration=none", "algorithm=rtn", "evaluation=none", *extra]
 
 
 def test_nan_in_an_unquantized_weight_is_named_on_load(tiny_llm_dir, tmp_path, monkeypatch):
@@ -57,7 +57,8 @@ def test_sequential_calibration_names_the_tensor_before_running_the_layer(tiny_l
     name = "model.layers.0.input_layernorm.weight"
     model = edited_copy(tiny_llm_dir, tmp_path, poison(name, 2, float("nan")))
     overrides = ["model=hub", f"model.path={model}", f"output_dir={tmp_path / 'out'}", "scheme=w8a8-static",
-                 "evaluation=none", "calibration.seq_len=64", "calibration.num_samples=2", "pipeline=streaming"]
+                 "evaluation=none", "calibration.seq_len=64", "calibration.num_samples=2", "pipeline=streaming",
+                 "algorithm=rtn"]
     with pytest.raises(NonFiniteError, match=rf"checkpoint .*model-copy' \(model.safetensors\) has NaN or Inf in "
                                              rf"1 tensor\(s\): {name} \(1 of 64 values\)"):
         run(compose(overrides))

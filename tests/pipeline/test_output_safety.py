@@ -47,7 +47,7 @@ def args(model_dir, out, *extra, stream=False) -> list:
     """Overrides for the tiny model; `stream` = nothing to evaluate, so the streaming pipeline runs."""
     if stream:
         return ["model=hub", f"model.path={model_dir}", "model.name=tiny-llama", f"output_dir={out}",
-                "calibration=none", "evaluation=none", *extra]
+                "calibration=none", "algorithm=rtn", "evaluation=none", *extra]
     return tiny_overrides(model_dir, out, *extra)
 
 

@@ -16,7 +16,7 @@ from hfquant.pipeline.run import run
 from hfquant.pipeline.streaming import StreamingError, TensorSource, checkpoint_files
 from tests.conftest import compose
 
-QUIET = ["calibration=none", "evaluation=none", "scheme=w8a16", "backend=cpu"]
+QUIET = ["calibration=none", "algorithm=rtn", "evaluation=none", "scheme=w8a16", "backend=cpu"]
 
 
 def _overrides(model_dir, out, *extra):

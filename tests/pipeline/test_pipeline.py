@@ -129,7 +129,7 @@ def test_baseline_is_computed_once_per_model_data_and_protocol(tiny_llm_dir, tmp
 
 def test_weight_only_run_without_data(tiny_llm_dir, tmp_path):
     overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'r'}", "scheme=w8a16",
-                 "calibration=none", "evaluation=none"]
+                 "calibration=none", "algorithm=rtn", "evaluation=none"]
     report = run(compose(overrides))
     assert report["quantized"]["size"]["bytes_on_disk"] > 0 and "perplexity" not in report["quantized"]
     assert (tmp_path / "r" / "model" / "config.json").exists()
@@ -137,7 +137,7 @@ def test_weight_only_run_without_data(tiny_llm_dir, tmp_path):
 
 def test_embedding_model_is_evaluated_by_cosine(tiny_bert_dir, tmp_path):
     overrides = ["model=minilm", f"model.path={tiny_bert_dir}", f"output_dir={tmp_path / 'bert'}", "scheme=w8a16",
-                 "evaluation=embedding", "evaluation.seq_len=32", "evaluation.max_windows=8"]
+                 "evaluation=embedding", "evaluation.seq_len=32", "evaluation.max_windows=8", "algorithm=rtn"]
     report = run(compose(overrides))
     emb = report["quantized"]["embedding-similarity"]
     assert 0.99 < emb["cosine_mean"] <= 1.0 + 1e-6 and emb["cosine_min"] <= emb["cosine_mean"]

@@ -16,7 +16,7 @@ from tests.conftest import compose
 
 def test_layer_by_layer_scales_equal_whole_model_scales(tiny_llm_dir, tmp_path):
     common = ["model=hub", f"model.path={tiny_llm_dir}", "scheme=w8a8-static", "evaluation=none",
-              "calibration.seq_len=64", "calibration.num_samples=4"]
+              "calibration.seq_len=64", "calibration.num_samples=4", "algorithm=rtn"]
     mem = run(compose([*common, f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory"]))
     seq = run(compose([*common, f"output_dir={tmp_path / 'seq'}"]))  # auto
     assert seq["run"]["pipeline"] == "streaming" and "layer by layer" in seq["calibration"]["status"]

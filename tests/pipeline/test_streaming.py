@@ -12,7 +12,7 @@ from hfquant.pipeline.run import run
 from hfquant.pipeline.streaming import StreamingError
 from tests.conftest import compose
 
-QUIET = ["calibration=none", "evaluation=none"]
+QUIET = ["calibration=none", "algorithm=rtn", "evaluation=none"]
 
 
 def _overrides(model_dir, out, *extra):
@@ -48,7 +48,7 @@ def test_auto_streams_only_when_nothing_needs_the_model(tiny_llm_dir, tmp_path):
     r = run(compose(_overrides(tiny_llm_dir, tmp_path / "a", "scheme=w8a16")))
     assert r["run"]["pipeline"] == "streaming" and "never loaded" in r["run"]["pipeline_reason"]
     r = run(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'b'}", "scheme=w8a16",
-                     "calibration=none", "evaluation.seq_len=64", "evaluation.max_windows=2"]))
+                     "calibration=none", "algorithm=rtn", "evaluation.seq_len=64", "evaluation.max_windows=2"]))
     assert r["run"]["pipeline"] == "in_memory" and "evaluation" in r["run"]["pipeline_reason"]
 
 
@@ -59,7 +59,7 @@ def test_auto_streams_only_when_nothing_needs_the_model(tiny_llm_dir, tmp_path):
 ])
 def test_impossible_streaming_requests_fail_before_any_output(tiny_llm_dir, tmp_path, extra, message):
     overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'x'}", "pipeline=streaming",
-                 "calibration=none", "evaluation=none", *extra]
+                 "calibration=none", "algorithm=rtn", "evaluation=none", *extra]
     with pytest.raises(StreamingError, match=message):
         run(compose(overrides))
     assert not (tmp_path / "x").exists()
@@ -77,7 +77,7 @@ def test_a_checkpoint_without_tokenizer_quantizes_when_nothing_is_tokenized(tiny
         assert not [f for f in os.listdir(out / "model") if f.startswith("tokenizer")]
     assert_same_folder(tmp_path / "streaming" / "model", tmp_path / "in_memory" / "model")
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
-        run(compose(["model=hub", f"model.path={bare}", f"output_dir={tmp_path / 'e'}", "calibration=none",
+        run(compose(["model=hub", f"model.path={bare}", f"output_dir={tmp_path / 'e'}", "calibration=none", "algorithm=rtn",
                      "evaluation.seq_len=64"]))
 
 
@@ -143,7 +143,7 @@ def test_default_model_streams_to_the_same_bytes(tmp_path, scheme):
 
 
 def test_device_map_auto_runs_and_disk_offload_is_refused_with_a_way_out(tiny_llm_dir, tmp_path):
-    common = ["model=hub", f"model.path={tiny_llm_dir}", "calibration=none", "evaluation.seq_len=64",
+    common = ["model=hub", f"model.path={tiny_llm_dir}", "calibration=none", "algorithm=rtn", "evaluation.seq_len=64",
               "evaluation.max_windows=2", "scheme=w8a16", "backend=fake"]
     plain = run(compose([*common, f"output_dir={tmp_path / 'plain'}"]))
     mapped = run(compose([*common, f"output_dir={tmp_path / 'mapped'}", "model.device_map=auto",
