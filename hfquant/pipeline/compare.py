@@ -68,6 +68,47 @@ def score(model, windows, evaluators, baseline, ranks) -> dict:
     return {k: public(v) for k, v in evaluate_quantized(model, windows, evaluators, baseline, ranks).items()}
 
 
+def _rtn_cache_path(spec, backend: str, fingerprint: str, windows) -> str:
+    """Round-to-nearest scores depend on the model, scheme, observer, backend and windows only: cached like the
+    baseline, so a repeated run (or a sweep over algorithms) pays for them once."""
+    import hashlib
+    import json
+    import os
+
+    from .evaluate import cache_dir
+
+    blob = json.dumps([fingerprint, spec.scheme.to_dict(), spec.observer, spec.observer_options, backend,
+                       windows.token_hash, windows.protocol, sorted(spec.evaluation.evaluators), "rtn-v1"],
+                      sort_keys=True, default=str)
+    return os.path.join(cache_dir(), "rtn-" + hashlib.sha256(blob.encode()).hexdigest()[:24] + ".pt")
+
+
+def cached_rtn_scores(model, spec, backend: str, fingerprint: str, sets: dict, evaluators, ranks) -> dict:
+    """{label: scores} of round-to-nearest on each `(windows, baseline)` of `sets`, from the cache when there."""
+    import os
+
+    out, missing = {}, {}
+    for label, (windows, baseline) in sets.items():
+        path = _rtn_cache_path(spec, backend, fingerprint, windows)
+        if os.path.isfile(path):
+            try:
+                out[label] = {k: dict(v, cached=True) for k, v in torch.load(path, weights_only=True).items()}
+                continue
+            except Exception:  # a torn entry is recomputed
+                pass
+        missing[label] = (windows, baseline, path)
+    if missing:
+        rtn = rtn_reference(model, spec, backend)
+        for label, (windows, baseline, path) in missing.items():
+            out[label] = score(rtn, windows, evaluators, baseline, ranks)
+            if ranks is None or ranks.main:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(out[label], path + ".tmp")
+                os.replace(path + ".tmp", path)
+        del rtn
+    return out
+
+
 def baseline_scores(model, windows, evaluators, fingerprint, ranks) -> dict:
     return evaluate_baseline(model, windows, evaluators, fingerprint, ranks=ranks)
 

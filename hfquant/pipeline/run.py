@@ -253,12 +253,10 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         chain = make_chain(spec.algorithms, spec.propagate)
         if compare.wants_rtn_reference(spec, own_format):
             with timer.stage("evaluate round-to-nearest"):  # before the algorithms edit the model's weights
-                rtn = compare.rtn_reference(model, spec, backend)
-                comparison["rtn"] = compare.score(rtn, eval_windows, evaluators, baseline, ranks)
+                sets = {"rtn": (eval_windows, baseline)}
                 if ood_windows is not None:
-                    comparison["rtn_out_of_domain"] = compare.score(rtn, ood_windows, evaluators,
-                                                                    comparison["baseline_out_of_domain"], ranks)
-                del rtn
+                    sets["rtn_out_of_domain"] = (ood_windows, comparison["baseline_out_of_domain"])
+                comparison.update(compare.cached_rtn_scores(model, spec, backend, loaded.fingerprint, sets, evaluators, ranks))
         if own_format and chain.requires_data and spec.calibration.generated and not _can_generate(model):
             calib_windows.protocol["generated"] = f"skipped: {type(model).__name__} does not generate text"
         elif own_format and chain.requires_data and spec.calibration.generated:

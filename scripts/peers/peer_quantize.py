@@ -43,12 +43,16 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def max_levels(model, group_size: int) -> int:
-    """Most distinct values in any group of the first Linear's weight (≤ 16 once it holds 4-bit codes)."""
+def max_levels(model, group_size: int, flat: bool = False) -> int:
+    """Most distinct values in any group of the first Linear's weight (≤ 16 once it holds 4-bit codes). Groups
+    are runs of columns within a row, or with `flat` runs of the row-major flattened weight (HQQ's layout)."""
     w = dict(model.named_modules())[linear_names(model)[0]].weight.detach()
-    cols = w.shape[1] - w.shape[1] % group_size
-    groups = w[:, :cols].reshape(w.shape[0], -1, group_size)
-    return max(len(torch.unique(g)) for g in groups.reshape(-1, group_size)[:4096])
+    if flat:
+        groups = w.reshape(-1, group_size)
+    else:
+        cols = w.shape[1] - w.shape[1] % group_size  # whole groups only
+        groups = w[:, :cols].reshape(-1, group_size)
+    return max(len(torch.unique(g)) for g in groups[:4096])
 
 
 def linear_names(model) -> list:
@@ -105,11 +109,11 @@ def hqq(model, args, calib) -> dict:
             q, meta = Quantizer.quantize(w.data, **params, bitpack=False, compute_dtype=torch.float32, device="cpu")
             meta["compute_dtype"] = torch.float32
             w.data = Quantizer.dequantize(q, meta).to(w.dtype)  # fake-quantized: what HQQLinear computes with
-    return {"timer": t, "levels": max_levels(model, args.group_size), "settings": {"scheme": "int4 asymmetric (HQQ: optimised scale and zero)",
-                                                   **{k: v for k, v in params.items() if k != "view_as_float"},
-                                                   "note": "groups are consecutive weights in row-major order "
-                                                           "(HQQ's axis=1 layout); at group 128 on 576 columns a "
-                                                           "group can span two rows"}}
+    settings = {"scheme": "int4 asymmetric (HQQ: optimised scale and zero)",
+                **{k: v for k, v in params.items() if k != "view_as_float"},
+                "note": "groups are runs of the row-major weight (HQQ's axis=1 layout); at group 128 on 576 "
+                        "columns a group can span two rows"}
+    return {"timer": t, "levels": max_levels(model, args.group_size, flat=True), "settings": settings}
 
 
 def autoround(model, args, calib, tokenizer) -> dict:
@@ -210,7 +214,7 @@ def main() -> None:
     else:
         del model
         result = nf4(args)
-    model = result.pop("model", model)
+    model = result.pop("model") if "model" in result else model
     ppl = {k: perplexity(model, windows[k]["input_ids"]) for k in sets}
     report = {
         "peer": args.peer, "group_size": args.group_size, "bits": 4,

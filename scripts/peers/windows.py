@@ -69,7 +69,7 @@ def evaluation(tokenizer, name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calibration", default="pydoc", help="conf/calibration name (pydoc, prose, mix) or a .pt file")
+    parser.add_argument("--calibration", default="pydoc", help="conf/calibration name (pydoc, prose, mix) or .pt file")
     parser.add_argument("--in-domain", default="pydoc", help="conf/evaluation name for the calibration's domain")
     parser.add_argument("--out-of-domain", default="prose", help="conf/evaluation name for unseen text")
     parser.add_argument("--out", default="/work/peers/windows.pt")

@@ -159,6 +159,11 @@ def test_report_compares_with_round_to_nearest_in_and_out_of_domain(tiny_llm_dir
     assert "round-to-nearest instead" in text and "out of calibration domain (prose)" in text
     card = (tmp_path / "r" / "model" / "README.md").read_text()
     assert report["calibration"]["windows"]["token_sha256"] in card and "gptq" in card
+    assert not cmp["rtn"]["perplexity"].get("cached")
+    again = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "r2", "algorithm=hqq", "scheme.weights.group_size=32",
+                                       "evaluation.out_of_domain=prose")))["comparison"]
+    assert again["rtn"]["perplexity"]["cached"] and again["out_of_domain"]["rtn"]["perplexity"]["cached"]
+    assert again["rtn"]["perplexity"]["perplexity"] == cmp["rtn"]["perplexity"]["perplexity"]
 
 
 def test_streaming_gptq_on_a_tokenizer_less_checkpoint_with_random_token_ids(tmp_path):
