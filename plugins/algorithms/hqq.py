@@ -10,9 +10,9 @@ import torch
 
 from hfquant import hookimpl
 from hfquant.algorithm import LayerContext
-from hfquant.pipeline.integrity import NonFiniteError
 from hfquant.quant import quantize
 from hfquant.quant.hqq import optimize_qparams
+from hfquant_builtins.algorithms.rtn import observed_qparams
 
 
 class Hqq:
@@ -48,17 +48,10 @@ class Hqq:
             if mp.weight_args is None or mp.weight_codes is not None:
                 continue
             weight, args = linear.weight.detach(), mp.weight_args
-            observer = ctx.make_observer(args)
-            try:
-                observer.observe(weight)
-            except ValueError as exc:
-                if "NaN or Inf" not in str(exc):
-                    raise
-                raise NonFiniteError(f"{name}.weight: {exc}") from None  # say which weight
-            scale, zero_point = observer.qparams()
+            scale, zero_point = observed_qparams(name, weight, args, ctx)
             # every scale tried (the start included) goes through ctx.round_scale before its codes are computed, so
             # the scales returned are exactly the ones the codes below are computed with and the format stores
-            scale, zero_point = optimize_qparams(weight, args, (ctx.round_scale(scale), zero_point), self.iterations,
+            scale, zero_point = optimize_qparams(weight, args, (scale, zero_point), self.iterations,
                                                  ctx.round_scale, self.zero_radius, self.margin, self.norm)
             mp.weight_qparams = (scale, zero_point)
             mp.weight_codes = quantize(weight, scale, zero_point, args)

@@ -35,6 +35,13 @@ class RoundToNearest:
 
 def round_to_nearest(name: str, weight: torch.Tensor, args, ctx: LayerContext):
     """((scale, zero point), codes) of `weight` from the run's observer, scales rounded as the backend stores them."""
+    scale, zero_point = observed_qparams(name, weight, args, ctx)
+    return (scale, zero_point), quantize(weight, scale, zero_point, args)
+
+
+def observed_qparams(name: str, weight: torch.Tensor, args, ctx: LayerContext):
+    """The run's observer's (scale, zero point) for `weight`, the scale rounded as the backend stores it; a NaN/Inf
+    weight is refused by name (the starting point of every code producer that refines observer ranges)."""
     observer = ctx.make_observer(args)
     try:
         observer.observe(weight)
@@ -43,8 +50,7 @@ def round_to_nearest(name: str, weight: torch.Tensor, args, ctx: LayerContext):
             raise
         raise NonFiniteError(f"{name}.weight: {exc}") from None  # say which weight
     scale, zero_point = observer.qparams()
-    scale = ctx.round_scale(scale)
-    return (scale, zero_point), quantize(weight, scale, zero_point, args)
+    return ctx.round_scale(scale), zero_point
 
 
 @hookimpl
