@@ -35,10 +35,16 @@ def out_of_domain_spec(spec):
 
 
 def out_of_domain_windows(tokenizer, spec):
+    """The second domain's windows; None (with a warning naming the way to get it) when its text is not on this
+    machine — a missing extra measurement must not stop the run it accompanies."""
     ood = out_of_domain_spec(spec)
     if ood is None:
         return None
-    return data_mod.windows(tokenizer, types.SimpleNamespace(evaluation=ood, calibration=None), "evaluation")
+    try:
+        return data_mod.windows(tokenizer, types.SimpleNamespace(evaluation=ood, calibration=None), "evaluation")
+    except data_mod.DataError as exc:
+        log.warning("skipping the out-of-domain evaluation (evaluation.out_of_domain=%s): %s", ood.name, exc)
+        return None
 
 
 def wants_rtn_reference(spec, own_format: bool) -> bool:
