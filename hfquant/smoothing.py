@@ -289,3 +289,39 @@ def hook_groups(ctx, groups: List[SmoothGroup], max_rows: int = 0) -> Dict[str, 
         ctx.hook(group.consumers[0], inputs)
         stats[group.source_name] = (first, inputs)
     return stats
+
+
+class LayerGroups:
+    """The per-layer bookkeeping both smoothing algorithms share: in `start`, the layer's groups that feed a
+    quantized consumer (`wanted(group, ctx)`) with their input statistics hooked; in `walk`, those groups checked
+    against what their consumers really read, then yielded last first with their inputs (a Linear that is both a
+    source and a consumer — v_proj, up_proj — is then scaled as a source before it is searched as a consumer).
+    Groups no calibration input reached are skipped with a warning; the statistics are dropped afterwards."""
+
+    def __init__(self, algorithm: str, linear_pairs: bool, wanted, max_rows: int = 0) -> None:
+        self.algorithm, self.linear_pairs, self.wanted, self.max_rows = algorithm, linear_pairs, wanted, max_rows
+        self.groups: List[SmoothGroup] = []
+        self.stats: Dict = {}
+
+    def start(self, ctx) -> None:
+        self.groups, self.stats = [], {}
+        if ctx.layer is None or not ctx.prefix:  # targets outside the decoder layers: nothing to fold into
+            return
+        groups = find_groups(ctx.layer, self.algorithm, self.linear_pairs, ctx.prefix)
+        self.groups = [g for g in groups if self.wanted(g, ctx)]
+        self.stats = hook_groups(ctx, self.groups, max_rows=self.max_rows)
+
+    def walk(self, ctx):
+        try:
+            for group in self.groups:
+                first, inputs = self.stats[group.source_name]
+                check_feeds(group, first, inputs, ctx.layer, self.algorithm, ctx.prefix)
+            for group in reversed(self.groups):
+                inputs = self.stats[group.source_name][1]
+                if inputs.count == 0:
+                    log.warning("%s: no calibration input reached %s%s; left unscaled", self.algorithm, ctx.prefix,
+                                group.consumer_names[0])
+                    continue
+                yield group, inputs
+        finally:
+            self.groups, self.stats = [], {}

@@ -13,7 +13,7 @@ architecture. After Lin et al., "AWQ" (2023).
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -22,7 +22,7 @@ from hfquant.algorithm import AlgorithmError, LayerContext
 from hfquant.pipeline.integrity import NonFiniteError
 from hfquant.quant import fake_quantize
 from hfquant.quant.smoothing import alpha_grid, awq_scales, error_basis, output_error, scaled_quant_delta
-from hfquant.smoothing import SmoothGroup, check_feeds, find_groups, fold, hook_groups
+from hfquant.smoothing import LayerGroups, SmoothGroup, fold
 
 log = logging.getLogger("hfquant")
 OPTIONS = ("grid", "max_tokens", "linear_pairs")
@@ -40,38 +40,18 @@ class ActivationAwareScaling:
                 raise ValueError(f"awq: {key} must be a positive integer, got {value!r}")
         self.grid, self.max_tokens, self.linear_pairs = grid, max_tokens, bool(linear_pairs)
         self.chosen: Dict[str, float] = {}  # "model.layers.3.input_layernorm -> ..." → the α picked (for reports)
-        self._groups: List[SmoothGroup] = []
-        self._stats: Dict = {}
+        self._layer = LayerGroups("awq", self.linear_pairs, _quantized, max_rows=max_tokens)
 
     def start_layer(self, ctx: LayerContext) -> None:
-        self._groups, self._stats = [], {}
-        if ctx.layer is None or not ctx.prefix:  # targets outside the decoder layers: nothing to fold into
-            return
-        groups = find_groups(ctx.layer, "awq", self.linear_pairs, ctx.prefix)
-        self._groups = [g for g in groups if _quantized(g, ctx)]
-        self._stats = hook_groups(ctx, self._groups, max_rows=self.max_tokens)
+        self._layer.start(ctx)
 
     @torch.no_grad()
     def finish_layer(self, ctx: LayerContext) -> None:
-        try:
-            for group in self._groups:
-                first, inputs = self._stats[group.source_name]
-                check_feeds(group, first, inputs, ctx.layer, "awq", ctx.prefix)
-            # Last group first: a Linear that is both a source (rows) and a consumer (columns) — v_proj, up_proj —
-            # then has its rows scaled before its columns are searched, so every search sees final weights.
-            for group in reversed(self._groups):
-                inputs = self._stats[group.source_name][1]
-                if inputs.count == 0:
-                    log.warning("awq: no calibration input reached %s%s; left unscaled", ctx.prefix,
-                                group.consumer_names[0])
-                    continue
-                alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid)
-                self.chosen[ctx.prefix + group.label] = alpha
-                if alpha:
-                    fold(group, s)
-        finally:
-            self._groups, self._stats = [], {}
-
+        for group, inputs in self._layer.walk(ctx):
+            alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid)
+            self.chosen[ctx.prefix + group.label] = alpha
+            if alpha:
+                fold(group, s)
 
 def _quantized(group: SmoothGroup, ctx: LayerContext) -> bool:
     """Whether a consumer's weights are quantized (else scaling buys nothing)."""

@@ -9,17 +9,13 @@ producer (rtn, gptq) runs after it. After Xiao et al., "SmoothQuant" (2022).
 
 from __future__ import annotations
 
-import logging
-from typing import Dict, List
-
 import torch
 
 from hfquant import hookimpl
 from hfquant.algorithm import LayerContext
 from hfquant.quant.smoothing import column_max_abs, smoothquant_scales
-from hfquant.smoothing import SmoothGroup, check_feeds, find_groups, fold, hook_groups
+from hfquant.smoothing import LayerGroups, SmoothGroup, fold
 
-log = logging.getLogger("hfquant")
 OPTIONS = ("alpha", "linear_pairs")
 
 
@@ -33,34 +29,16 @@ class SmoothQuant:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
         self.alpha, self.linear_pairs = float(alpha), bool(linear_pairs)
-        self._groups: List[SmoothGroup] = []
-        self._stats: Dict = {}
+        self._layer = LayerGroups("smoothquant", self.linear_pairs, _quantized)
 
     def start_layer(self, ctx: LayerContext) -> None:
-        self._groups, self._stats = [], {}
-        if ctx.layer is None or not ctx.prefix:  # targets outside the decoder layers: nothing to fold into
-            return
-        groups = find_groups(ctx.layer, "smoothquant", self.linear_pairs, ctx.prefix)
-        self._groups = [g for g in groups if _quantized(g, ctx)]
-        self._stats = hook_groups(ctx, self._groups)
+        self._layer.start(ctx)
 
     @torch.no_grad()
     def finish_layer(self, ctx: LayerContext) -> None:
-        try:
-            for group in self._groups:
-                first, inputs = self._stats[group.source_name]
-                check_feeds(group, first, inputs, ctx.layer, "smoothquant", ctx.prefix)
-            for group in reversed(self._groups):
-                inputs = self._stats[group.source_name][1]
-                if inputs.count == 0:
-                    log.warning("smoothquant: no calibration input reached %s%s; left unscaled", ctx.prefix,
-                                group.consumer_names[0])
-                    continue
-                weight_max = column_max_abs([linear.weight for linear in group.consumers])
-                fold(group, smoothquant_scales(inputs.max_abs.to(weight_max.device), weight_max, self.alpha))
-        finally:
-            self._groups, self._stats = [], {}
-
+        for group, inputs in self._layer.walk(ctx):
+            weight_max = column_max_abs([linear.weight for linear in group.consumers])
+            fold(group, smoothquant_scales(inputs.max_abs.to(weight_max.device), weight_max, self.alpha))
 
 def _quantized(group: SmoothGroup, ctx: LayerContext) -> bool:
     """Whether a consumer is quantized at all (weights or input activations)."""
