@@ -75,6 +75,11 @@ RECIPES = [
     Recipe("awq + rtn sym full-range", "w4a16", {"awq": {}}, full_range=True),
     Recipe("awq + gptq sym full-range", "w4a16", {"awq": {}, "gptq": {}}, full_range=True),
     Recipe("awq + gptq asym", "w4a16-asym", {"awq": {}, "gptq": {}}),
+    Recipe("rtn sym full-range, mse observer", "w4a16", {"rtn": {}}, full_range=True, observer="mse"),
+    Recipe("gptq sym full-range, mse observer", "w4a16", {"gptq": {}}, full_range=True, observer="mse"),
+    Recipe("awq + gptq sym full-range, mse observer", "w4a16", {"awq": {}, "gptq": {}}, full_range=True,
+           observer="mse"),
+    Recipe("awq + gptq asym, mse observer", "w4a16-asym", {"awq": {}, "gptq": {}}, observer="mse"),
     Recipe("w8a8 rtn (cpu kernels)", "w8a8", {"rtn": {}}, backend="cpu"),
     Recipe("w8a8 smoothquant (cpu kernels)", "w8a8", {"smoothquant": {}}, backend="cpu"),
 ]

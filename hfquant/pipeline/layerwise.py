@@ -112,14 +112,25 @@ def _account_codes(chain: AlgorithmChain, ctx: LayerContext, write_back: bool) -
             continue
         if mp.weight_codes is None:
             raise RuntimeError(f"no algorithm produced codes for {name} (chain: {', '.join(chain.names)})")
-        scale, zero_point = mp.weight_qparams
         weight = linear.weight.detach()
-        approx = dequantize(mp.weight_codes, scale, zero_point, mp.weight_args, dtype=torch.float32)
-        exact = weight.float()
-        chain.error += float((approx - exact).pow_(2).sum())
-        chain.energy += float(exact.pow(2).sum())
-        if write_back:
-            linear.weight.data.copy_(approx.to(weight.dtype))
+        for rows in _row_chunks(weight):  # float32 temporaries of a few MB, not of a whole 11008-wide weight
+            scale, zero_point = (_rows_of(p, rows, weight.shape[0]) for p in mp.weight_qparams)
+            approx = dequantize(mp.weight_codes[rows], scale, zero_point, mp.weight_args, dtype=torch.float32)
+            exact = weight[rows].float()  # a view of the weight when it is float32: never modified in place
+            chain.energy += float(exact.pow(2).sum())
+            chain.error += float((approx - exact).pow_(2).sum())
+            if write_back:
+                linear.weight.data[rows] = approx.to(weight.dtype)
+
+
+def _row_chunks(weight: torch.Tensor, elements: int = 1 << 22):
+    step = max(1, elements // max(1, weight.shape[1]))
+    return [slice(i, i + step) for i in range(0, weight.shape[0], step)]
+
+
+def _rows_of(p: torch.Tensor, rows: slice, out_features: int) -> torch.Tensor:
+    """The part of a qparam that belongs to weight rows `rows` (a per-tensor one applies to all of them)."""
+    return p[rows] if p.dim() > 0 and p.shape[0] == out_features else p
 
 
 def _first(output):

@@ -61,7 +61,10 @@ def prepare_hessian(hessian: torch.Tensor, dampening: float = 0.01, act_order: b
         raise HessianError("the Hessian has negative diagonal entries, so it is not (2/N) Σ x xᵀ of real inputs")
     dead = diag == 0
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
-    h = h[perm[:, None], perm] if perm is not None else h
+    del diag
+    if perm is not None:
+        hessian = None  # the permuted copy replaces it (freed here when the caller handed over its only reference)
+        h = h[perm[:, None], perm]
     base = h.diagonal().clone()
     base[dead[perm] if perm is not None else dead] = 1.0  # a dead input: any positive value keeps H invertible
     mean_diag = float(base.mean())
@@ -81,12 +84,16 @@ def prepare_hessian(hessian: torch.Tensor, dampening: float = 0.01, act_order: b
 def _inverse_cholesky(h: torch.Tensor, diagonal: torch.Tensor) -> Optional[torch.Tensor]:
     """Upper U with Uᵀ U = h⁻¹ (h's diagonal replaced by `diagonal`), or None when that is not (numerically)
     positive definite."""
-    h = h.clone() if h.dtype == torch.float32 else h
-    h.diagonal().copy_(diagonal)
-    lower, info = torch.linalg.cholesky_ex(h)
+    work = h.clone() if h.dtype == torch.float32 else h
+    work.diagonal().copy_(diagonal)
+    lower, info = torch.linalg.cholesky_ex(work)
+    del work  # at most three in×in matrices alive at once (h, and two steps of the factorisation)
     if int(info) != 0:
         return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     if int(info) != 0 or not bool(torch.isfinite(upper).all()):
         return None
     return upper
@@ -145,10 +152,11 @@ def gptq_quantize_shared(
     if perm is not None:
         wt = wt[perm]
     has_zero = not (args.symmetric and args.signed)  # symmetric signed: every zero point is 0, skip adding it
-    if static:  # one scale (and zero point) per (column, row)
-        scale_t, zero_t = (torch.cat([_column_qparams(q[0][j], args, perm, columns, work, bounds[k + 1] - bounds[k])
+    if static:  # (qparam set, stacked rows) tables and each column's set; a block's (column, row) values on demand
+        scale_t, zero_t = (torch.cat([_stacked_qparam(q[0][j], args, work, bounds[k + 1] - bounds[k])
                                       for k, q in enumerate(qparams)], dim=1) if j == 0 or has_zero else None
                            for j in (0, 1))
+        column_set = _column_sets(args, perm, columns, device)
     hinv = hessian.hinv.to(device=device, dtype=work)
     group_args = args.replace(strategy="channel", group_size=None) if grouped else args
     qmin, qmax = args.qmin, args.qmax
@@ -161,8 +169,8 @@ def gptq_quantize_shared(
         inv_diag = (-1.0 / hblock.diagonal()).tolist()
         xs, es, hrows = block.unbind(0), errors.unbind(0), hblock.unbind(0)
         if static:
-            ss = scale_t[i1:i2].unbind(0)
-            zs = zero_t[i1:i2].unbind(0) if has_zero else ss
+            ss = scale_t[column_set[i1:i2]].unbind(0)
+            zs = zero_t[column_set[i1:i2]].unbind(0) if has_zero else ss
         for i in range(i2 - i1):
             if static:
                 s, z = ss[i], zs[i]
@@ -211,15 +219,19 @@ def _group_qparams(wt, block, errors, hinv, i1, i2, i, group_size, bounds, qpara
     return torch.cat(scales).to(work), torch.cat(zeros).to(work)
 
 
-def _column_qparams(p: torch.Tensor, args: QuantArgs, perm: Optional[torch.Tensor], cols: int,
-                    work: torch.dtype, rows: int) -> torch.Tensor:
-    """A weight's qparam as one value per (column, row), columns in processing order (transposed layout)."""
+def _stacked_qparam(p: torch.Tensor, args: QuantArgs, work: torch.dtype, rows: int) -> torch.Tensor:
+    """A weight's qparam as a (sets, rows) table: one set per group (group strategy), else a single set."""
     p = p.to(work)
     if p.dim() == 0:
-        return p.expand(cols, rows)
+        return p.expand(1, rows)
     if args.strategy == "group":
-        index = torch.arange(cols, device=p.device) // args.group_size
-        if perm is not None:
-            index = index[perm]
-        return p.t()[index]
-    return p.reshape(1, rows).expand(cols, rows)
+        return p.reshape(rows, -1).t()
+    return p.reshape(1, rows)
+
+
+def _column_sets(args: QuantArgs, perm: Optional[torch.Tensor], cols: int, device) -> torch.Tensor:
+    """For each column in processing order, the row of the qparam table it uses (its group, or 0)."""
+    if args.strategy != "group":
+        return torch.zeros(cols, dtype=torch.long, device=device)
+    index = torch.arange(cols, device=device) // args.group_size
+    return index[perm] if perm is not None else index

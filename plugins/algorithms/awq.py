@@ -19,10 +19,10 @@ import torch
 
 from hfquant import hookimpl
 from hfquant.algorithm import AlgorithmError, LayerContext
-from hfquant.pipeline.integrity import NonFiniteError
 from hfquant.quant import fake_quantize
 from hfquant.quant.smoothing import alpha_grid, awq_scales, error_basis, output_error, scaled_quant_delta
 from hfquant.smoothing import LayerGroups, SmoothGroup, fold
+from hfquant_builtins.algorithms.rtn import observed_qparams
 
 log = logging.getLogger("hfquant")
 OPTIONS = ("grid", "max_tokens", "linear_pairs")
@@ -76,7 +76,7 @@ def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tens
         for local, linear in zip(group.consumer_names, group.consumers):
             args = _weight_args(ctx, local)
             if args is not None:
-                fake_quant = _quantizer(ctx, args, ctx.prefix + local)
+                fake_quant = weight_quantizer(ctx, args, ctx.prefix + local)
                 err += output_error(scaled_quant_delta(linear.weight, s, fake_quant), basis)
         if best is None or err < best[0]:
             best = (err, alpha, s)
@@ -87,18 +87,11 @@ def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tens
     return best[1], best[2]
 
 
-def _quantizer(ctx: LayerContext, args, name: str):
+def weight_quantizer(ctx: LayerContext, args, name: str):
     """Fake quantization with the run's observer and the backend's scale rounding — what the codes will be."""
     def fq(w: torch.Tensor) -> torch.Tensor:
-        observer = ctx.make_observer(args)
-        try:
-            observer.observe(w)
-        except ValueError as exc:
-            if "NaN or Inf" not in str(exc):
-                raise
-            raise NonFiniteError(f"{name}.weight (awq-scaled): {exc}") from None
-        scale, zero_point = observer.qparams()
-        return fake_quantize(w, ctx.round_scale(scale), zero_point, args)
+        scale, zero_point = observed_qparams(name + " (scaled)", w, args, ctx)
+        return fake_quantize(w, scale, zero_point, args)
     return fq
 
 

@@ -41,6 +41,12 @@ class _Hessian:
         self.recent = [r for r in self.recent if r() is not None]
         return any(r() is x for r in self.recent)
 
+    def take(self) -> torch.Tensor:
+        """The Hessian, handed over: only the factorisation is needed from here on, and prepare_hessian can free
+        each copy as soon as the next one exists (an 11008-wide Hessian is 485 MB)."""
+        h, self.h = self.h, None
+        return h
+
     def add(self, x: torch.Tensor) -> int:
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         n = flat.shape[0]
@@ -131,12 +137,11 @@ class Gptq:
     def _prepared(self, stats: _Hessian) -> PreparedHessian:
         if stats.prepared is None:
             try:
-                stats.prepared = prepare_hessian(stats.h, self.dampening, self.act_order)
+                stats.prepared = prepare_hessian(stats.take(), self.dampening, self.act_order)
             except HessianError as exc:
                 raise AlgorithmError(
                     f"gptq: cannot invert the Hessian of {', '.join(stats.members)} ({exc}); raise the gptq option "
                     f"`dampening` (now {self.dampening}) or use more calibration samples") from None
-            stats.h = None  # only the factorisation is needed from here on
         return stats.prepared
 
     def _quantize(self, names: List[str], ctx: LayerContext, prepared: PreparedHessian):

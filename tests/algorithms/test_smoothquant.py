@@ -104,9 +104,30 @@ def test_two_smoothing_algorithms_in_one_run_are_refused():
         simulate(tiny_model("llama"), [SmoothQuant(), ActivationAwareScaling()], outlier_inputs(), W8A8)
 
 
+def test_searched_alpha_beats_the_papers_fixed_alpha_and_is_recorded():
+    model, x = tiny_model("llama"), outlier_inputs()
+    searched = SmoothQuant()
+    fixed = w8a8_error(model, [SmoothQuant(alpha=0.5), RoundToNearest()], x)
+    assert w8a8_error(model, [searched, RoundToNearest()], x) <= fixed
+    assert searched.chosen and all(a is None or 0.0 <= a <= 1.0 for a in searched.chosen.values())
+
+
+def test_search_never_loses_to_no_smoothing_on_its_sample():
+    """Unsmoothed is one of the candidates: on inputs without outliers (where the paper's α=0.5 may hurt) the
+    searched result is at least as good as plain round-to-nearest on the rows it searched on."""
+    model, x = tiny_model("llama"), torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(3))
+    rtn = w8a8_error(model, [RoundToNearest()], x)
+    assert w8a8_error(model, [SmoothQuant(linear_pairs=False), RoundToNearest()], x) <= rtn * 1.001
+
+
 def test_options():
-    with pytest.raises(TypeError, match="grid.*allowed: alpha, linear_pairs"):
-        SmoothQuant(grid=3)
+    with pytest.raises(TypeError, match="bogus.*allowed: alpha, grid, max_tokens, linear_pairs"):
+        SmoothQuant(bogus=3)
     with pytest.raises(ValueError, match="alpha"):
         SmoothQuant(alpha=2)
+    with pytest.raises(ValueError, match="alpha.*'search'"):
+        SmoothQuant(alpha="auto")
+    with pytest.raises(ValueError, match="grid"):
+        SmoothQuant(grid=0)
     assert SmoothQuant(alpha=0.8).alpha == 0.8
+    assert SmoothQuant().alpha == "search"
