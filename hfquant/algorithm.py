@@ -2,7 +2,8 @@
 
 The layer-by-layer driver (`hfquant.pipeline.layerwise`) calls, for every decoder layer in order, steps 1–3
 once for the weight editors and once more for the code producer (so a producer's statistics describe the
-layer as the editors left it):
+layer as the editors left it) — or once for all of them, when the editors only rescale inputs and the
+producer can rescale its statistics to match (see `OPTIONAL_ATTRIBUTES`; AWQ, SmoothQuant and GPTQ do):
 
 1. ``start_layer(ctx)`` on every algorithm of the run, in the configured order — install forward hooks with
    ``ctx.hook(module, fn)`` to accumulate statistics (the driver removes them);
@@ -50,6 +51,9 @@ class LayerContext:
     round_scale: Callable[[torch.Tensor], torch.Tensor] = lambda s: s  # the backend's scale rounding
     model: Optional[torch.nn.Module] = None  # the whole model (config, structure); may hold meta weights
     num_samples: int = 0  # calibration windows that will pass through `layer` (0 when data-free)
+    #: full target name → per-input-channel factor its input was multiplied by since this layer's calibration
+    #: pass (weight editors that only rescale inputs record it, see `scale_inputs`)
+    input_scaling: Dict[str, torch.Tensor] = field(default_factory=dict)
     _handles: List = field(default_factory=list, repr=False)
 
     def hook(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.Tensor], None]) -> None:
@@ -61,6 +65,13 @@ class LayerContext:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def scale_inputs(self, names, factor: torch.Tensor) -> None:
+        """Record that the inputs of targets `names` are now multiplied by `factor` (per input channel) compared
+        with what the calibration pass saw — so a code producer that shared the pass can rescale its statistics."""
+        for name in names:
+            old = self.input_scaling.get(name)
+            self.input_scaling[name] = factor.detach().float() if old is None else old * factor.detach().float()
 
     def local_name(self, full_name: str) -> str:
         """`model.layers.3.self_attn.q_proj` → `self_attn.q_proj` (the name inside `layer`)."""
@@ -81,6 +92,14 @@ class Algorithm(Protocol):
 
     def finish_layer(self, ctx: LayerContext) -> None:
         """Edit weights and/or set ``ctx.plans[name].weight_qparams`` and ``.weight_codes``; free statistics."""
+
+
+#: Optional, for one calibration pass instead of two. A weight editor whose edits leave every Linear's function
+#: unchanged and only multiply the inputs of targets by per-channel factors — recorded with
+#: ``ctx.scale_inputs`` — sets ``rescales_inputs_only = True``; a code producer that can rescale the statistics it
+#: gathered by those factors (``ctx.input_scaling``) sets ``accepts_input_rescaling = True``. When every editor
+#: of a run and its producer say so, the driver runs them all on one calibration pass.
+OPTIONAL_ATTRIBUTES = ("rescales_inputs_only", "accepts_input_rescaling")
 
 
 class AlgorithmError(HfquantError, ValueError):

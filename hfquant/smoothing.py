@@ -172,11 +172,12 @@ def _without_hooks(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def fold(group: SmoothGroup, s: torch.Tensor) -> None:
+def fold(group: SmoothGroup, s: torch.Tensor, ctx=None) -> None:
     """Divide the source's output channels by `s` and multiply the consumers' input columns by `s`, in place
     (computed in float32, stored back in each tensor's dtype). A norm weight is read back after storing and the
     consumers get the scale it really achieved: a bf16 Gemma weight (1 + w)/s − 1 near −1 keeps few
-    significant bits of 1 + w, and compensating in the consumers keeps the function anyway."""
+    significant bits of 1 + w, and compensating in the consumers keeps the function anyway. With `ctx`, the
+    consumers' inputs — now divided by that scale — are recorded there (`LayerContext.scale_inputs`)."""
     src = group.source
     s = s.float().to(src.weight.device)
     achieved = s
@@ -192,6 +193,8 @@ def fold(group: SmoothGroup, s: torch.Tensor) -> None:
         _store(src.bias, src.bias.float() / achieved)
     for linear in group.consumers:
         _store(linear.weight, linear.weight.float() * achieved.to(linear.weight.device))
+    if ctx is not None:
+        ctx.scale_inputs([ctx.prefix + name for name in group.consumer_names], 1.0 / achieved)
 
 
 def _store(param: torch.Tensor, value: torch.Tensor) -> None:

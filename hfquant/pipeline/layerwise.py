@@ -1,7 +1,8 @@
 """The layer-by-layer driver: every algorithm of a run, one decoder layer at a time, codes computed once.
 
 For each decoder layer, in two phases — the weight editors (AWQ, SmoothQuant), then the code producer, each with
-its own calibration pass so the producer sees the edited layer: `start_layer` → the captured calibration inputs
+its own calibration pass so the producer sees the edited layer (one shared pass when the editors only rescale
+inputs and the producer rescales its statistics to match, as AWQ / SmoothQuant and GPTQ do): `start_layer` → the captured calibration inputs
 run through the layer (only when an algorithm of the phase `requires_data`) → `finish_layer`, in configured
 order → targets still without codes get round-to-nearest → the reported error of exactly those codes is accumulated → the layer runs again
 with its quantized weights (or float ones, `propagate="float"`) so the next layer sees what it will see at
@@ -79,6 +80,7 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
                 algorithm.start_layer(ctx)
             try:
                 if inputs is not None and ctx.layer is not None and any(getattr(a, "requires_data", False) for _, a in phase):
+                    ctx.input_scaling.clear()  # the scaling recorded is relative to the latest pass
                     for hidden, kwargs in inputs:
                         ctx.layer(hidden, **kwargs)
             finally:
@@ -97,9 +99,14 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
 
 
 def _phases(steps):
-    """[weight editors…], [code producer]: each phase gets its own calibration pass."""
+    """[weight editors…], [code producer]: each phase gets its own calibration pass — or one phase for all when
+    the editors only rescale inputs and the producer can rescale its statistics to match (exact up to float
+    rounding, and one forward pass of every calibration window per layer cheaper)."""
     editors = [s for s in steps if not getattr(s[1], "produces_codes", False)]
     producers = [s for s in steps if getattr(s[1], "produces_codes", False)]
+    if editors and producers and all(getattr(a, "rescales_inputs_only", False) for _, a in editors) and all(
+            getattr(a, "accepts_input_rescaling", False) or not getattr(a, "requires_data", False) for _, a in producers):
+        return [editors + producers]
     return [p for p in (editors, producers) if p]
 
 

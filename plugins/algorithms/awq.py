@@ -31,6 +31,7 @@ OPTIONS = ("grid", "max_tokens", "linear_pairs")
 class ActivationAwareScaling:
     requires_data = True
     produces_codes = False
+    rescales_inputs_only = True  # folds keep each Linear's function; consumers' inputs are divided by s
 
     def __init__(self, *, grid: int = 20, max_tokens: int = 2048, linear_pairs: bool = True, **unknown) -> None:
         if unknown:
@@ -51,7 +52,7 @@ class ActivationAwareScaling:
             alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid)
             self.chosen[ctx.prefix + group.label] = alpha
             if alpha:
-                fold(group, s)
+                fold(group, s, ctx)
 
 def _quantized(group: SmoothGroup, ctx: LayerContext) -> bool:
     """Whether a consumer's weights are quantized (else scaling buys nothing)."""

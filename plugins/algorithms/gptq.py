@@ -65,6 +65,7 @@ class Gptq:
 
     requires_data = True
     produces_codes = True
+    accepts_input_rescaling = True  # H of inputs x·f is diag(f) H diag(f): editors can share the calibration pass
 
     def __init__(self, block_size: int = 128, dampening: float = 0.01, act_order: bool = True, **unknown) -> None:
         if unknown:
@@ -112,6 +113,7 @@ class Gptq:
     @torch.no_grad()
     def finish_layer(self, ctx: LayerContext) -> None:
         try:
+            self._rescale(ctx)
             batches: Dict[tuple, List[str]] = {}  # (Hessian, args) → the targets quantized together
             for name in ctx.targets:
                 mp = ctx.plans[name]
@@ -133,6 +135,21 @@ class Gptq:
                     stats.prepared = None  # free as soon as the last sharer is done
         finally:
             self._by_target, self._seen = {}, {}
+
+    def _rescale(self, ctx: LayerContext) -> None:
+        """Apply the input scaling weight editors recorded after the shared calibration pass: inputs x·f give
+        the Hessian diag(f) H diag(f) — the one a second pass over the edited layer would measure."""
+        for stats in self._distinct():
+            factors = [ctx.input_scaling.get(name) for name in stats.members]
+            if all(f is None for f in factors):
+                continue
+            first = factors[0]
+            if any(f is None or not torch.equal(f, first) for f in factors):
+                raise AlgorithmError(
+                    f"gptq: {', '.join(stats.members)} read the same input but a weight editor rescaled them "
+                    "differently; this editor must not declare rescales_inputs_only")
+            f = first.to(stats.h.device)
+            stats.h.mul_(f[:, None]).mul_(f[None, :])
 
     def _prepared(self, stats: _Hessian) -> PreparedHessian:
         if stats.prepared is None:

@@ -31,6 +31,7 @@ OPTIONS = ("alpha", "grid", "max_tokens", "linear_pairs")
 class SmoothQuant:
     requires_data = True
     produces_codes = False
+    rescales_inputs_only = True  # folds keep each Linear's function; consumers' inputs are divided by s
 
     def __init__(self, *, alpha="search", grid: int = 20, max_tokens: int = 512, linear_pairs: bool = True,
                  **unknown) -> None:
@@ -62,7 +63,7 @@ class SmoothQuant:
                 alpha, s = self.alpha, smoothquant_scales(act_max, weight_max, self.alpha)
             self.chosen[ctx.prefix + group.label] = alpha
             if s is not None:
-                fold(group, s)
+                fold(group, s, ctx)
 
 
 def search(group: SmoothGroup, act_max: torch.Tensor, weight_max: torch.Tensor, rows: torch.Tensor,
