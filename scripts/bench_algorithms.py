@@ -75,6 +75,9 @@ RECIPES = [
     Recipe("awq + rtn sym full-range", "w4a16", {"awq": {}}, full_range=True),
     Recipe("awq + gptq sym full-range", "w4a16", {"awq": {}, "gptq": {}}, full_range=True),
     Recipe("awq + gptq asym", "w4a16-asym", {"awq": {}, "gptq": {}}),
+    Recipe("awq (grid 10) + gptq sym full-range", "w4a16", {"awq": {"grid": 10}, "gptq": {}}, full_range=True),
+    Recipe("awq (512 rows) + gptq sym full-range", "w4a16", {"awq": {"max_tokens": 512}, "gptq": {}},
+           full_range=True),
     Recipe("rtn sym full-range, mse observer", "w4a16", {"rtn": {}}, full_range=True, observer="mse"),
     Recipe("gptq sym full-range, mse observer", "w4a16", {"gptq": {}}, full_range=True, observer="mse"),
     Recipe("awq + gptq sym full-range, mse observer", "w4a16", {"awq": {}, "gptq": {}}, full_range=True,
@@ -82,6 +85,10 @@ RECIPES = [
     Recipe("awq + gptq asym, mse observer", "w4a16-asym", {"awq": {}, "gptq": {}}, observer="mse"),
     Recipe("w8a8 rtn (cpu kernels)", "w8a8", {"rtn": {}}, backend="cpu"),
     Recipe("w8a8 smoothquant (cpu kernels)", "w8a8", {"smoothquant": {}}, backend="cpu"),
+    Recipe("w8a8 smoothquant fixed alpha 0.5 (the paper's; cpu kernels)", "w8a8",
+           {"smoothquant": {"alpha": 0.5, "linear_pairs": False}}, backend="cpu"),
+    Recipe("w8a8 smoothquant search grid 10, 256 rows (cpu kernels)", "w8a8",
+           {"smoothquant": {"grid": 10, "max_tokens": 256}}, backend="cpu"),
 ]
 
 
