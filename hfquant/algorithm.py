@@ -99,7 +99,9 @@ class Algorithm(Protocol):
 #: ``ctx.scale_inputs`` — sets ``rescales_inputs_only = True``; a code producer that can rescale the statistics it
 #: gathered by those factors (``ctx.input_scaling``) sets ``accepts_input_rescaling = True``. When every editor
 #: of a run and its producer say so, the driver runs them all on one calibration pass.
-OPTIONAL_ATTRIBUTES = ("rescales_inputs_only", "accepts_input_rescaling")
+#: ``check_layer(layer, prefix)``, also optional, raises `AlgorithmError` for a decoder layout the algorithm cannot
+#: handle; the in-memory run calls it on the first decoder layer right after loading, before any evaluation.
+OPTIONAL_ATTRIBUTES = ("rescales_inputs_only", "accepts_input_rescaling", "check_layer")
 
 
 class AlgorithmError(HfquantError, ValueError):

@@ -306,6 +306,10 @@ class LayerGroups:
         self.groups: List[SmoothGroup] = []
         self.stats: Dict = {}
 
+    def check(self, layer: torch.nn.Module, prefix: str) -> None:
+        """Raise the refusal `start` would raise on this layer (the run calls it on layer 0 before any work)."""
+        find_groups(layer, self.algorithm, self.linear_pairs, prefix)
+
     def start(self, ctx) -> None:
         self.groups, self.stats = [], {}
         if ctx.layer is None or not ctx.prefix:  # targets outside the decoder layers: nothing to fold into

@@ -69,6 +69,23 @@ def make_chain(algorithms: Dict[str, dict], propagate: str = "quantized", regist
     return AlgorithmChain(steps, propagate)
 
 
+def check_first_layer(chain: AlgorithmChain, model: torch.nn.Module) -> None:
+    """Let each algorithm with a `check_layer(layer, prefix)` refuse the model from its first decoder layer — before
+    any evaluation or calibration, instead of when the driver reaches it (an optional Algorithm attribute)."""
+    checks = [check for _, a in chain.steps if (check := getattr(a, "check_layer", None)) is not None]
+    if not checks:
+        return
+    from .sequential import decoder_layers
+    from .streaming import StreamingError
+
+    try:
+        name, layers = decoder_layers(model)
+    except StreamingError:
+        return  # no repeated decoder blocks: the driver finishes the targets as one group, nothing to fold into
+    for check in checks:
+        check(layers[0], f"{name}.0.")
+
+
 def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Captured], last: bool = False) -> Optional[Captured]:
     """Run every algorithm on one layer; set each target's codes; return the inputs of the next layer.
 

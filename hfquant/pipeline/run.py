@@ -32,7 +32,7 @@ from .output import (OutputFolderError, discard_model, model_dir, read_json, rea
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
 from .quantize import check_model_fits, convert, resolve_backend
-from .layerwise import make_chain, quantize_in_memory
+from .layerwise import check_first_layer, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
 from .report import markdown, summary_rows, table, versions
@@ -219,8 +219,10 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     placement = check_placement(model)
     if m.get("device_map") is None and spec.device != "cpu":
         model.to(spec.device)
+    chain = make_chain(spec.algorithms, spec.propagate)
     if not spec.resume:
         check_model_fits(model, spec.scheme, backend)  # before any data is read or evaluated
+        check_first_layer(chain, model)  # e.g. awq on a layout it cannot fold into: said now, not after the baselines
     params, baseline_bytes = unique_parameter_count(model), state_bytes(model)
 
     eval_windows = calib_windows = ood_windows = None
@@ -250,7 +252,6 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             obs_cls = registries().observers.get(spec.observer)
             plan = build_plan(model, spec.scheme, spec.observer, obs_cls, spec.observer_options, calib_windows,
                               observe=own_format)
-        chain = make_chain(spec.algorithms, spec.propagate)
         if compare.wants_rtn_reference(spec, own_format):
             with timer.stage("evaluate round-to-nearest"):  # before the algorithms edit the model's weights
                 sets = {"rtn": (eval_windows, baseline)}

@@ -43,6 +43,9 @@ class ActivationAwareScaling:
         self.chosen: Dict[str, float] = {}  # "model.layers.3.input_layernorm -> ..." → the α picked (for reports)
         self._layer = LayerGroups("awq", self.linear_pairs, _quantized, max_rows=max_tokens)
 
+    def check_layer(self, layer: torch.nn.Module, prefix: str) -> None:
+        self._layer.check(layer, prefix)
+
     def start_layer(self, ctx: LayerContext) -> None:
         self._layer.start(ctx)
 

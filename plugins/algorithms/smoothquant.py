@@ -49,6 +49,9 @@ class SmoothQuant:
         rows = max_tokens if alpha == "search" else 0
         self._layer = LayerGroups("smoothquant", self.linear_pairs, _quantized, max_rows=rows)
 
+    def check_layer(self, layer: torch.nn.Module, prefix: str) -> None:
+        self._layer.check(layer, prefix)
+
     def start_layer(self, ctx: LayerContext) -> None:
         self._layer.start(ctx)
 

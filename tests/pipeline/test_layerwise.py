@@ -2,6 +2,7 @@
 once and stored as chosen, quantized outputs propagated by default; config errors before any work."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -178,3 +179,20 @@ def test_streaming_gptq_on_a_tokenizer_less_checkpoint_with_random_token_ids(tmp
     assert report["run"]["pipeline"] == "streaming" and report["quantization"]["algorithms"] == ["gptq"]
     assert report["calibration"]["windows"]["vocab_size"] == 300
     assert report["calibration"]["windows"]["dataset"]["name"] == "random"
+
+
+def test_awq_refuses_an_unknown_layout_before_any_evaluation(tmp_path, tiny_tokenizer, caplog):
+    """GPT-2 blocks have no q/k/v Linears to fold into: said right after loading, not after the baselines."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hfquant.algorithm import AlgorithmError
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2, n_head=4)).save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer.save_pretrained(tmp_path / "gpt2")
+    caplog.set_level(logging.INFO, logger="hfquant")
+    with pytest.raises(AlgorithmError, match=r"awq cannot smooth transformer\.h\.0 \(GPT2Block\)"):
+        run(compose(tiny_overrides(tmp_path / "gpt2", tmp_path / "out", "algorithm=awq", "scheme.weights.group_size=32",
+                                   "pipeline=in_memory")))
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage:")]
+    assert stages == ["stage: load"], stages
