@@ -14,6 +14,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from .auto_algorithm import AUTO
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, HfquantError
 from .plugins import get_plugin_manager, registries
 
@@ -39,6 +40,7 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
         cs.store(group="observer", name=name, node={"name": name, "options": constructor_defaults(regs.observers.get(name))})
     for name in regs.algorithms.names():
         cs.store(group="algorithm", name=name, node={name: constructor_defaults(regs.algorithms.get(name))})
+    cs.store(group="algorithm", name=AUTO, node={AUTO: {}})  # the recipe chosen for the scheme (auto_algorithm.py)
     for name in regs.formats.names() + ["auto"]:
         cs.store(group="format", name=name, node={"name": name})
     for name in regs.backends.names() + ["auto"]:

@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from .auto_algorithm import AUTO
+from .auto_algorithm import choose as choose_algorithms
 from .plugins import registries
 from .quant import QuantArgsError
 from .registry import UnknownNameError
@@ -70,6 +72,11 @@ class RunSpec:
     algorithms: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"rtn": {}})  # in order
     format: str = "auto"  # auto = the backend's format
     propagate: str = "quantized"
+    algorithm_reason: str = ""  # why, when algorithm=auto chose `algorithms` ("" when they were named)
+
+    @property
+    def algorithm_auto(self) -> bool:
+        return bool(self.algorithm_reason)
 
     @property
     def algorithms_need_data(self) -> bool:
@@ -257,7 +264,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     if scheme.needs_calibration_data and calibration is None:
         raise ConfigError(f"scheme {scheme.name!r} calibrates static activations: set calibration=pydoc (or another dataset), not none")
     fmt = _format(cfg, scheme, backend, device)
-    algorithms, propagate = _algorithms(cfg, scheme, backend)
+    algorithms, propagate, algorithm_reason = _algorithms(cfg, scheme, backend, calibration is not None)
     needs_data = [n for n in algorithms if getattr(registries().algorithms.get(n), "requires_data", False)]
     if needs_data and calibration is None:
         raise ConfigError(f"algorithm {needs_data[0]} learns from layer inputs and needs calibration data: set "
@@ -285,7 +292,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     _check_hub(hub, evaluation, bool(cfg.get("resume", False)), str(output_dir))
     return RunSpec(model, scheme, observer, options, backend, calibration, evaluation, str(output_dir),
                    bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub, pipeline, max_shard_size,
-                   algorithms=algorithms, propagate=propagate, format=fmt)
+                   algorithms=algorithms, propagate=propagate, format=fmt, algorithm_reason=algorithm_reason)
 
 
 def _format(cfg: DictConfig, scheme: QuantScheme, backend: str, device: str) -> str:
@@ -308,12 +315,20 @@ def _format(cfg: DictConfig, scheme: QuantScheme, backend: str, device: str) -> 
     return fmt
 
 
-def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str):
+def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str, has_data: bool):
     """`algorithm=[awq,gptq]` → {"awq": {...}, "gptq": {...}} in order, each name registered and its options
-    accepted; at most one code producer, and it comes last (weight edits must precede the codes)."""
+    accepted; at most one code producer, and it comes last (weight edits must precede the codes).
+    `algorithm=auto` → what `hfquant.auto_algorithm.choose` picks for this scheme, backend and data, and why."""
     raw = _plain(cfg.get("algorithm")) or {"rtn": {}}
     if not isinstance(raw, dict):
         raise ConfigError(f"algorithm must be chosen as a group option, e.g. algorithm=gptq or algorithm=[awq,gptq]; got {raw!r}")
+    reason = ""
+    if AUTO in raw:
+        if len(raw) > 1:
+            raise ConfigError(f"algorithm=auto chooses the whole recipe; it cannot be combined with "
+                              f"{', '.join(n for n in raw if n != AUTO)} — name the algorithms instead, e.g. algorithm=[awq,gptq]")
+        fmt = "" if backend == "auto" else getattr(registries().backends.get(backend), "format", "hfquant")
+        raw, reason = choose_algorithms(scheme, fmt, has_data)
     algorithms = {}
     for name, options in raw.items():
         _known("algorithms", name, "algorithm")
@@ -345,4 +360,4 @@ def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str):
     if propagate not in ("quantized", "float"):
         raise ConfigError(f"propagate={propagate!r}; allowed: quantized (each layer sees the previous layers' "
                           "quantized outputs, as at inference), float")
-    return algorithms, propagate
+    return algorithms, propagate, reason

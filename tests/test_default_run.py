@@ -38,8 +38,8 @@ def test_default_run_prints_the_table_offline(default_run):
     assert report["quantized"]["size"]["bytes_on_disk"] < 0.5 * report["baseline"]["size"]["bytes"]
     assert report["reload_check"]["max_abs_logit_difference"] == 0.0
     assert "Traceback" not in result.stderr
-    # The default recipe is GPTQ on the mixed calibration set, and it beats round-to-nearest in and out of domain.
-    assert report["quantization"]["algorithms"] == ["gptq"]
+    # The default recipe is AWQ then GPTQ on the mixed calibration set; it beats round-to-nearest in and out of domain.
+    assert report["quantization"]["algorithms"] == ["awq", "gptq"]
     assert report["calibration"]["windows"]["generated"]["windows"] > 0
     cmp = report["comparison"]
     quant = report["quantized"]["perplexity"]["perplexity"]

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithm import Algorithm, LayerContext
+from ..algorithm import Algorithm, AlgorithmError, LayerContext
 from ..plan import ModulePlan, QuantPlan
 from ..quant import dequantize
 from .quantize import error_stats
@@ -69,21 +69,38 @@ def make_chain(algorithms: Dict[str, dict], propagate: str = "quantized", regist
     return AlgorithmChain(steps, propagate)
 
 
-def check_first_layer(chain: AlgorithmChain, model: torch.nn.Module) -> None:
+def check_first_layer(chain: AlgorithmChain, model: torch.nn.Module, drop_unsupported: bool = False) -> List[str]:
     """Let each algorithm with a `check_layer(layer, prefix)` refuse the model from its first decoder layer — before
     any evaluation or calibration, instead of when the driver reaches it (an optional Algorithm attribute)."""
-    checks = [check for _, a in chain.steps if (check := getattr(a, "check_layer", None)) is not None]
-    if not checks:
-        return
     from .sequential import decoder_layers
     from .streaming import StreamingError
 
+    if not any(hasattr(a, "check_layer") for _, a in chain.steps):
+        return []
     try:
         name, layers = decoder_layers(model)
     except StreamingError:
-        return  # no repeated decoder blocks: the driver finishes the targets as one group, nothing to fold into
-    for check in checks:
-        check(layers[0], f"{name}.0.")
+        return []  # no repeated decoder blocks: the driver finishes the targets as one group, nothing to fold into
+    return check_layer_support(chain, layers[0], f"{name}.0.", drop_unsupported)
+
+
+def check_layer_support(chain: AlgorithmChain, layer: torch.nn.Module, prefix: str, drop_unsupported: bool) -> List[str]:
+    """Run the chain's `check_layer`s on a decoder layer. A refusal is raised — or, with `drop_unsupported` (the
+    recipe was chosen by algorithm=auto), that algorithm leaves the chain and its refusal is returned."""
+    dropped = []
+    for step in list(chain.steps):
+        check = getattr(step[1], "check_layer", None)
+        if check is None:
+            continue
+        try:
+            check(layer, prefix)
+        except AlgorithmError as exc:
+            if not drop_unsupported:
+                raise
+            chain.steps.remove(step)
+            dropped.append(f"{step[0]} dropped: {exc}")
+            log.info("algorithm=auto: %s", dropped[-1])
+    return dropped
 
 
 def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Captured], last: bool = False) -> Optional[Captured]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -135,6 +136,8 @@ def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: 
         ranks.barrier()
         return {}
     log.info("backend %s (%s)", backend, backend_reason)
+    if spec.algorithm_auto:
+        log.info("algorithm %s (auto: %s)", ",".join(spec.algorithms), spec.algorithm_reason)
     log.info("pipeline %s (%s)", pipeline, pipeline_reason)
     if pipeline == "streaming":
         try:
@@ -156,10 +159,20 @@ def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: 
     return _finish(report, spec, timer)
 
 
+def narrowed(spec: RunSpec, chain, dropped) -> RunSpec:
+    """The spec once algorithm=auto dropped what the model's layout does not allow (unchanged otherwise)."""
+    if not dropped:
+        return spec
+    return dataclasses.replace(spec, algorithms={n: spec.algorithms[n] for n in chain.names if n in spec.algorithms},
+                               algorithm_reason="; ".join([spec.algorithm_reason, *dropped]))
+
+
 def _run_header(spec: RunSpec, source: str) -> dict:
     m = spec.model
     return {"model": m.get("name") or m["path"], "model_source": source, "task": m.get("task", "causal-lm"),
             "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
+            "algorithms": list(spec.algorithms), **({"algorithm_reason": f"auto: {spec.algorithm_reason}"}
+                                                    if spec.algorithm_auto else {}),
             "output_dir": os.path.abspath(spec.output_dir), "resumed": spec.resume}
 
 
@@ -222,7 +235,8 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     chain = make_chain(spec.algorithms, spec.propagate)
     if not spec.resume:
         check_model_fits(model, spec.scheme, backend)  # before any data is read or evaluated
-        check_first_layer(chain, model)  # e.g. awq on a layout it cannot fold into: said now, not after the baselines
+        # e.g. awq on a layout it cannot fold into: refused now, not after the baselines (dropped under algorithm=auto)
+        spec = narrowed(spec, chain, check_first_layer(chain, model, spec.algorithm_auto))
     params, baseline_bytes = unique_parameter_count(model), state_bytes(model)
 
     eval_windows = calib_windows = ood_windows = None

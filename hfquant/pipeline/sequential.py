@@ -125,12 +125,16 @@ def quantize_sequentially(folder: str, source: TensorSource, spec, windows, dtyp
     """Run the algorithm chain layer by layer on the checkpoint (what `layerwise.quantize_in_memory` does on a
     loaded model); each target is compressed as soon as its layer is finished (`quantizer.ready`), so memory
     holds one float layer plus the packed results."""
-    from .layerwise import context_factory, quantize_layer
+    from .layerwise import check_layer_support, context_factory, quantize_layer
     from ..plan import QuantPlan
 
     plan = QuantPlan(spec.scheme, spec.observer, dict(spec.observer_options), module_plans)
+    checked = []
 
     def learn(model, prefix, layer, targets, captured, last):
+        if not checked:  # the first layer, loaded: refuse (or, under algorithm=auto, drop) what cannot handle it
+            checked.append(prefix)
+            quantizer.dropped = check_layer_support(quantizer.chain, layer, prefix, spec.algorithm_auto)
         ctx = context_factory(plan, quantizer.make_observer, quantizer.round_scale, model)(prefix, layer, targets)
         ctx.num_samples = len(captured)
         following = quantize_layer(quantizer.chain, ctx, captured, last)

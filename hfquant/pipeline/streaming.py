@@ -265,6 +265,7 @@ class ModuleQuantizer:
 
     def __init__(self, chain, make_observer, round_scale, dtype: torch.dtype, scheme, fmt) -> None:
         self.chain, self.make_observer, self.round_scale = chain, make_observer, round_scale
+        self.dropped = []  # algorithm=auto: algorithms the model's layout ruled out, with why
         self.dtype, self.scheme, self.format = dtype, scheme, fmt
         self.ready: Dict[str, Dict[str, torch.Tensor]] = {}  # modules compressed layer by layer, not yet written
         self.edited: Dict[str, torch.Tensor] = {}  # non-target tensors a weight editor changed (folded norms)
@@ -397,6 +398,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     return {
         "quantization": dict(quantizer.stats(), modules=len(plan.module_plans), ignore=list(spec.scheme.ignore),
                              algorithms=quantizer.chain.names, propagate=spec.propagate,
+                             **({"algorithms_dropped": quantizer.dropped} if quantizer.dropped else {}),
                              streamed={"input_bytes": source.nbytes(), **written}),
         "parameters": params,
         "baseline_bytes": plan.baseline_bytes,

@@ -182,17 +182,19 @@ def test_streaming_gptq_on_a_tokenizer_less_checkpoint_with_random_token_ids(tmp
 
 
 def test_awq_refuses_an_unknown_layout_before_any_evaluation(tmp_path, tiny_tokenizer, caplog):
-    """GPT-2 blocks have no q/k/v Linears to fold into: said right after loading, not after the baselines."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """OPT blocks are not a layout AWQ folds into: said right after loading, not after the baselines."""
+    from transformers import OPTConfig, OPTForCausalLM
 
     from hfquant.algorithm import AlgorithmError
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2, n_head=4)).save_pretrained(tmp_path / "gpt2")
-    tiny_tokenizer.save_pretrained(tmp_path / "gpt2")
+    OPTForCausalLM(OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256,
+                             pad_token_id=1, bos_token_id=0, eos_token_id=1)).save_pretrained(tmp_path / "opt")
+    tiny_tokenizer.save_pretrained(tmp_path / "opt")
     caplog.set_level(logging.INFO, logger="hfquant")
-    with pytest.raises(AlgorithmError, match=r"awq cannot smooth transformer\.h\.0 \(GPT2Block\)"):
-        run(compose(tiny_overrides(tmp_path / "gpt2", tmp_path / "out", "algorithm=awq", "scheme.weights.group_size=32",
+    with pytest.raises(AlgorithmError, match=r"awq cannot smooth model\.decoder\.layers\.0 \(OPTDecoderLayer\)"):
+        run(compose(tiny_overrides(tmp_path / "opt", tmp_path / "out", "algorithm=awq", "scheme.weights.group_size=32",
                                    "pipeline=in_memory")))
     stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage:")]
     assert stages == ["stage: load"], stages

@@ -1,0 +1,35 @@
+"""`algorithm=auto` (the default): the best measured recipe that the scheme, backend, data and model allow.
+
+Chosen at config time from what is known then, and narrowed after loading when the model's decoder layout is
+one a weight editor cannot fold into (the editor is dropped and the run says so, instead of refusing the
+model as an explicit `algorithm=awq` does). The reason is logged and kept in the report (`run.algorithm_reason`).
+Measurements behind the choices: docs/benchmarks.md, "Algorithms side by side".
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+from .scheme import QuantScheme
+
+AUTO = "auto"
+
+
+def choose(scheme: QuantScheme, backend_format: str, has_data: bool) -> Tuple[Dict[str, dict], str]:
+    """({algorithm: options} in order, why) for a run of `scheme` whose backend writes `backend_format`
+    ("hfquant" for hfquant's own backends, "" while backend=auto is unresolved)."""
+    if scheme.format != "int" or backend_format not in ("", "hfquant"):
+        return {"rtn": {}}, f"the {backend_format or scheme.format} backend computes its own codes"
+    if scheme.weights is None:
+        return {"rtn": {}}, "no weights are quantized"
+    if not has_data:
+        return {"rtn": {}}, "no calibration data (calibration=none): round-to-nearest (algorithm=hqq is data-free too)"
+    activations = scheme.input_activations
+    bits = scheme.weights.num_bits
+    if activations is not None and activations.dynamic:
+        return {"smoothquant": {}}, "int8 activations: SmoothQuant (α searched per layer group), round-to-nearest codes"
+    if bits >= 8:
+        return {"rtn": {}}, f"{bits}-bit weights lose well under 1% with round-to-nearest"
+    if activations is not None:
+        return {"gptq": {}}, "static activation scales are observed before the codes, so no weight edits: GPTQ alone"
+    return {"awq": {}, "gptq": {}}, f"{bits}-bit weights: AWQ-style scales, then GPTQ codes"
