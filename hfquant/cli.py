@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from .auto_algorithm import AUTO
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, HfquantError
 from .plugins import get_plugin_manager, registries
+from .registry import PluginError
 
 log = logging.getLogger("hfquant")
 
@@ -40,6 +41,9 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
         cs.store(group="observer", name=name, node={"name": name, "options": constructor_defaults(regs.observers.get(name))})
     for name in regs.algorithms.names():
         cs.store(group="algorithm", name=name, node={name: constructor_defaults(regs.algorithms.get(name))})
+    if AUTO in regs.algorithms.names():
+        raise PluginError(f"algorithm name {AUTO!r} is reserved (algorithm=auto picks a recipe); rename the plugin's "
+                          f"algorithm registered by {regs.algorithms.entry(AUTO).plugin}")
     cs.store(group="algorithm", name=AUTO, node={AUTO: {}})  # the recipe chosen for the scheme (auto_algorithm.py)
     for name in regs.formats.names() + ["auto"]:
         cs.store(group="format", name=name, node={"name": name})
