@@ -33,7 +33,7 @@ class SmoothQuant:
     produces_codes = False
     rescales_inputs_only = True  # folds keep each Linear's function; consumers' inputs are divided by s
 
-    def __init__(self, *, alpha="search", grid: int = 20, max_tokens: int = 512, linear_pairs: bool = True,
+    def __init__(self, *, alpha="search", grid: int = 10, max_tokens: int = 256, linear_pairs: bool = True,
                  **unknown) -> None:
         if unknown:
             raise TypeError(f"smoothquant got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
