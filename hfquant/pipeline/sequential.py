@@ -76,10 +76,12 @@ def for_each_layer(folder: str, source: TensorSource, spec, windows, dtype: torc
 
     # 1. Load what runs before the first layer; capture the first layer's inputs.
     in_layers = prefix + "."
-    for name in model.state_dict(keep_vars=True):
-        if not name.startswith(in_layers) and name in files:
-            _set(model, name, source.get(name).to(dtype) if source.dtype(name).is_floating_point else source.get(name))
+    outer = [name for name in model.state_dict(keep_vars=True) if not name.startswith(in_layers) and name in files]
+    for name in outer:
+        _set(model, name, source.get(name).to(dtype) if source.dtype(name).is_floating_point else source.get(name))
     captured = capture_first_layer_inputs(model, layers[0], windows)
+    for name in outer:  # embeddings, final norm, lm_head: not needed again (a 7B model's are ~0.5 GB each)
+        _set(model, name, None)
 
     # 2. One layer at a time: load, visit, unload.
     for index, layer in enumerate(tqdm(layers, desc="layers", unit="layer", leave=False)):
@@ -146,6 +148,7 @@ def quantize_sequentially(folder: str, source: TensorSource, spec, windows, dtyp
         for name, linear in targets.items():
             quantizer.ready[name] = quantizer(module_plans[name], linear.weight.detach().clone(),
                                               None if linear.bias is None else linear.bias.detach().clone())
+        quantizer.spill()  # to disk until the writer reaches them: memory holds one layer, not the whole model
         return following
 
     for_each_layer(folder, source, spec, windows, dtype, learn)

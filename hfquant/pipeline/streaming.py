@@ -17,11 +17,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..formats.qlinear import QuantLinear
 from ..formats.safetensors_stream import SafetensorsReader, StreamingSafetensorsWriter
@@ -40,6 +43,7 @@ from .save import quantization_config
 from ..errors import HfquantError
 
 log = logging.getLogger("hfquant")
+SPILL_SEP = "::"  # module name :: its tensor, as keys of a spill file
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -269,6 +273,32 @@ class ModuleQuantizer:
         self.dtype, self.scheme, self.format = dtype, scheme, fmt
         self.ready: Dict[str, Dict[str, torch.Tensor]] = {}  # modules compressed layer by layer, not yet written
         self.edited: Dict[str, torch.Tensor] = {}  # non-target tensors a weight editor changed (folded norms)
+        self.spill_dir: Optional[str] = None  # where `spill` moves `ready` modules (None: they stay in memory)
+        self._spilled: Dict[str, str] = {}  # module → the spill file holding its tensors
+
+    def spill(self) -> None:
+        """Move every compressed module from memory to one safetensors file in `spill_dir`: layer by layer runs
+        finish all layers before the writer can place their tensors in shard order, and a 7B model's packed
+        codes would otherwise all wait in memory."""
+        if self.spill_dir is None or not self.ready:
+            return
+        path = os.path.join(self.spill_dir, f"{len(set(self._spilled.values())):05d}.safetensors")
+        save_file({f"{module}{SPILL_SEP}{sub}": t.contiguous() for module, tensors in self.ready.items()
+                   for sub, t in tensors.items()}, path)
+        self._spilled.update({module: path for module in self.ready})
+        self.ready.clear()
+
+    def has_ready(self, module: str) -> bool:
+        return module in self.ready or module in self._spilled
+
+    def take_ready(self, module: str) -> Dict[str, torch.Tensor]:
+        """A compressed module's tensors (read back from its spill file when it was spilled), forgotten here."""
+        if module in self.ready:
+            return self.ready.pop(module)
+        path = self._spilled.pop(module)
+        with safe_open(path, framework="pt") as f:
+            head = module + SPILL_SEP
+            return {key[len(head):]: f.get_tensor(key) for key in f.keys() if key.startswith(head)}
 
     @torch.no_grad()
     def __call__(self, mp: ModulePlan, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -314,8 +344,8 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
                     tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
                 else:
                     module, sub = plan.owner[name]
-                    if module not in done and module in quantizer.ready:
-                        done[module] = quantizer.ready.pop(module)
+                    if module not in done and quantizer.has_ready(module):
+                        done[module] = quantizer.take_ready(module)
                     if module not in done:
                         bias_key = f"{module}.bias"
                         weight = timed("read_s", source.get, f"{module}.weight")
@@ -341,8 +371,6 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     """Quantize the checkpoint in `folder` into `<output_dir>/model` without loading the model. `calibrate(source,
     dtype)` returns static input qparams by module (sequential calibration) for schemes that need them;
     `windows` feed algorithms that learn from layer inputs, run one decoder layer at a time."""
-    from transformers import GenerationConfig
-
     m = spec.model
     files = checkpoint_files(folder, bool(m.get("allow_pickle", False)))
     try:
@@ -365,12 +393,25 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
                                 lambda args: observer_cls(args, **spec.observer_options),
                                 getattr(backend, "round_scale", None), skeleton.dtype, spec.scheme,
                                 registries().formats.get(getattr(backend, "format", "hfquant"))(spec.scheme))
-    if quantizer.chain.requires_data:
-        from .sequential import quantize_sequentially
+    try:
+        if quantizer.chain.requires_data:
+            from .sequential import quantize_sequentially
 
-        if windows is None:
-            raise StreamingError(f"algorithm {', '.join(quantizer.chain.names)} needs calibration windows")
-        quantize_sequentially(folder, source, spec, windows, skeleton.dtype, quantizer, plan.module_plans)
+            if windows is None:
+                raise StreamingError(f"algorithm {', '.join(quantizer.chain.names)} needs calibration windows")
+            quantizer.spill_dir = tempfile.mkdtemp(prefix=".spill-", dir=output_dir)
+            quantize_sequentially(folder, source, spec, windows, skeleton.dtype, quantizer, plan.module_plans)
+        return _write_output(folder, spec, backend, backend_name, tokenizer, output_dir, max_shard_size, skeleton,
+                             plan, quant_plan, source, quantizer)
+    finally:
+        if quantizer.spill_dir is not None:
+            shutil.rmtree(quantizer.spill_dir, ignore_errors=True)
+
+
+def _write_output(folder, spec, backend, backend_name, tokenizer, output_dir, max_shard_size, skeleton, plan,
+                  quant_plan, source, quantizer) -> dict:
+    from transformers import GenerationConfig
+
     log.info("streaming %d tensors (%d quantized modules) from %s", len(plan.entries), len(plan.module_plans), folder)
     tmp = partial_dir(output_dir)
     try:

@@ -3,6 +3,7 @@ once and stored as chosen, quantized outputs propagated by default; config error
 
 import dataclasses
 import logging
+import os
 
 import pytest
 import torch
@@ -143,6 +144,7 @@ def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, a
     streamed = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
     assert streamed["run"]["pipeline"] == "streaming" and "learned from layer inputs" in streamed["calibration"]["status"]
     assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
+    assert not [p.name for p in (tmp_path / "str").iterdir() if p.name.startswith(".spill-")]  # layer spills removed
     assert streamed["quantization"]["weight_sqnr_db"] == pytest.approx(mem["quantization"]["weight_sqnr_db"], rel=1e-9)
     assert mem["quantization"]["algorithms"] == algorithm.strip("[]").split(",")
 
@@ -198,3 +200,25 @@ def test_awq_refuses_an_unknown_layout_before_any_evaluation(tmp_path, tiny_toke
                                    "pipeline=in_memory")))
     stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage:")]
     assert stages == ["stage: load"], stages
+
+
+def test_streaming_spills_each_finished_layer_to_disk(tiny_llm_dir, tmp_path, monkeypatch):
+    """Layer-by-layer streaming holds one layer in memory: each finished layer's compressed tensors go to a spill
+    file until the writer reaches them (and the spill folder is gone afterwards, also on failure)."""
+    from hfquant.pipeline import streaming
+
+    seen = []
+    original = streaming.ModuleQuantizer.spill
+
+    def spill(self):
+        before = len(self.ready)
+        original(self)
+        seen.append((before, len(self.ready), sorted(os.listdir(self.spill_dir))))
+
+    monkeypatch.setattr(streaming.ModuleQuantizer, "spill", spill)
+    run(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'o'}", "evaluation=none",
+                 "algorithm=gptq", "scheme.weights.group_size=32", "calibration.generated=0", "calibration.seq_len=32",
+                 "calibration.num_samples=2", "pipeline=streaming"]))
+    assert [(b, a) for b, a, _ in seen] == [(7, 0), (7, 0)]  # two layers of seven Linears, none left in memory
+    assert seen[-1][2] == ["00000.safetensors", "00001.safetensors"]
+    assert not [p for p in os.listdir(tmp_path / "o") if p.startswith(".spill-")]
