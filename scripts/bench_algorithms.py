@@ -75,6 +75,10 @@ RECIPES = [
     Recipe("awq + rtn sym full-range", "w4a16", {"awq": {}}, full_range=True),
     Recipe("awq + gptq sym full-range", "w4a16", {"awq": {}, "gptq": {}}, full_range=True),
     Recipe("awq + gptq asym", "w4a16-asym", {"awq": {}, "gptq": {}}),
+    Recipe("awq + gptq sym full-range, half the calibration (8 + 8 windows)", "w4a16", {"awq": {}, "gptq": {}},
+           full_range=True, calibration="mix-half"),
+    Recipe("awq + rtn sym full-range, half the calibration (8 + 8 windows)", "w4a16", {"awq": {}},
+           full_range=True, calibration="mix-half"),
     Recipe("awq (grid 10) + gptq sym full-range", "w4a16", {"awq": {"grid": 10}, "gptq": {}}, full_range=True),
     Recipe("awq (512 rows) + gptq sym full-range", "w4a16", {"awq": {"max_tokens": 512}, "gptq": {}},
            full_range=True),
@@ -218,7 +222,9 @@ def main() -> None:
     spec = DataSpec("pydoc", {}, 512, num_samples=16, seed=0)
     dataset = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec, evaluation=None), "calibration")
     mix = with_generated(model, loaded.fingerprint, dataset, 16, 0)
-    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids}
+    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids,
+                   # half of each part: what calibration.num_samples=8 calibration.generated=8 would give
+                   "mix-half": torch.cat([mix.input_ids[:8], mix.input_ids[16:24]])}
 
     start = time.perf_counter()
     baseline = {k: perplexity(model, w["input_ids"])["perplexity"] for k, w in windows.items()}
