@@ -27,7 +27,7 @@ def choose(scheme: QuantScheme, backend_format: str, has_data: bool) -> Tuple[Di
     activations = scheme.input_activations
     bits = scheme.weights.num_bits
     if activations is not None and activations.dynamic:
-        return {"smoothquant": {}}, "int8 activations: SmoothQuant (α searched per layer group), round-to-nearest codes"
+        return {"smoothquant": {}, "gptq": {}}, "int8 activations: SmoothQuant (α searched per layer group), then GPTQ codes"
     if bits >= 8:
         return {"rtn": {}}, f"{bits}-bit weights lose well under 1% with round-to-nearest"
     if activations is not None:

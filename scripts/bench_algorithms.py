@@ -89,6 +89,7 @@ RECIPES = [
     Recipe("awq + gptq asym, mse observer", "w4a16-asym", {"awq": {}, "gptq": {}}, observer="mse"),
     Recipe("w8a8 rtn (cpu kernels)", "w8a8", {"rtn": {}}, backend="cpu"),
     Recipe("w8a8 smoothquant (cpu kernels)", "w8a8", {"smoothquant": {}}, backend="cpu"),
+    Recipe("w8a8 smoothquant + gptq (cpu kernels)", "w8a8", {"smoothquant": {}, "gptq": {}}, backend="cpu"),
     Recipe("w8a8 smoothquant fixed alpha 0.5 (the paper's; cpu kernels)", "w8a8",
            {"smoothquant": {"alpha": 0.5, "linear_pairs": False}}, backend="cpu"),
     Recipe("w8a8 smoothquant search grid 10, 256 rows (cpu kernels)", "w8a8",

@@ -16,7 +16,7 @@ from tests.conftest import compose, tiny_overrides
     ([], ["awq", "gptq"], "4-bit weights"),
     (["scheme=w4a16-asym"], ["awq", "gptq"], "4-bit weights"),
     (["scheme=w8a16"], ["rtn"], "8-bit weights"),
-    (["scheme=w8a8"], ["smoothquant"], "int8 activations"),
+    (["scheme=w8a8"], ["smoothquant", "gptq"], "int8 activations"),
     (["scheme=w8a8-static"], ["rtn"], "8-bit weights"),
     (["scheme=nf4"], ["rtn"], "bitsandbytes backend computes its own codes"),
     (["scheme=nf4", "backend=bitsandbytes"], ["rtn"], "bitsandbytes backend computes its own codes"),
