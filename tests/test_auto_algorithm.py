@@ -65,5 +65,7 @@ def test_auto_drops_awq_on_a_layout_it_cannot_fold_into_and_says_why(tiny_opt_di
     assert "algorithm=auto: awq dropped: awq cannot smooth model.decoder.layers.0 (OPTDecoderLayer)" in messages
     if pipeline == "in_memory":
         assert "awq dropped" in report["run"]["algorithm_reason"] and report["run"]["algorithms"] == ["gptq"]
+        card = (tmp_path / "out" / "model" / "README.md").read_text()
+        assert "chosen by algorithm=auto: " in card and "awq dropped" in card
     else:
         assert "awq dropped" in report["quantization"]["algorithms_dropped"][0]

@@ -114,7 +114,7 @@ against the unquantized model on the same text.
 - scheme: `{run['scheme']}` — {scheme.get('description') or ''}
 - weights: `{scheme.get('weights')}`
 - activations: `{scheme.get('input_activations')}`
-- algorithms: {', '.join(f'`{a}`' for a in (report.get('quantization', {}).get('algorithms') or ['rtn']))} (in order; the last chose the integer codes), layer inputs propagated {report.get('quantization', {}).get('propagate', 'quantized')}
+- algorithms: {', '.join(f'`{a}`' for a in (report.get('quantization', {}).get('algorithms') or ['rtn']))} (in order; the last chose the integer codes), layer inputs propagated {report.get('quantization', {}).get('propagate', 'quantized')}{'; chosen by algorithm=' + run['algorithm_reason'] if run.get('algorithm_reason') else ''}
 - observer: `{run['observer']}` {run.get('observer_options') or ''}; backend: `{run['backend']}` ({run['backend_reason']})
 - modules quantized: {q.get('modules')}; left unquantized: {', '.join((scheme.get('ignore') or []) + list(q.get('left_unquantized') or {})) or 'none'}
 - bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}
