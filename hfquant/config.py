@@ -327,6 +327,9 @@ def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str, has_data: bo
         if len(raw) > 1:
             raise ConfigError(f"algorithm=auto chooses the whole recipe; it cannot be combined with "
                               f"{', '.join(n for n in raw if n != AUTO)} — name the algorithms instead, e.g. algorithm=[awq,gptq]")
+        if raw[AUTO]:
+            raise ConfigError(f"algorithm=auto takes no options (got {sorted(raw[AUTO])}); to set an algorithm's options, "
+                              "name the algorithms, e.g. algorithm=[awq,gptq] algorithm.gptq.dampening=0.05")
         fmt = "" if backend == "auto" else getattr(registries().backends.get(backend), "format", "hfquant")
         raw, reason = choose_algorithms(scheme, fmt, has_data)
     algorithms = {}

@@ -193,8 +193,9 @@ def fold(group: SmoothGroup, s: torch.Tensor, ctx=None) -> None:
         _store(src.bias, src.bias.float() / achieved)
     for linear in group.consumers:
         _store(linear.weight, linear.weight.float() * achieved.to(linear.weight.device))
-    if ctx is not None:
-        ctx.scale_inputs([ctx.prefix + name for name in group.consumer_names], 1.0 / achieved)
+    if ctx is not None:  # the consumers' inputs are now divided by `achieved` (0 where a bf16 gain rounded to 0)
+        factor = 1.0 / achieved if group.kind == LINEAR else torch.where(gain != 0, new_gain / gain, torch.ones_like(gain))
+        ctx.scale_inputs([ctx.prefix + name for name in group.consumer_names], factor)
 
 
 def _store(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -32,6 +32,8 @@ def test_named_algorithms_are_not_auto_and_auto_does_not_combine(tmp_path):
     assert list(spec.algorithms) == ["gptq"] and not spec.algorithm_auto
     with pytest.raises(ConfigError, match="algorithm=auto chooses the whole recipe; it cannot be combined with gptq"):
         validate(compose([f"output_dir={tmp_path / 'o'}", "algorithm=[auto,gptq]"]))
+    with pytest.raises(ConfigError, match=r"algorithm=auto takes no options \(got \['grid'\]\)"):
+        validate(compose([f"output_dir={tmp_path / 'o'}", "+algorithm.auto.grid=3"]))
 
 
 @pytest.fixture()
@@ -69,3 +71,20 @@ def test_auto_drops_awq_on_a_layout_it_cannot_fold_into_and_says_why(tiny_opt_di
         assert "chosen by algorithm=auto: " in card and "awq dropped" in card
     else:
         assert "awq dropped" in report["quantization"]["algorithms_dropped"][0]
+        assert report["run"]["algorithms"] == ["gptq"] and "awq dropped" in report["run"]["algorithm_reason"]
+        assert "algorithm gptq learned" in report["calibration"]["status"]
+
+
+def test_every_decoder_layer_is_checked_not_only_the_first():
+    """A model may switch layouts (dense first layers, then MoE): the refusal names the layer that differs."""
+    from hfquant.algorithm import AlgorithmError
+    from hfquant.pipeline.layerwise import check_layers, make_chain
+    from tests.algorithms.test_smoothing import two_layer_llama
+
+    model = two_layer_llama()
+    model.model.layers[1].mlp = torch.nn.Identity()  # stands in for a block AWQ cannot fold into
+    with pytest.raises(AlgorithmError, match=r"awq cannot smooth model\.layers\.1 "):
+        check_layers(make_chain({"awq": {}, "gptq": {}}), model)
+    chain = make_chain({"awq": {}, "gptq": {}})
+    dropped = check_layers(chain, model, drop_unsupported=True)
+    assert chain.names == ["gptq"] and len(dropped) == 1 and "model.layers.1 " in dropped[0]

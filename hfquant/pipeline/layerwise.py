@@ -69,9 +69,10 @@ def make_chain(algorithms: Dict[str, dict], propagate: str = "quantized", regist
     return AlgorithmChain(steps, propagate)
 
 
-def check_first_layer(chain: AlgorithmChain, model: torch.nn.Module, drop_unsupported: bool = False) -> List[str]:
-    """Let each algorithm with a `check_layer(layer, prefix)` refuse the model from its first decoder layer — before
-    any evaluation or calibration, instead of when the driver reaches it (an optional Algorithm attribute)."""
+def check_layers(chain: AlgorithmChain, model: torch.nn.Module, drop_unsupported: bool = False) -> List[str]:
+    """Let each algorithm with a `check_layer(layer, prefix)` refuse the model from its decoder layers (all of them:
+    a model may switch layouts, e.g. dense first layers then MoE) — before any evaluation or calibration, instead
+    of when the driver reaches the layer (an optional Algorithm attribute)."""
     from .sequential import decoder_layers
     from .streaming import StreamingError
 
@@ -81,7 +82,10 @@ def check_first_layer(chain: AlgorithmChain, model: torch.nn.Module, drop_unsupp
         name, layers = decoder_layers(model)
     except StreamingError:
         return []  # no repeated decoder blocks: the driver finishes the targets as one group, nothing to fold into
-    return check_layer_support(chain, layers[0], f"{name}.0.", drop_unsupported)
+    dropped = []
+    for index, layer in enumerate(layers):
+        dropped += check_layer_support(chain, layer, f"{name}.{index}.", drop_unsupported)
+    return dropped
 
 
 def check_layer_support(chain: AlgorithmChain, layer: torch.nn.Module, prefix: str, drop_unsupported: bool) -> List[str]:

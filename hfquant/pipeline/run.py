@@ -33,7 +33,7 @@ from .output import (OutputFolderError, discard_model, model_dir, read_json, rea
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
 from .quantize import check_model_fits, convert, resolve_backend
-from .layerwise import check_first_layer, make_chain, quantize_in_memory
+from .layerwise import check_layers, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
 from .report import markdown, summary_rows, table, versions
@@ -159,11 +159,11 @@ def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: 
     return _finish(report, spec, timer)
 
 
-def narrowed(spec: RunSpec, chain, dropped) -> RunSpec:
+def narrowed(spec: RunSpec, names, dropped) -> RunSpec:
     """The spec once algorithm=auto dropped what the model's layout does not allow (unchanged otherwise)."""
     if not dropped:
         return spec
-    return dataclasses.replace(spec, algorithms={n: spec.algorithms[n] for n in chain.names if n in spec.algorithms},
+    return dataclasses.replace(spec, algorithms={n: spec.algorithms[n] for n in names if n in spec.algorithms},
                                algorithm_reason="; ".join([spec.algorithm_reason, *dropped]))
 
 
@@ -209,6 +209,7 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
                                    calib_windows if learns else None)
         write_resume_record(spec.output_dir, resume_request(spec, backend))
         timer.kept = "model/ was saved; resume=true reuses it"
+    spec = narrowed(spec, streamed["quantization"]["algorithms"], streamed["quantization"].get("algorithms_dropped"))
     if static:
         status = f"static activations observed layer by layer on {calib_windows.protocol}"
     elif learns:
@@ -236,7 +237,8 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     if not spec.resume:
         check_model_fits(model, spec.scheme, backend)  # before any data is read or evaluated
         # e.g. awq on a layout it cannot fold into: refused now, not after the baselines (dropped under algorithm=auto)
-        spec = narrowed(spec, chain, check_first_layer(chain, model, spec.algorithm_auto))
+        dropped = check_layers(chain, model, spec.algorithm_auto)
+        spec = narrowed(spec, chain.names, dropped)
     params, baseline_bytes = unique_parameter_count(model), state_bytes(model)
 
     eval_windows = calib_windows = ood_windows = None

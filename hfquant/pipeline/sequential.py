@@ -131,12 +131,10 @@ def quantize_sequentially(folder: str, source: TensorSource, spec, windows, dtyp
     from ..plan import QuantPlan
 
     plan = QuantPlan(spec.scheme, spec.observer, dict(spec.observer_options), module_plans)
-    checked = []
 
     def learn(model, prefix, layer, targets, captured, last):
-        if not checked:  # the first layer, loaded: refuse (or, under algorithm=auto, drop) what cannot handle it
-            checked.append(prefix)
-            quantizer.dropped = check_layer_support(quantizer.chain, layer, prefix, spec.algorithm_auto)
+        # each layer as it is loaded: refuse (or, under algorithm=auto, drop from here on) what cannot handle it
+        quantizer.dropped += check_layer_support(quantizer.chain, layer, prefix, spec.algorithm_auto)
         ctx = context_factory(plan, quantizer.make_observer, quantizer.round_scale, model)(prefix, layer, targets)
         ctx.num_samples = len(captured)
         following = quantize_layer(quantizer.chain, ctx, captured, last)

@@ -275,6 +275,8 @@ class ModuleQuantizer:
         self.edited: Dict[str, torch.Tensor] = {}  # non-target tensors a weight editor changed (folded norms)
         self.spill_dir: Optional[str] = None  # where `spill` moves `ready` modules (None: they stay in memory)
         self._spilled: Dict[str, str] = {}  # module → the spill file holding its tensors
+        self._pending: Dict[str, int] = {}  # spill file → modules in it not taken yet (deleted at 0: disk stays ~1×)
+        self._files = 0
 
     def spill(self) -> None:
         """Move every compressed module from memory to one safetensors file in `spill_dir`: layer by layer runs
@@ -282,10 +284,12 @@ class ModuleQuantizer:
         codes would otherwise all wait in memory."""
         if self.spill_dir is None or not self.ready:
             return
-        path = os.path.join(self.spill_dir, f"{len(set(self._spilled.values())):05d}.safetensors")
+        path = os.path.join(self.spill_dir, f"{self._files:05d}.safetensors")
+        self._files += 1
         save_file({f"{module}{SPILL_SEP}{sub}": t.contiguous() for module, tensors in self.ready.items()
                    for sub, t in tensors.items()}, path)
         self._spilled.update({module: path for module in self.ready})
+        self._pending[path] = len(self.ready)
         self.ready.clear()
 
     def has_ready(self, module: str) -> bool:
@@ -298,7 +302,12 @@ class ModuleQuantizer:
         path = self._spilled.pop(module)
         with safe_open(path, framework="pt") as f:
             head = module + SPILL_SEP
-            return {key[len(head):]: f.get_tensor(key) for key in f.keys() if key.startswith(head)}
+            tensors = {key[len(head):]: f.get_tensor(key) for key in f.keys() if key.startswith(head)}
+        self._pending[path] -= 1
+        if not self._pending[path]:
+            os.remove(path)
+            del self._pending[path]
+        return tensors
 
     @torch.no_grad()
     def __call__(self, mp: ModulePlan, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -399,7 +408,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
 
             if windows is None:
                 raise StreamingError(f"algorithm {', '.join(quantizer.chain.names)} needs calibration windows")
-            quantizer.spill_dir = tempfile.mkdtemp(prefix=".spill-", dir=output_dir)
+            quantizer.spill_dir = tempfile.mkdtemp(prefix=".tmp-spill-", dir=output_dir)  # a partial: swept if killed
             quantize_sequentially(folder, source, spec, windows, skeleton.dtype, quantizer, plan.module_plans)
         return _write_output(folder, spec, backend, backend_name, tokenizer, output_dir, max_shard_size, skeleton,
                              plan, quant_plan, source, quantizer)

@@ -94,7 +94,7 @@ def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tens
 def weight_quantizer(ctx: LayerContext, args, name: str):
     """Fake quantization with the run's observer and the backend's scale rounding — what the codes will be."""
     def fq(w: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = observed_qparams(name + " (scaled)", w, args, ctx)
+        scale, zero_point = observed_qparams(name, w, args, ctx)
         return fake_quantize(w, scale, zero_point, args)
     return fq
 

@@ -144,7 +144,7 @@ def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, a
     streamed = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
     assert streamed["run"]["pipeline"] == "streaming" and "learned from layer inputs" in streamed["calibration"]["status"]
     assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
-    assert not [p.name for p in (tmp_path / "str").iterdir() if p.name.startswith(".spill-")]  # layer spills removed
+    assert not [p.name for p in (tmp_path / "str").iterdir() if p.name.startswith(".tmp-spill-")]  # layer spills removed
     assert streamed["quantization"]["weight_sqnr_db"] == pytest.approx(mem["quantization"]["weight_sqnr_db"], rel=1e-9)
     assert mem["quantization"]["algorithms"] == algorithm.strip("[]").split(",")
 
@@ -216,9 +216,19 @@ def test_streaming_spills_each_finished_layer_to_disk(tiny_llm_dir, tmp_path, mo
         seen.append((before, len(self.ready), sorted(os.listdir(self.spill_dir))))
 
     monkeypatch.setattr(streaming.ModuleQuantizer, "spill", spill)
+    left = []
+    original_take = streaming.ModuleQuantizer.take_ready
+
+    def take_ready(self, module):
+        out = original_take(self, module)
+        left.append(len(os.listdir(self.spill_dir)))
+        return out
+
+    monkeypatch.setattr(streaming.ModuleQuantizer, "take_ready", take_ready)
     run(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'o'}", "evaluation=none",
                  "algorithm=gptq", "scheme.weights.group_size=32", "calibration.generated=0", "calibration.seq_len=32",
                  "calibration.num_samples=2", "pipeline=streaming"]))
     assert [(b, a) for b, a, _ in seen] == [(7, 0), (7, 0)]  # two layers of seven Linears, none left in memory
     assert seen[-1][2] == ["00000.safetensors", "00001.safetensors"]
-    assert not [p for p in os.listdir(tmp_path / "o") if p.startswith(".spill-")]
+    assert left[0] == 2 and left[6] == 1 and left[-1] == 0  # a file goes once the writer took all of its modules
+    assert not [p for p in os.listdir(tmp_path / "o") if p.startswith(".tmp-spill-")]
