@@ -28,7 +28,5 @@ def fault_point(name: str) -> None:
     if action.startswith("E"):
         code = getattr(errno, action)
         raise OSError(code, f"{os.strerror(code)} (injected at {name} by {ENV})")
-    # raise_signal runs Python's handler before returning, so the KeyboardInterrupt starts here; a signal sent with
-    # os.kill is handled at some later bytecode — possibly inside a __del__ during garbage collection, where
-    # Python prints and ignores it and the run goes on (seen once in CI)
+    # raise_signal runs Python's handler before returning: the interrupt starts exactly at the named point
     signal.raise_signal(getattr(signal, action))

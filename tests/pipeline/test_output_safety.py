@@ -39,8 +39,10 @@ def cli(*args, fault=None, timeout=300):
     env.pop("HFQUANT_FAULT", None)
     if fault:
         env["HFQUANT_FAULT"] = fault
+    # A job started in the background of a non-interactive shell inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: give the child the default disposition a user's terminal gives it.
     return subprocess.run([sys.executable, "-m", "hfquant", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def args(model_dir, out, *extra, stream=False) -> list:
@@ -153,7 +155,7 @@ def test_partials_of_a_killed_run_are_removed_by_the_next_run(tiny_llm_dir, tmp_
 def test_ctrl_c_before_saving_is_one_line_and_writes_nothing(tiny_llm_dir, tmp_path):
     out = tmp_path / "run"
     stopped = cli(*tiny_overrides(tiny_llm_dir, out, "scheme=w8a16"), fault="stage:quantize:SIGINT")
-    assert stopped.returncode == 130
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == \
         "hfquant: error: interrupted during quantize; nothing was written to output_dir"
