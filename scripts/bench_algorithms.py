@@ -56,6 +56,7 @@ class Recipe:
     calibration: str = "mix"
     backend: str = "fake"
     observer: str = "minmax"
+    float_zero: bool = False
 
 
 RECIPES = [
@@ -66,6 +67,11 @@ RECIPES = [
     Recipe("rtn sym full-range g64", "w4a16", {"rtn": {}}, group_size=64, full_range=True),
     Recipe("hqq asym g64 (data-free)", "w4a16-asym", {"hqq": {}}, group_size=64),
     Recipe("hqq asym (data-free)", "w4a16-asym", {"hqq": {}}),
+    Recipe("hqq asym g64, float zero (data-free)", "w4a16-asym", {"hqq": {}}, group_size=64, float_zero=True),
+    Recipe("hqq asym, float zero (data-free)", "w4a16-asym", {"hqq": {}}, float_zero=True),
+    Recipe("rtn asym g64, float zero", "w4a16-asym", {"rtn": {}}, group_size=64, float_zero=True),
+    Recipe("awq + gptq asym, float zero", "w4a16-asym", {"awq": {}, "gptq": {}}, float_zero=True),
+    Recipe("gptq asym, float zero", "w4a16-asym", {"gptq": {}}, float_zero=True),
     Recipe("hqq sym full-range (data-free)", "w4a16", {"hqq": {}}, full_range=True),
     Recipe("gptq sym g64, pydoc calibration (llm-compressor's setting)", "w4a16", {"gptq": {}}, group_size=64,
            calibration="pydoc"),
@@ -114,6 +120,8 @@ def scheme_for(recipe: Recipe):
         weights = weights.replace(group_size=recipe.group_size)
     if recipe.full_range:
         weights = weights.replace(full_range=True)
+    if recipe.float_zero:
+        weights = weights.replace(float_zero_point=True)
     return dataclasses.replace(scheme, weights=weights)
 
 
@@ -121,7 +129,8 @@ def bits_per_weight(scheme) -> float:
     w = scheme.weights
     if w.strategy != "group":
         return float(w.num_bits)
-    return w.num_bits + (32 + (0 if w.symmetric else 8)) / w.group_size  # fp32 scale (+ int8 zero point) per group
+    zero_bits = 0 if w.symmetric else 16 if w.float_zero_point else 8
+    return w.num_bits + (32 + zero_bits) / w.group_size  # fp32 scale (+ int8 or float16 zero point) per group
 
 
 def run_recipe(model, recipe: Recipe, calibration: dict, windows: dict) -> dict:

@@ -19,10 +19,11 @@ CASES = [
     (QuantArgs(num_bits=4, strategy="group", group_size=128, symmetric=False), None, Int4WeightLinear, 5e-3),
     (QuantArgs(num_bits=4, strategy="group", group_size=64, symmetric=False, signed=False), None, Int4WeightLinear, 5e-3),
     (QuantArgs(num_bits=8, strategy="channel"), QuantArgs(num_bits=8, strategy="token", dynamic=True), Int8DynamicLinear, 1e-5),
+    (QuantArgs(num_bits=4, strategy="group", group_size=64, symmetric=False, float_zero_point=True), None, Int4WeightLinear, 5e-3),
 ]
 
 
-@pytest.mark.parametrize("w_args, a_args, cls, tol", CASES, ids=["w8a16", "w4a16", "w4a16-asym", "w4-unsigned-g64", "w8a8"])
+@pytest.mark.parametrize("w_args, a_args, cls, tol", CASES, ids=["w8a16", "w4a16", "w4a16-asym", "w4-unsigned-g64", "w8a8", "w4-float-zero"])
 def test_kernels_match_the_reference_and_keep_the_format(w_args, a_args, cls, tol):
     torch.manual_seed(0)
     lin = torch.nn.Linear(576, 192)  # 576 = 4.5 groups of 128: the ragged case

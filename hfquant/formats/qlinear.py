@@ -1,7 +1,7 @@
 """`QuantLinear`: hfquant's storage format as a module — packed integer codes, scales and zero points.
 
 Its state dict is exactly what lands in safetensors: ``weight_packed`` (uint8, 4-bit codes two per byte),
-``weight_scale`` (float32), ``weight_zero_point`` (int8, or uint8 for unsigned codes), optional ``input_scale`` / ``input_zero_point``
+``weight_scale`` (float32), ``weight_zero_point`` (int8, uint8 for unsigned codes, float16 for float zero points), optional ``input_scale`` / ``input_zero_point``
 for static activations, and ``bias``. The forward pass dequantizes (the `fake` backend's reference math);
 faster backends replace it.
 """
@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..quant import QuantArgs, code_dtype, dequantize, dynamic_qparams, fake_quantize, pack, quantize, unpack
+from ..quant import QuantArgs, dequantize, dynamic_qparams, fake_quantize, pack, quantize, unpack, zero_point_dtype
 
 
 class QuantLinear(torch.nn.Module):
@@ -36,8 +36,8 @@ class QuantLinear(torch.nn.Module):
         scale_shape = _qparam_shape(weight_args, out_features, in_features)
         self.register_buffer("weight_packed", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
-        # Zero points lie in [qmin, qmax], so they take the codes' own one-byte type.
-        self.register_buffer("weight_zero_point", torch.zeros(scale_shape, dtype=code_dtype(weight_args), device=device))
+        # Zero points lie in [qmin, qmax], so they take the codes' own one-byte type (float16 when they are floats).
+        self.register_buffer("weight_zero_point", torch.zeros(scale_shape, dtype=zero_point_dtype(weight_args), device=device))
         if input_args is not None and not input_args.dynamic:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32, device=device))

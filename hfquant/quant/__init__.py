@@ -3,8 +3,9 @@
 from .args import STRATEGIES, QuantArgs, QuantArgsError
 from .metrics import max_abs_error, mse, sqnr_db
 from .pack import PACKABLE_BITS, pack, storage_bits, unpack
-from .primitives import code_dtype, dequantize, expand_qparam, fake_quantize, quantize, quantize_with_error
-from .qparams import check_finite, compute_qparams, dynamic_qparams, min_max, reduce_by_strategy
+from .primitives import (code_dtype, dequantize, expand_qparam, fake_quantize, quantize, quantize_with_error,
+                         zero_point_dtype)
+from .qparams import check_finite, compute_qparams, dynamic_qparams, min_max, reduce_by_strategy, stored_zero_point
 
 __all__ = [
     "PACKABLE_BITS",
@@ -27,5 +28,7 @@ __all__ = [
     "reduce_by_strategy",
     "sqnr_db",
     "storage_bits",
+    "stored_zero_point",
     "unpack",
+    "zero_point_dtype",
 ]

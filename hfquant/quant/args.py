@@ -39,6 +39,9 @@ class QuantArgs:
     #: 2**num_bits levels are used (llama.cpp's Q4_0 rule); the scale is negative where that value is positive.
     #: False keeps the restricted rule (|max| → qmax, one level unused) that the int8 tutorials use.
     full_range: bool = False
+    #: asymmetric only: keep each slice's zero point as a float (stored as float16) instead of rounding it to an
+    #: integer code, so the grid can sit anywhere (HQQ's and GGUF Q4_1's offset); codes are round(x/s + z).
+    float_zero_point: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int):
@@ -70,6 +73,9 @@ class QuantArgs:
         if self.full_range and not (self.symmetric and self.signed):
             raise QuantArgsError("full_range=True needs symmetric=True and signed=True (it maps the largest-magnitude "
                                  "value to qmin); remove full_range or use an asymmetric scheme")
+        if self.float_zero_point and self.symmetric:
+            raise QuantArgsError("float_zero_point=True needs symmetric=False (a symmetric scheme's zero point is "
+                                 "fixed); remove float_zero_point or use an asymmetric scheme such as w4a16-asym")
         if not _NAME.match(str(self.observer)):
             raise QuantArgsError(
                 f"observer={self.observer!r} is not a valid plugin name (lower-case-hyphenated)"
@@ -90,10 +96,12 @@ class QuantArgs:
         return QuantArgs(**{**asdict(self), **changes})
 
     def to_dict(self) -> dict:
-        """Field values; `full_range` only when set, so configs written before it existed read back unchanged."""
+        """Field values; `full_range` / `float_zero_point` only when set, so configs written before they existed
+        read back unchanged (and their digests still match)."""
         data = asdict(self)
-        if not self.full_range:
-            del data["full_range"]
+        for flag in ("full_range", "float_zero_point"):
+            if not data[flag]:
+                del data[flag]
         return data
 
     @classmethod

@@ -152,6 +152,7 @@ def gptq_quantize_shared(
     if perm is not None:
         wt = wt[perm]
     has_zero = not (args.symmetric and args.signed)  # symmetric signed: every zero point is 0, skip adding it
+    float_zero = args.float_zero_point
     if static:  # (qparam set, stacked rows) tables and each column's set; a block's (column, row) values on demand
         scale_t, zero_t = (torch.cat([_stacked_qparam(q[0][j], args, work, bounds[k + 1] - bounds[k])
                                       for k, q in enumerate(qparams)], dim=1) if j == 0 or has_zero else None
@@ -179,11 +180,13 @@ def gptq_quantize_shared(
                                       qparams_for, group_args, work)
             x, e = xs[i], es[i]
             # x̂ with the same arithmetic as `quantize` / `dequantize`: x/s rounded half-to-even, + z, clamped
-            torch.div(x, s, out=e).round_()
-            if has_zero:
-                e.add_(z).clamp_(qmin, qmax).sub_(z)
+            torch.div(x, s, out=e)
+            if float_zero:  # round(x/s + z): the zero point is not an integer
+                e.add_(z).round_().clamp_(qmin, qmax).sub_(z)
+            elif has_zero:
+                e.round_().add_(z).clamp_(qmin, qmax).sub_(z)
             else:
-                e.clamp_(qmin, qmax)
+                e.round_().clamp_(qmin, qmax)
             e.mul_(s).sub_(x).mul_(inv_diag[i])  # (x − x̂) / U_ii
             if i + 1 < i2 - i1:
                 block[i + 1:].addr_(hrows[i][i + 1:], e, alpha=-1.0)

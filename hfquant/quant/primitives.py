@@ -13,6 +13,11 @@ def code_dtype(args: QuantArgs) -> torch.dtype:
     return torch.int8 if args.signed else torch.uint8
 
 
+def zero_point_dtype(args: QuantArgs) -> torch.dtype:
+    """How zero points are stored: in the codes' own type, or float16 for `args.float_zero_point`."""
+    return torch.float16 if args.float_zero_point else code_dtype(args)
+
+
 def expand_qparam(p: torch.Tensor, like: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Broadcast a per-group scale/zero point to the columns of `like`; other strategies already broadcast."""
     if args.strategy != "group" or p.dim() == 0:
@@ -21,7 +26,8 @@ def expand_qparam(p: torch.Tensor, like: torch.Tensor, args: QuantArgs) -> torch
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Integer codes round_half_even(x / scale) + zero_point, clamped into [qmin, qmax]."""
+    """Integer codes round_half_even(x / scale) + zero_point, clamped into [qmin, qmax] (a float zero point is
+    added before rounding: round_half_even(x / scale + zero_point))."""
     check_finite(x)
     dtype = compute_dtype(x)
     scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
@@ -93,6 +99,8 @@ def _rounded(x, scale, zero_point, args, dtype):
     """(x/s, clamp(round(x/s) + z) as floats, s, z), all broadcast-shaped by `_broadcast`."""
     xv, s, z = _broadcast(x.to(dtype), scale, zero_point, args, dtype)
     y = xv / s
+    if args.float_zero_point:
+        return y, torch.add(y, z).round_().clamp_(args.qmin, args.qmax), s, z
     return y, torch.round(y).add_(z).clamp_(args.qmin, args.qmax), s, z
 
 

@@ -70,7 +70,7 @@ def min_max(x: torch.Tensor, args: QuantArgs) -> Tuple[torch.Tensor, torch.Tenso
 def compute_qparams(
     min_vals: torch.Tensor, max_vals: torch.Tensor, args: QuantArgs
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point for an observed range.
+    """Scale and zero point (integer; float with `args.float_zero_point`) for an observed range.
 
     The range is widened to include 0 so that real zero is exactly representable (padding, ReLU zeros).
     Asymmetric: scale = (max - min) / (qmax - qmin), zero_point = round(qmin - min / scale), clamped.
@@ -93,10 +93,20 @@ def compute_qparams(
             scale = _usable(torch.maximum(-lo, hi) / half_range)
         mid = 0 if args.signed else (args.qmin + args.qmax + 1) // 2
         zero_point = torch.full_like(scale, mid, dtype=torch.int32)
+    elif args.float_zero_point:  # min lands exactly on qmin (up to the zero point's float16 storage)
+        scale = _usable((hi - lo) / (args.qmax - args.qmin))
+        zero_point = stored_zero_point(args.qmin - lo / scale, args)
     else:
         scale = _usable((hi - lo) / (args.qmax - args.qmin))
         zero_point = torch.round(args.qmin - lo / scale).clamp(args.qmin, args.qmax).to(torch.int32)
     return scale, zero_point
+
+
+def stored_zero_point(zero_point: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """A float zero point as the format stores it (float16, inside [qmin, qmax]), returned as float32: codes are
+    always computed from this value, so what is reported and what is saved agree exactly."""
+    z = torch.as_tensor(zero_point).to(torch.float32).clamp(args.qmin, args.qmax)
+    return z.to(torch.float16).to(torch.float32)
 
 
 def _usable(scale: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,13 @@ ARGS = [
     QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=32, full_range=True),
     QuantArgs(num_bits=8, symmetric=True, strategy="channel"),
     QuantArgs(num_bits=4, symmetric=True, strategy="tensor"),
+    QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32, float_zero_point=True),
 ]
 
 
 def args_id(args: QuantArgs) -> str:
-    return f"{args.strategy}-{'sym' if args.symmetric else 'asym'}{'-full' if args.full_range else ''}"
+    return (f"{args.strategy}-{'sym' if args.symmetric else 'asym'}{'-full' if args.full_range else ''}"
+            f"{'-fz' if args.float_zero_point else ''}")
 
 
 def minmax_qparams(x, args):

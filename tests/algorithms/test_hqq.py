@@ -12,7 +12,7 @@ from hfquant.algorithm import LayerContext
 from hfquant.pipeline.integrity import NonFiniteError
 from hfquant.plan import ModulePlan
 from hfquant.quant import QuantArgs, compute_qparams, fake_quantize, min_max, quantize, reduce_by_strategy
-from hfquant.quant.hqq import optimize_qparams
+from hfquant.quant.hqq import optimize_qparams, optimize_zero_points
 from hfquant_builtins.algorithms.hqq import Hqq
 
 ASYM64 = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=64)
@@ -24,12 +24,14 @@ ARGS = [
     QuantArgs(num_bits=4, symmetric=False, strategy="channel"),
     QuantArgs(num_bits=8, symmetric=True, strategy="channel"),
     QuantArgs(num_bits=4, symmetric=False, strategy="tensor"),
+    ASYM64.replace(float_zero_point=True),
+    QuantArgs(num_bits=4, symmetric=False, signed=False, strategy="channel", float_zero_point=True),
 ]
 
 
 def args_id(args: QuantArgs) -> str:
     kind = ("sym" if args.symmetric else "asym") + ("-full" if args.full_range else "")
-    kind += "" if args.signed else "-unsigned"
+    kind += ("" if args.signed else "-unsigned") + ("-fz" if args.float_zero_point else "")
     return f"{args.strategy}-int{args.num_bits}-{kind}"
 
 
@@ -63,8 +65,9 @@ def test_never_worse_than_round_to_nearest_per_slice(args):
         init = rtn(w, args)
         scale, zp = optimize_qparams(w, args, init, round_scale=bf16)
         assert scale.shape == init[0].shape and zp.shape == init[1].shape
-        assert scale.dtype == torch.float32 and zp.dtype == torch.int32
+        assert scale.dtype == torch.float32 and zp.dtype == (torch.float32 if args.float_zero_point else torch.int32)
         assert torch.equal(bf16(scale), scale)  # every scale went through round_scale
+        assert torch.equal(zp.half().float(), zp.float())  # float zero points as float16 stores them
         assert bool(((zp >= args.qmin) & (zp <= args.qmax)).all())
         assert torch.equal(torch.sign(scale), torch.sign(init[0]))  # full-range scales stay negative where they were
         if args.symmetric:
@@ -82,6 +85,56 @@ def test_clearly_better_on_average():
             ratios.append(float(slice_errors(w, *optimize_qparams(w, args, init, round_scale=bf16), args).sum()
                                 / slice_errors(w, *init, args).sum()))
         assert sum(ratios) / len(ratios) < wanted, (args_id(args), ratios)
+
+
+def test_float_zero_points_beat_integer_ones():
+    """The grid may sit anywhere: the least-squares offset is kept (as float16) instead of rounded to a code."""
+    fz = ASYM64.replace(float_zero_point=True)
+    totals = {}
+    for args in (ASYM64, fz):
+        totals[args.float_zero_point] = sum(
+            float(slice_errors(w, *optimize_qparams(w, args, rtn(w, args), round_scale=bf16), args).sum())
+            for w in (heavy_tailed(64, 256, seed) for seed in range(4)))
+    assert totals[True] < 0.95 * totals[False]
+
+
+FZ64 = ASYM64.replace(float_zero_point=True)
+
+
+def mean_abs_error(w, scale, zp, args):
+    return float((fake_quantize(w, scale, zp, args) - w).abs().mean())
+
+
+@pytest.mark.parametrize("args", [FZ64, FZ64.replace(strategy="channel", group_size=None),
+                                  FZ64.replace(strategy="tensor", group_size=None),
+                                  FZ64.replace(signed=False)], ids=lambda a: f"{a.strategy}-{'s' if a.signed else 'u'}")
+def test_hqq_zero_points_start_rounded_keep_the_scale_and_lower_the_mean_error(args):
+    w = heavy_tailed(24, 200, seed=12)  # ragged last group of 8 columns
+    scale, zp = compute_qparams(*min_max(w, args), args)
+    start = torch.round(zp)
+    s0, z0 = optimize_zero_points(w, args, (scale, zp), iterations=0)
+    assert torch.equal(s0, scale) and torch.equal(z0, start)
+    s1, z1 = optimize_zero_points(w, args, (scale, zp))
+    assert torch.equal(s1, scale) and z1.shape == zp.shape and z1.dtype == torch.float32
+    assert torch.equal(z1.half().float(), z1) and bool(((z1 >= args.qmin) & (z1 <= args.qmax)).all())
+    before, after = mean_abs_error(w, scale, start, args), mean_abs_error(w, s1, z1, args)
+    assert after < before if args.strategy != "tensor" else after <= before  # one zero for all may already be best
+
+
+def test_hqq_zero_points_do_not_depend_on_row_chunks(monkeypatch):
+    w = heavy_tailed(40, 200, seed=13)
+    init = compute_qparams(*min_max(w, FZ64), FZ64)
+    whole = optimize_zero_points(w, FZ64, init)
+    monkeypatch.setattr(hqq_math, "CHUNK_ELEMENTS", 3 * 200)
+    assert torch.equal(whole[1], optimize_zero_points(w, FZ64, init)[1])
+
+
+def test_hqq_zero_points_refuse_integer_zero_points_and_bad_options():
+    w = heavy_tailed()
+    with pytest.raises(ValueError, match="float_zero_point=True"):
+        optimize_zero_points(w, ASYM64, rtn(w, ASYM64))
+    with pytest.raises(ValueError, match="lp_norm"):
+        optimize_zero_points(w, FZ64, rtn(w, FZ64), lp_norm=1.5)
 
 
 def test_ragged_last_group_is_optimised():
@@ -175,6 +228,18 @@ def context(targets, args=ASYM64):
                         make_observer=lambda a: Observer(a), round_scale=bf16)
 
 
+def test_plugin_runs_hqq_zero_points_for_float_zero_schemes():
+    linear = torch.nn.Linear(200, 24, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(heavy_tailed(seed=14))
+    ctx = context({"fc": linear}, FZ64)
+    Hqq(zero_iterations=5).finish_layer(ctx)
+    mp = ctx.plans["fc"]
+    expected = optimize_zero_points(linear.weight.detach(), FZ64, rtn(linear.weight.detach(), FZ64), iterations=5)
+    assert torch.equal(mp.weight_qparams[0], expected[0]) and torch.equal(mp.weight_qparams[1], expected[1])
+    assert torch.equal(mp.weight_codes, quantize(linear.weight.detach(), *expected, FZ64))
+
+
 @pytest.mark.parametrize("args", [ASYM64, ARGS[2]], ids=args_id)
 def test_plugin_sets_consistent_codes(args):
     torch.manual_seed(0)
@@ -215,9 +280,10 @@ def test_plugin_names_a_non_finite_weight():
 
 
 def test_plugin_options():
-    with pytest.raises(TypeError, match=r"\['iters'\].*allowed: iterations, margin, norm, zero_radius"):
+    with pytest.raises(TypeError, match=r"\['iters'\].*allowed: beta, iterations, lp_norm, margin, norm, zero_iterations"):
         Hqq(iters=3)
-    for bad in ({"iterations": -1}, {"zero_radius": 1.5}, {"margin": -0.1}, {"norm": 0}, {"iterations": True}):
+    for bad in ({"iterations": -1}, {"zero_radius": 1.5}, {"margin": -0.1}, {"norm": 0}, {"iterations": True},
+                {"zero_iterations": -1}, {"lp_norm": 0}, {"lp_norm": 2}, {"beta": 0}):
         with pytest.raises(ValueError):
             Hqq(**bad)
     assert Hqq.requires_data is False and Hqq.produces_codes is True

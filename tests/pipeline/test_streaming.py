@@ -159,3 +159,20 @@ def test_max_memory_needs_a_device_map(tiny_llm_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="model.device_map"):
         validate(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path}", "model.max_memory={cpu:1GB}"]))
+
+
+def test_float_zero_points_stream_byte_for_byte_and_reload(tiny_llm_dir, tmp_path):
+    """HQQ-style float zero points (float16 in the folder) on the cpu kernels: both pipelines write the same bytes,
+    and the folder reloads onto the kernels with the logits the run checked."""
+    base = ["model=hub", f"model.path={tiny_llm_dir}", "calibration=none", "algorithm=hqq", "scheme=w4a16-asym",
+            "scheme.weights.group_size=32", "scheme.weights.float_zero_point=true", "backend=cpu"]
+    mem = run(compose([*base, f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory", "evaluation.seq_len=64",
+                       "evaluation.max_windows=2", "++evaluation.out_of_domain=none"]))
+    streamed = run(compose([*base, f"output_dir={tmp_path / 'str'}", "pipeline=streaming", "evaluation=none"]))
+    assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
+    assert mem["reload_check"]["max_abs_logit_difference"] == 0.0 and streamed["run"]["pipeline"] == "streaming"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "mem" / "model" / "model.safetensors"), "pt") as f:
+        zero = f.get_tensor("model.layers.0.mlp.up_proj.weight_zero_point")
+    assert zero.dtype == torch.float16 and not torch.equal(zero, zero.round())
