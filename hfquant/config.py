@@ -304,15 +304,27 @@ def _format(cfg: DictConfig, scheme: QuantScheme, backend: str, device: str) -> 
     problem = registries().formats.get(fmt).problem(scheme)
     if problem:
         raise ConfigError(f"format={fmt} cannot store scheme {scheme.name!r}: {problem}")
+    if bool(cfg.get("resume", False)) and written_from(fmt) != fmt:
+        raise ConfigError(f"resume=true reuses hfquant-format folders; format={fmt} converts the folder at the end of a "
+                          "run, so run again without resume=true (overwrite=true)")
     runs = {n: getattr(registries().backends.get(n), "format", "hfquant") for n in registries().backends.names()}
+    fmt_runs = fmt
+    fmt = written_from(fmt)  # an export format is fed by the backends of its source format
     if backend != "auto" and runs[backend] != fmt:
         able = [n for n, f in runs.items() if f == fmt]
         raise ConfigError(f"backend={backend} runs the {runs[backend]} format, not {fmt}; use backend="
                           f"{' or '.join(able) or 'auto'} (or format=auto)")
     if backend == "auto" and not any(f == fmt and registries().backends.get(n).supports(scheme, device) is None
                                      for n, f in runs.items()):
-        raise ConfigError(f"no backend runs format={fmt} with scheme {scheme.name!r} on {device}")
-    return fmt
+        raise ConfigError(f"no backend runs format={fmt_runs} with scheme {scheme.name!r} on {device}")
+    return fmt_runs
+
+
+def written_from(fmt: str) -> str:
+    """The format a backend must run for `fmt`: itself, or an export format's `source_format`."""
+    if fmt == "auto" or fmt not in registries().formats.names():
+        return fmt
+    return getattr(registries().formats.get(fmt), "source_format", fmt)
 
 
 def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str, has_data: bool):

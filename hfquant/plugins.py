@@ -47,6 +47,7 @@ BUILTIN_MODULES = (
     "hfquant_builtins.evaluators.embedding_similarity",
     "hfquant_builtins.formats.hfquant_format",
     "hfquant_builtins.formats.bitsandbytes_format",
+    "hfquant_builtins.formats.compressed_tensors_format",
     "hfquant_builtins.backends.fake",
     "hfquant_builtins.backends.cpu",
     "hfquant_builtins.backends.bitsandbytes",

@@ -145,3 +145,19 @@ def to_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, QuantLinear):
             model.set_submodule(name, kernel_module_for(module))
     return model
+
+
+def to_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every CPU kernel module back for a `QuantLinear` with the same codes, scales and zero points: the
+    reference math (float dequantization), e.g. to compare a folder exported for another engine exactly."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _KernelLinear):
+            q = QuantLinear(module.in_features, module.out_features, module.bias is not None, module.weight_args,
+                            module.input_args, dtype=module.weight_scale.dtype if module.bias is None else module.bias.dtype)
+            q.weight_packed.copy_(pack(module.codes(), module.weight_args))
+            q.weight_scale.copy_(module.weight_scale)
+            q.weight_zero_point.copy_(module.weight_zero_point)
+            if module.bias is not None:
+                q.bias.data.copy_(module.bias.detach())
+            model.set_submodule(name, q)
+    return model

@@ -69,19 +69,54 @@ def _reproducible(override: str, config: Optional[dict]) -> bool:
     return True
 
 
-def needs_hfquant_notice(backend: str) -> str:
-    """First thing a reader sees when the folder is in hfquant's own format (bitsandbytes folders are not)."""
+def needs_hfquant_notice(backend: str, exported: bool = False) -> str:
+    """First thing a reader sees when the folder is in hfquant's own format (bitsandbytes and exported folders are not)."""
     from ..plugins import registries
 
-    if getattr(registries().backends.get(backend), "format", "hfquant") != "hfquant":
+    if exported or getattr(registries().backends.get(backend), "format", "hfquant") != "hfquant":
         return ""
     return ("\n> **Loading this model needs hfquant**: `pip install hfquant`, then `import hfquant` before "
             "`from_pretrained`. Without it, transformers refuses the folder (its integer codes are hfquant's format).\n")
 
 
+def load_section(export: Optional[dict], load_path: str) -> str:
+    """The card's loading snippet: hfquant's format, or the engines that read an exported folder."""
+    if not export:
+        return f"""
+```python
+import hfquant  # registers hfquant's format with transformers (not needed for bitsandbytes backends)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{load_path}")
+tokenizer = AutoTokenizer.from_pretrained("{load_path}")
+```
+"""
+    dequantize = export.get("load") == "dequantize"
+    extra = ", quantization_config=CompressedTensorsConfig(dequantize=True)" if dequantize else ""
+    note = ("\nAsymmetric zero points: transformers' default load (modules kept compressed) refuses their packed zero "
+            "points, so pass `CompressedTensorsConfig(dequantize=True)` as above.\n" if dequantize else "")
+    return f"""
+The folder is in **{export['format']}** format ({export.get('group_format')}): no hfquant needed. It was loaded by
+{export['check']['loaded_by']} and gave hfquant's logits (max |Δ| {export['check']['max_abs_logit_difference']:.2g}).
+
+```python
+# pip install transformers compressed-tensors
+from transformers import AutoModelForCausalLM, AutoTokenizer{', CompressedTensorsConfig' if dequantize else ''}
+
+model = AutoModelForCausalLM.from_pretrained("{load_path}"{extra})
+tokenizer = AutoTokenizer.from_pretrained("{load_path}")
+```
+{note}
+vLLM: `vllm serve {load_path}` (its compressed-tensors loader reads the same files; not run here).
+"""
+
+
 def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     run, scheme = report["run"], report["scheme"]
     tags = ["hfquant", run["scheme"], "quantized", f"backend-{run['backend']}"]
+    export = report.get("export")
+    if export:
+        tags.append(export["format"])
     data = ModelCardData(
         base_model=model_cfg.get("base_model") or None,
         base_model_relation="quantized" if model_cfg.get("base_model") else None,
@@ -105,7 +140,7 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     versions = report.get("versions", {})
     body = f"""
 # {run['model']} — {run['scheme']} (hfquant)
-{needs_hfquant_notice(run['backend'])}
+{needs_hfquant_notice(run['backend'], bool(export))}
 Quantized from `{model_cfg.get('base_model') or run['model']}` with hfquant {versions.get('hfquant')}, evaluated
 against the unquantized model on the same text.
 
@@ -132,15 +167,7 @@ Evaluation token-id sha256: {proto.get('token_sha256')}.
 {table(summary_rows(report))}
 
 ## How to load it
-
-```python
-import hfquant  # registers hfquant's format with transformers (not needed for bitsandbytes backends)
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{load_path}")
-tokenizer = AutoTokenizer.from_pretrained("{load_path}")
-```
-
+{load_section(export, load_path)}
 ## Reproduce
 
 ```

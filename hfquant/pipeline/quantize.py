@@ -7,7 +7,7 @@ from typing import Tuple
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, written_from
 from ..plugins import registries
 
 log = logging.getLogger("hfquant")
@@ -31,8 +31,8 @@ def resolve_backend(name: str, scheme, device: str, fmt: str = "auto") -> Tuple[
     refusals = []
     for candidate in order:
         reason = backends.get(candidate).supports(scheme, device)
-        if reason is None and fmt != "auto" and backend_format(backends.get(candidate)) != fmt:
-            reason = f"runs format {backend_format(backends.get(candidate))}, not {fmt}"
+        if reason is None and fmt != "auto" and backend_format(backends.get(candidate)) != written_from(fmt):
+            reason = f"runs format {backend_format(backends.get(candidate))}, not {written_from(fmt)}"
         if reason is None:
             why = f"auto: first of {', '.join(order)} that runs {scheme.name} on {device}"
             if refusals:
@@ -54,6 +54,18 @@ def check_model_fits(model, scheme, backend_name: str) -> None:
     check = getattr(registries().backends.get(backend_name), "check_model", None)
     if check is not None:
         check(model, scheme)
+
+
+def check_format_fits(model, scheme, fmt: str) -> None:
+    """A format's optional `check_model(model, scheme, targets)` (e.g. compressed-tensors refusing ragged groups),
+    right after the model (or its meta skeleton, when streaming) is built."""
+    if fmt == "auto":
+        return
+    check = getattr(registries().formats.get(fmt), "check_model", None)
+    if check is not None:
+        from ..plan import target_modules
+
+        check(model, scheme, target_modules(model, scheme))
 
 
 def convert(model, plan, backend_name: str):

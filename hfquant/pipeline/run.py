@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, RunSpec, validate
+from ..config import ConfigError, RunSpec, validate, written_from
 from ..errors import HfquantError
 from ..redact import redact, redact_tokens
 from ..plugins import registries
@@ -28,11 +28,11 @@ from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .faults import fault_point
 from .integrity import check_checkpoint
-from .output import (OutputFolderError, discard_model, model_dir, read_json, read_resume_record, write_atomic, write_json,
+from .output import (RESUME_RECORD, OutputFolderError, discard_model, model_dir, read_json, read_resume_record, write_atomic, write_json,
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
-from .quantize import check_model_fits, convert, resolve_backend
+from .quantize import check_format_fits, check_model_fits, convert, resolve_backend
 from .layerwise import check_layers, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
@@ -146,6 +146,9 @@ def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: 
             ranks.barrier()
     else:
         report = _run_in_memory(spec, backend, timer, ranks)
+    if ranks.main and written_from(spec.format) != spec.format:
+        with timer.stage("export"):
+            report["export"] = export_model(spec, report.get("reload_check") or {})
     if ranks.world > 1:
         report["run"]["processes"] = ranks.world
     report["run"].update(backend=backend, backend_reason=backend_reason, pipeline=pipeline, pipeline_reason=pipeline_reason)
@@ -236,6 +239,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     chain = make_chain(spec.algorithms, spec.propagate)
     if not spec.resume:
         check_model_fits(model, spec.scheme, backend)  # before any data is read or evaluated
+        check_format_fits(model, spec.scheme, spec.format)
         # e.g. awq on a layout it cannot fold into: refused now, not after the baselines (dropped under algorithm=auto)
         dropped = check_layers(chain, model, spec.algorithm_auto)
         spec = narrowed(spec, chain.names, dropped)
@@ -434,6 +438,47 @@ def _save_and_check(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks, qmo
         raise
     timer.kept = "model/ was saved and checked; resume=true reuses it"
     return reload_check
+
+
+def export_model(spec: RunSpec, reload_check: dict) -> dict:
+    """`format=` an export format: convert the checked hfquant `model/` into it, load the result with its consumer in
+    a process without hfquant, and compare its logits with hfquant's reference forward of the same codes (max |Δ|
+    ≤ 1e-4, as the reload check). Only then does the export replace `model/`; a failure leaves no export behind."""
+    import shutil
+
+    from ..formats.kernels import to_reference
+
+    fmt = registries().formats.get(spec.format)
+    out_model = model_dir(spec.output_dir)
+    tmp = os.path.join(spec.output_dir, f".tmp-export-{os.getpid()}")
+    old = os.path.join(spec.output_dir, f".tmp-hfquant-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = fmt.export(out_model, tmp)
+        ids = torch.tensor([(reload_check.get("reference") or {}).get("input_ids") or list(range(1, 33))])
+        with torch.no_grad():
+            reference = to_reference(load_quantized(out_model, spec.model.get("task", "causal-lm")))(input_ids=ids).logits[0].float()
+        logits = fmt.logits_elsewhere(tmp, ids, spec.output_dir)
+        diff = float((logits - reference).abs().max())
+        if not diff <= 1e-4:
+            raise ReloadCheckError(f"the {spec.format} folder loaded without hfquant does not reproduce hfquant's "
+                                   f"reference forward of the same codes (max |Δlogit| = {diff:.3g}); model/ keeps the "
+                                   "hfquant format. This is a bug in the export: report it with --verbose output")
+        os.rename(out_model, old)
+        os.rename(tmp, out_model)
+        shutil.rmtree(old, ignore_errors=True)
+        for leftover in ("ids.pt", "logits.pt"):
+            if os.path.exists(os.path.join(spec.output_dir, leftover)):
+                os.remove(os.path.join(spec.output_dir, leftover))
+        record = os.path.join(spec.output_dir, RESUME_RECORD)  # resume=true reuses hfquant folders only
+        if os.path.exists(record):
+            os.remove(record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**summary, "check": {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": True,
+                                 "loaded_by": "transformers in a process where `import hfquant` fails",
+                                 "against": "hfquant's reference forward (float dequantization) of the same codes"}}
 
 
 def _resume_quantized(spec: RunSpec, timer: Timer):

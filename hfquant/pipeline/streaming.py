@@ -389,6 +389,9 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     first_float = next((source.dtype(n) for n in files if source.dtype(n).is_floating_point), None)
     skeleton = build_skeleton(folder, m.get("task", "causal-lm"), m.get("dtype", "float32"),
                               bool(m.get("trust_remote_code", False)), first_float)
+    from .quantize import check_format_fits
+
+    check_format_fits(skeleton.model, spec.scheme, spec.format)  # before any tensor is quantized
     backend = registries().backends.get(backend_name)()
     plan = StreamPlan(skeleton, spec.scheme, backend, files)
     if spec.scheme.needs_calibration_data:

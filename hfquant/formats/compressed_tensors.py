@@ -1,0 +1,246 @@
+"""compressed-tensors, the format transformers and vLLM read: hfquant's codes and scales laid out as its
+`pack-quantized` (weight-only int4 / int8) and `int-quantized` (w8a8, dynamic per-token activations) formats.
+
+No second quantization: the bytes are hfquant's own. Codes are signed in [qmin, qmax]; compressed-tensors stores
+them offset into the unsigned range (+2^(b−1)) and packed little-endian into int32 (element k of a row at bits
+b·k of the row's bit stream) — exactly hfquant's packed bytes (stored value code − qmin, low bits first) read as
+int32, padded to whole words. Unsigned hfquant codes c with zero point zp are the signed codes c − 2^(b−1) with
+zero point zp − 2^(b−1): the same bytes. Dequantization there is (q − z)·s, as here.
+
+What its consumers cannot run is refused before any work (`scheme_problem`, `shape_problems`): groups that do
+not divide a Linear's columns (compressed-tensors raises on the first forward), float zero points (its zero
+points are integers), static activation scales, and bit widths other than 4 and 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from ..quant import QuantArgs
+
+FORMAT_NAME = "compressed-tensors"
+PACKED, INT = "pack-quantized", "int-quantized"
+
+
+def scheme_problem(scheme) -> Optional[str]:
+    """Why compressed-tensors cannot hold `scheme` (None when it can); shapes are checked by `shape_problems`."""
+    w, a = scheme.weights, scheme.input_activations
+    if scheme.format != "int" or w is None:
+        return "it stores integer weight codes (use an int scheme such as w4a16, w4a16-asym, w8a16 or w8a8)"
+    if w.num_bits not in (4, 8):
+        return f"{w.num_bits}-bit weights: its engines read 4- and 8-bit codes"
+    if w.float_zero_point:
+        return "its zero points are integers; remove scheme.weights.float_zero_point"
+    if w.strategy not in ("group", "channel", "tensor"):
+        return f"weight strategy {w.strategy!r} is not stored"
+    if a is not None:  # the int-quantized layout is written by `module_tensors`, but not offered yet:
+        return ("quantized activations are not exported yet: transformers' compressed-tensors forward rounds "
+                "activations with scale absmax/128, hfquant (and vLLM's int8 kernels) with absmax/127, so the "
+                "reload check cannot match exactly; use a weight-only scheme (w4a16, w4a16-asym, w8a16)")
+    return None
+
+
+def shape_problems(shapes: Dict[str, Tuple[int, int]], weights: QuantArgs) -> List[str]:
+    """Modules (name → (out, in)) whose shapes its loaders cannot run: a ragged last group (compressed-tensors
+    needs in_features % group_size == 0), or asymmetric zero points packed along rows that do not fill whole
+    int32 words (vLLM needs out_features % (32 / bits) == 0)."""
+    problems = []
+    for name, (rows, cols) in shapes.items():
+        if weights.strategy == "group" and cols % weights.group_size:
+            problems.append(f"{name} has {cols} input columns, not a multiple of group_size={weights.group_size}")
+        elif not weights.symmetric and rows % (32 // weights.num_bits):
+            problems.append(f"{name} has {rows} output rows; asymmetric zero points need a multiple of "
+                            f"{32 // weights.num_bits}")
+    return problems
+
+
+def divisors_hint(shapes: Iterable[Tuple[int, int]], group_size: int) -> str:
+    """A group size (a power of two ≤ the asked one) dividing every module's columns, for the error message."""
+    cols = [c for _, c in shapes]
+    for g in (128, 64, 32, 16):
+        if g <= group_size and all(c % g == 0 for c in cols):
+            return f"scheme.weights.group_size={g} divides every quantized Linear"
+    return "no power-of-two group size divides every quantized Linear: use strategy=channel"
+
+
+def _as_int32_words(packed: torch.Tensor) -> torch.Tensor:
+    """hfquant's packed bytes (rows of uint8) read as little-endian int32 words, each row zero-padded to 4 bytes."""
+    rows, width = packed.shape
+    pad = (-width) % 4
+    if pad:
+        packed = torch.cat([packed, torch.zeros(rows, pad, dtype=torch.uint8)], dim=1)
+    words = packed.contiguous().view(torch.int32)  # little-endian, as safetensors and compressed-tensors assume
+    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+        raise RuntimeError("compressed-tensors export needs a little-endian machine")
+    return words
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes (rows, n) packed along dim 0 (zero points: packed along output rows), offset by 2^(bits−1)."""
+    from ..quant import pack
+
+    unsigned = QuantArgs(num_bits=bits, symmetric=False, signed=True)
+    return _as_int32_words(pack(codes.t().contiguous().to(torch.int8), unsigned)).t().contiguous()
+
+
+def module_tensors(weights: QuantArgs, inputs: Optional[QuantArgs], stored: Dict[str, torch.Tensor],
+                   in_features: int, scale_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """compressed-tensors' tensors for one Linear from hfquant's (`weight_packed`, `weight_scale`,
+    `weight_zero_point`, optional `bias`). `scale_dtype` is the model's dtype (what its loaders allocate)."""
+    packed, scale = stored["weight_packed"], stored["weight_scale"]
+    rows = packed.shape[0]
+    half = 2 ** (weights.num_bits - 1)
+    out: Dict[str, torch.Tensor] = {}
+    scale = scale.reshape(rows, -1) if scale.dim() else scale.reshape(1)
+    if inputs is not None:  # int-quantized: plain int8 codes
+        out["weight"] = (packed.to(torch.int16) - half).to(torch.int8)  # symmetric: code − zero point = u − 2^(b−1)
+        out["weight_scale"] = scale.to(scale_dtype)
+    else:
+        out["weight_packed"] = _as_int32_words(packed)
+        out["weight_scale"] = scale.to(scale_dtype)
+        out["weight_shape"] = torch.tensor([rows, in_features], dtype=torch.int64)
+        if not weights.symmetric:
+            zp = stored["weight_zero_point"].to(torch.int16).reshape(rows, -1)
+            signed_zp = zp if weights.signed else zp - half
+            out["weight_zero_point"] = _pack_rows(signed_zp, weights.num_bits)
+    if "bias" in stored:
+        out["bias"] = stored["bias"]
+    return out
+
+
+def _args_dict(args: QuantArgs) -> dict:
+    return {"num_bits": args.num_bits, "type": "int", "symmetric": args.symmetric,
+            "group_size": args.group_size if args.strategy == "group" else None, "strategy": args.strategy,
+            "dynamic": args.dynamic, "actorder": None, "block_structure": None, "observer": None,
+            "observer_kwargs": {}}
+
+
+def quantization_config(weights: QuantArgs, inputs: Optional[QuantArgs], ignore: List[str]) -> dict:
+    """`quantization_config` for config.json: one group targeting every Linear except `ignore` (exact names)."""
+    fmt = INT if inputs is not None else PACKED
+    group = {"targets": ["Linear"], "weights": _args_dict(weights),
+             "input_activations": _args_dict(inputs) if inputs is not None else None,
+             "output_activations": None, "format": fmt}
+    return {"quant_method": FORMAT_NAME, "format": fmt, "quantization_status": "compressed",
+            "config_groups": {"group_0": group}, "ignore": sorted(ignore), "kv_cache_scheme": None,
+            "global_compression_ratio": None}
+
+
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json", "README.md")
+
+
+def _linear_shapes(config: dict) -> Dict[str, Tuple[int, int]]:
+    """(out, in) of every nn.Linear of the model `config` describes (built on meta: no memory, no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def export_folder(src: str, dst: str) -> dict:
+    """Write `dst` (a new folder) in compressed-tensors from the hfquant folder `src`: same shards, same non-quantized
+    tensors, every quantized module's tensors re-laid-out; returns a summary for the report."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..formats.stored_check import checked_modules
+
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    qcfg = config["quantization_config"]
+    modules, _ = checked_modules(qcfg["modules"])
+    kinds = {json.dumps(entry, sort_keys=True) for entry in modules.values()}
+    if len(kinds) != 1:
+        raise ValueError("compressed-tensors export writes one config group; these modules differ in their settings")
+    entry = next(iter(modules.values()))
+    weights = QuantArgs.from_dict(entry["weights"])
+    inputs = QuantArgs.from_dict(entry["input_activations"]) if entry.get("input_activations") else None
+    config["model_type"] = qcfg.get("base_model_type", config["model_type"])
+    dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    scale_dtype = getattr(torch, str(dtype_name).replace("torch.", ""))
+    shapes = _linear_shapes(config)
+    ignore = [n for n in shapes if n not in modules]
+    config["quantization_config"] = quantization_config(weights, inputs, ignore)
+
+    index_path = os.path.join(src, "model.safetensors.index.json")
+    shards = sorted(set(json.load(open(index_path))["weight_map"].values())) if os.path.isfile(index_path) \
+        else ["model.safetensors"]
+    os.makedirs(dst)
+    weight_map, inexact = {}, 0
+    for shard in shards:
+        tensors: Dict[str, torch.Tensor] = {}
+        with safe_open(os.path.join(src, shard), "pt") as f:
+            names = list(f.keys())
+            done = set()
+            for name in names:
+                module = name.rsplit(".", 1)[0]
+                if module in modules:
+                    if module in done:
+                        continue
+                    done.add(module)
+                    stored = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in names if k.rsplit(".", 1)[0] == module}
+                    made = module_tensors(weights, inputs, stored, shapes[module][1], scale_dtype)
+                    inexact += int(not torch.equal(made["weight_scale"].float(), stored["weight_scale"].float()
+                                                   .reshape(made["weight_scale"].shape)))
+                    tensors.update({f"{module}.{k}": v for k, v in made.items()})
+                else:
+                    tensors[name] = f.get_tensor(name)
+        save_file(tensors, os.path.join(dst, shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in tensors})
+    if os.path.isfile(index_path):
+        with open(os.path.join(dst, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": json.load(open(index_path)).get("metadata", {}), "weight_map": dict(sorted(weight_map.items()))},
+                      f, indent=2)
+    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in COPIED_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return {"format": FORMAT_NAME, "group_format": config["quantization_config"]["format"], "modules": len(modules),
+            "load": load_instructions(config),
+            "ignore": ignore, "scale_dtype": str(scale_dtype).replace("torch.", ""),
+            "modules_with_scales_rounded_to_the_model_dtype": inexact}
+
+
+VERIFY = """
+import sys, torch
+sys.modules["hfquant"] = None  # this process must not be able to import hfquant: what a user without it runs
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if sys.argv[4] == "dequantize" else {}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto", **extra).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits[0].float(), sys.argv[3])
+"""
+
+
+def load_instructions(config: dict) -> str:
+    """How transformers must be told to load the folder: asymmetric zero points need `dequantize=True` (its default
+    load keeps modules compressed and refuses their packed zero points with a size mismatch, transformers 5.24)."""
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    return "dequantize" if not group["weights"]["symmetric"] else "default"
+
+
+def logits_without_hfquant(folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
+    """Logits of `folder` loaded by plain transformers (+ compressed-tensors) in a process where `import hfquant`
+    fails, loaded as `load_instructions` says; raises with the child's error output if it cannot load or run it."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        how = load_instructions(json.load(f))
+    ids_path, out_path = os.path.join(workdir, "ids.pt"), os.path.join(workdir, "logits.pt")
+    torch.save(input_ids.cpu(), ids_path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", VERIFY, folder, ids_path, out_path, how], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"transformers could not load or run {folder} without hfquant:\n{done.stderr[-2000:]}")
+    return torch.load(out_path)

@@ -1,0 +1,117 @@
+"""compressed-tensors export: hfquant's own codes re-laid-out, loaded by plain transformers (+ compressed-tensors)
+in a process where `import hfquant` fails, with the logits of hfquant's reference forward of the same codes."""
+
+import json
+
+import pytest
+import torch
+
+from hfquant.formats.compressed_tensors import (_as_int32_words, export_folder, logits_without_hfquant,
+                                                 module_tensors, scheme_problem, shape_problems)
+from hfquant.pipeline.run import run
+from hfquant.pipeline.save import load_quantized
+from hfquant.plugins import registries
+from hfquant.quant import QuantArgs, pack
+from tests.conftest import compose, tiny_overrides
+
+pytest.importorskip("compressed_tensors")
+
+
+def reference_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' documented layout, written independently: u = code + 2^(b−1), element k of a row at
+    bits b·k of the row's little-endian bit stream, rows zero-padded to whole int32 words."""
+    per = 32 // bits
+    u = (codes.to(torch.int64) + 2 ** (bits - 1))
+    rows, n = u.shape
+    words = -(-n // per)
+    out = torch.zeros(rows, words, dtype=torch.int64)
+    for k in range(n):
+        out[:, k // per] |= u[:, k] << (bits * (k % per))
+    return out.where(out < 2**31, out - 2**32).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits, cols", [(4, 64), (4, 20), (8, 36), (8, 5)])
+def test_hfquant_bytes_are_compressed_tensors_words(bits, cols):
+    args = QuantArgs(num_bits=bits, strategy="channel")
+    codes = torch.randint(args.qmin, args.qmax + 1, (6, cols), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.int8)
+    assert torch.equal(_as_int32_words(pack(codes, args)), reference_pack(codes, bits))
+
+
+def test_zero_points_pack_along_output_rows():
+    args = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    zp = torch.randint(-8, 8, (16, 3), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    stored = {"weight_packed": torch.zeros(16, 48, dtype=torch.uint8), "weight_scale": torch.ones(16, 3),
+              "weight_zero_point": zp}
+    out = module_tensors(args, None, stored, 96, torch.float32)
+    assert out["weight_zero_point"].shape == (2, 3) and out["weight_shape"].tolist() == [16, 96]
+    assert torch.equal(out["weight_zero_point"], reference_pack(zp.t(), 4).t())
+
+
+def test_refuses_what_its_consumers_cannot_run():
+    schemes = registries().schemes
+    assert scheme_problem(schemes.get("w4a16")) is None and scheme_problem(schemes.get("w8a16")) is None
+    assert "absmax/128" in scheme_problem(schemes.get("w8a8"))
+    fz = schemes.get("w4a16-asym")
+    fz = type(fz)(**{**fz.__dict__, "weights": fz.weights.replace(float_zero_point=True)})
+    assert "integers" in scheme_problem(fz)
+    g128 = QuantArgs(num_bits=4, strategy="group", group_size=128)
+    assert shape_problems({"mlp.down_proj": (576, 1536), "q_proj": (576, 576)}, g128) == [
+        "q_proj has 576 input columns, not a multiple of group_size=128"]
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-asym", "w8a16"])
+def test_exported_folder_loads_without_hfquant_with_the_same_logits(tiny_llm_dir, tmp_path, scheme):
+    extra = ["scheme.weights.group_size=32"] if scheme.startswith("w4") else []
+    run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", f"scheme={scheme}", "backend=fake", *extra)))
+    src, dst = tmp_path / "run" / "model", tmp_path / "ct"
+    summary = export_folder(str(src), str(dst))
+    config = json.loads((dst / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert summary["ignore"] == ["lm_head"] and summary["modules_with_scales_rounded_to_the_model_dtype"] == 0
+    ids = torch.arange(1, 50)[None]
+    with torch.no_grad():
+        reference = load_quantized(str(src))(input_ids=ids).logits[0].float()
+    logits = logits_without_hfquant(str(dst), ids, str(tmp_path))
+    assert torch.allclose(logits, reference, atol=1e-5, rtol=0), float((logits - reference).abs().max())
+
+
+@pytest.mark.parametrize("pipeline", ["in_memory", "streaming"])
+def test_format_compressed_tensors_run_writes_a_checked_folder(tiny_llm_dir, tmp_path, pipeline):
+    out = tmp_path / "run"
+    common = ["scheme=w4a16", "scheme.weights.group_size=32", "format=compressed-tensors", f"pipeline={pipeline}"]
+    if pipeline == "streaming":
+        overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "calibration=none",
+                     "algorithm=rtn", "evaluation=none", *common]
+    else:
+        overrides = tiny_overrides(tiny_llm_dir, out, *common)
+    report = run(compose(overrides))
+    export = report["export"]
+    assert export["check"]["ok"] and export["check"]["max_abs_logit_difference"] <= 1e-4
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors" and config["model_type"] == "llama"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []
+    card = (out / "model" / "README.md").read_text()
+    assert "compressed-tensors" in card and "needs hfquant" not in card
+
+
+def test_ragged_groups_are_refused_right_after_loading(tiny_llm_dir, tmp_path):
+    from hfquant_builtins.formats.compressed_tensors_format import FormatShapeError
+
+    with pytest.raises(FormatShapeError, match=r"160 input columns, not a multiple of group_size=64.*group_size=32"):
+        run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "scheme=w4a16", "scheme.weights.group_size=64",
+                                   "format=compressed-tensors")))
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["scheme=w8a8"], r"format=compressed-tensors cannot store scheme 'w8a8'.*absmax/128"),
+    (["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], r"zero points are integers"),
+    (["scheme=w4a16", "resume=true"], r"resume=true reuses hfquant-format folders"),
+    (["scheme=nf4"], r"cannot store scheme 'nf4'"),
+])
+def test_what_it_cannot_store_is_a_config_error(extra, message):
+    from hfquant.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(["output_dir=/tmp/x", "format=compressed-tensors", *extra]))
