@@ -48,6 +48,7 @@ BUILTIN_MODULES = (
     "hfquant_builtins.formats.hfquant_format",
     "hfquant_builtins.formats.bitsandbytes_format",
     "hfquant_builtins.formats.compressed_tensors_format",
+    "hfquant_builtins.formats.gguf_format",
     "hfquant_builtins.backends.fake",
     "hfquant_builtins.backends.cpu",
     "hfquant_builtins.backends.bitsandbytes",

@@ -81,3 +81,24 @@ def test_encoder_embedding_similarity_on_minilm(tmp_path):
     model = load_quantized(str(out / "model"), task="embedding")
     query = model.encoder.layer[0].attention.self.query
     assert type(query).__name__ == "Int8WeightLinear" and query.state_dict()["weight_packed"].dtype == torch.uint8
+
+
+def test_embedded_model_exports_to_compressed_tensors_and_loads_without_hfquant(tmp_path):
+    """576 columns: the default groups of 128 are refused (ragged), with the group size that works; at 64 the folder
+    loads in plain transformers without hfquant and generates."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    refused = subprocess.run([sys.executable, "-m", "hfquant", "format=compressed-tensors", f"output_dir={tmp_path / 'x'}"],
+                             capture_output=True, text=True, timeout=900, env=env)
+    assert refused.returncode == 2 and "scheme.weights.group_size=64 divides every quantized Linear" in refused.stderr
+    out = tmp_path / "ct"
+    hfquant("format=compressed-tensors", "scheme.weights.group_size=64", "algorithm=rtn", "calibration=none",
+            "evaluation.max_windows=2", "evaluation.out_of_domain=none", "evaluation.compare_rtn=false", f"output_dir={out}")
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["check"]["max_abs_logit_difference"] <= 1e-4 and report["export"]["ignore"] == ["lm_head"]
+    code = ("import sys; sys.modules['hfquant'] = None\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out / 'model')!r})\n"
+            f"t = AutoTokenizer.from_pretrained({str(out / 'model')!r})\n"
+            "ids = t('def quantize(x):', return_tensors='pt').input_ids\n"
+            "print(type(m.config.quantization_config).__name__, m.generate(ids, max_new_tokens=5, do_sample=False).shape[1] > ids.shape[1])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.stdout.split()[-2:] == ["CompressedTensorsConfig", "True"], result.stderr[-2000:]

@@ -91,13 +91,26 @@ model = AutoModelForCausalLM.from_pretrained("{load_path}")
 tokenizer = AutoTokenizer.from_pretrained("{load_path}")
 ```
 """
+    checked = (f"It was loaded by {export['check']['loaded_by']} and gave hfquant's logits (max |Δ| "
+               f"{export['check']['max_abs_logit_difference']:.2g}).")
+    if export["format"] == "gguf":
+        return f"""
+The folder holds **{export['file']}** (GGUF, {', '.join(export.get('ggml_types') or [])}): no hfquant needed. {checked}
+
+```
+llama-cli -m {export['file']} -p "Hello"          # llama.cpp (after downloading the file)
+```
+```python
+from transformers import AutoModelForCausalLM  # transformers dequantizes GGUF to float on load
+model = AutoModelForCausalLM.from_pretrained("{load_path}", gguf_file="{export['file']}")
+```
+"""
     dequantize = export.get("load") == "dequantize"
     extra = ", quantization_config=CompressedTensorsConfig(dequantize=True)" if dequantize else ""
     note = ("\nAsymmetric zero points: transformers' default load (modules kept compressed) refuses their packed zero "
             "points, so pass `CompressedTensorsConfig(dequantize=True)` as above.\n" if dequantize else "")
     return f"""
-The folder is in **{export['format']}** format ({export.get('group_format')}): no hfquant needed. It was loaded by
-{export['check']['loaded_by']} and gave hfquant's logits (max |Δ| {export['check']['max_abs_logit_difference']:.2g}).
+The folder is in **{export['format']}** format ({export.get('group_format')}): no hfquant needed. {checked}
 
 ```python
 # pip install transformers compressed-tensors
@@ -120,7 +133,7 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     data = ModelCardData(
         base_model=model_cfg.get("base_model") or None,
         base_model_relation="quantized" if model_cfg.get("base_model") else None,
-        library_name="transformers",
+        library_name="gguf" if export and export["format"] == "gguf" else "transformers",
         tags=tags,
         pipeline_tag=PIPELINE_TAGS.get(run["task"]),
         license=model_cfg.get("license") or base_license(run["model_source"]),
@@ -188,8 +201,8 @@ def validate_metadata(content: str) -> dict:
     card = ModelCard(content)
     meta = card.data.to_dict()
     problems = []
-    if meta.get("library_name") != "transformers":
-        problems.append("library_name must be 'transformers'")
+    if meta.get("library_name") not in ("transformers", "gguf"):
+        problems.append("library_name must be 'transformers' (or 'gguf' for a GGUF folder)")
     if "hfquant" not in (meta.get("tags") or []):
         problems.append("tags must include 'hfquant'")
     if meta.get("base_model") and meta.get("base_model_relation") != "quantized":

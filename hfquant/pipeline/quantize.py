@@ -56,6 +56,19 @@ def check_model_fits(model, scheme, backend_name: str) -> None:
         check(model, scheme)
 
 
+def scale_rounding(backend_name: str, fmt: str):
+    """How scales are rounded before any code is computed: the backend's kernels' precision (`round_scale`), then
+    the format's (GGUF's float16 `d`); None when neither rounds."""
+    rounders = [getattr(registries().backends.get(backend_name), "round_scale", None),
+                getattr(registries().formats.get(fmt), "round_scale", None) if fmt != "auto" else None]
+    rounders = [r for r in rounders if r is not None]
+    if not rounders:
+        return None
+    if len(rounders) == 1:
+        return rounders[0]
+    return lambda s: rounders[1](rounders[0](s))
+
+
 def check_format_fits(model, scheme, fmt: str) -> None:
     """A format's optional `check_model(model, scheme, targets)` (e.g. compressed-tensors refusing ragged groups),
     right after the model (or its meta skeleton, when streaming) is built."""

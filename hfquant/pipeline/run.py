@@ -32,7 +32,7 @@ from .output import (RESUME_RECORD, OutputFolderError, discard_model, model_dir,
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
-from .quantize import check_format_fits, check_model_fits, convert, resolve_backend
+from .quantize import check_format_fits, check_model_fits, convert, resolve_backend, scale_rounding
 from .layerwise import check_layers, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
@@ -288,7 +288,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         with timer.stage("quantize"):
             report_quant = {"modules": len(plan.modules), "ignore": list(spec.scheme.ignore)}
             if own_format:
-                round_scale = getattr(registries().backends.get(backend), "round_scale", None)
+                round_scale = scale_rounding(backend, spec.format)
                 make_observer = lambda args: obs_cls(args, **spec.observer_options)  # noqa: E731
                 report_quant.update(quantize_in_memory(model, plan, chain, make_observer, round_scale, calib_windows),
                                     algorithms=chain.names, propagate=spec.propagate)

@@ -389,7 +389,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     first_float = next((source.dtype(n) for n in files if source.dtype(n).is_floating_point), None)
     skeleton = build_skeleton(folder, m.get("task", "causal-lm"), m.get("dtype", "float32"),
                               bool(m.get("trust_remote_code", False)), first_float)
-    from .quantize import check_format_fits
+    from .quantize import check_format_fits, scale_rounding
 
     check_format_fits(skeleton.model, spec.scheme, spec.format)  # before any tensor is quantized
     backend = registries().backends.get(backend_name)()
@@ -403,7 +403,7 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     observer_cls = registries().observers.get(spec.observer)
     quantizer = ModuleQuantizer(make_chain(spec.algorithms, spec.propagate),
                                 lambda args: observer_cls(args, **spec.observer_options),
-                                getattr(backend, "round_scale", None), skeleton.dtype, spec.scheme,
+                                scale_rounding(backend_name, spec.format), skeleton.dtype, spec.scheme,
                                 registries().formats.get(getattr(backend, "format", "hfquant"))(spec.scheme))
     try:
         if quantizer.chain.requires_data:

@@ -1,0 +1,275 @@
+"""GGUF, the format llama.cpp (and Ollama, LM Studio, transformers' `gguf_file=`) reads: hfquant's codes written as
+ggml blocks of 32 — no second quantization.
+
+int8 symmetric → Q8_0 (fp16 d, 32 int8: w = d·x); int4 symmetric → Q4_0 (fp16 d, 16 bytes: w = d·(q − 8), element j
+in the low nibble of byte j, element j + 16 in its high nibble). A block takes the scale of the hfquant group (or
+row) it lies in, so any group size that is a multiple of 32 works, the ragged last group included; GGUF only needs
+in_features % 32 == 0. The one loss — d is float16 — is taken *before* the codes are chosen: the run rounds every
+scale to float16 (`round_scale`), so the file holds exactly the numbers hfquant computed and reported.
+
+Llama-family tensor names and llama.cpp's q/k row order (its converter permutes the rows of q and k so that rotary
+pairs are adjacent; transformers' loader undoes it); hyper-parameters from config.json; a byte-level BPE
+tokenizer (`tokenizer.json`) as GGUF's `gpt2` tokenizer model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..quant import QuantArgs, unpack
+
+FORMAT_NAME = "gguf"
+BLOCK = 32
+#: Hugging Face model_type → GGUF architecture (Mistral is written as llama, as llama.cpp's converter does)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def scheme_problem(scheme) -> Optional[str]:
+    """Why GGUF (as written here) cannot hold `scheme`; None when it can."""
+    w = scheme.weights
+    if scheme.format != "int" or w is None:
+        return "it stores integer weight codes (use scheme=w4a16 or w8a16)"
+    if scheme.input_activations is not None:
+        return "llama.cpp quantizes activations itself; use a weight-only scheme (w4a16, w8a16)"
+    if not w.symmetric:
+        return ("asymmetric codes would be Q4_1, whose offset is stored as float16 and would change hfquant's "
+                "numbers: not written yet; use scheme=w4a16 (Q4_0)")
+    if w.num_bits not in (4, 8):
+        return f"{w.num_bits}-bit codes have no plain ggml block (Q4_0 holds 4-bit, Q8_0 8-bit)"
+    if w.strategy == "group" and w.group_size % BLOCK:
+        return f"group_size={w.group_size} is not a multiple of ggml's 32-element blocks (use 32, 64, 128, …)"
+    if w.strategy not in ("group", "channel"):
+        return f"strategy {w.strategy!r}: ggml blocks carry a scale per 32 columns of a row (use group or channel)"
+    return None
+
+
+def shape_problems(shapes: Dict[str, Tuple[int, int]]) -> List[str]:
+    return [f"{name} has {cols} input columns, not a multiple of 32" for name, (_, cols) in shapes.items() if cols % BLOCK]
+
+
+def round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as ggml's float16 `d` holds them (sign kept; never 0 or inf): applied before any code is computed."""
+    s = scale.to(torch.float32).clamp(-65504.0, 65504.0).half().float()
+    tiny = torch.full_like(s, 2.0 ** -24)
+    return torch.where(s == 0, torch.where(scale < 0, -tiny, tiny), s)
+
+
+def _block_scales(scale: torch.Tensor, args: QuantArgs, cols: int) -> torch.Tensor:
+    """(out, cols/32): the scale of the group (or row) each 32-column block lies in."""
+    rows = scale.shape[0]
+    starts = torch.arange(0, cols, BLOCK)
+    if args.strategy == "group":
+        return scale.reshape(rows, -1)[:, starts // args.group_size]
+    return scale.reshape(rows, 1).expand(rows, starts.numel())
+
+
+def ggml_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs) -> Tuple[np.ndarray, str]:
+    """(uint8 array (out, blocks · block bytes), "Q4_0" | "Q8_0") for symmetric codes (out, in) and their scales."""
+    rows, cols = codes.shape
+    d = _block_scales(scale, args, cols).to(torch.float16).numpy().view(np.uint8).reshape(rows, -1, 2)
+    centred = codes.to(torch.int16) - zero_point.to(torch.int16).reshape(rows, -1)[:, :1]  # symmetric: one zero point
+    if args.num_bits == 8:
+        x = centred.to(torch.int8).numpy().view(np.uint8).reshape(rows, -1, BLOCK)
+        return np.concatenate([d, x], axis=-1).reshape(rows, -1), "Q8_0"
+    q = (centred + 8).to(torch.uint8).numpy().reshape(rows, -1, BLOCK)
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    return np.concatenate([d, qs], axis=-1).reshape(rows, -1), "Q4_0"
+
+
+def llama_rows(t, heads: int):
+    """llama.cpp's converter order of q/k rows: each head's two rotary halves interleaved (works on any array whose
+    first axis is the rows: weights, codes, scales)."""
+    rows = t.shape[0]
+    return t.reshape(heads, 2, rows // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def gguf_name(hf_name: str) -> Optional[str]:
+    """GGUF tensor name for a Hugging Face Llama-family parameter (None: not written, e.g. rotary buffers)."""
+    module, _, leaf = hf_name.rpartition(".")
+    if module in TOP_NAMES:
+        return f"{TOP_NAMES[module]}.{leaf}"
+    parts = module.split(".")
+    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers":
+        inner = ".".join(parts[3:])
+        if inner in LAYER_NAMES:
+            return f"blk.{parts[2]}.{LAYER_NAMES[inner]}.{leaf}"
+    return None
+
+
+def _tokenizer_metadata(writer, folder: str, config: dict) -> None:
+    """A byte-level BPE `tokenizer.json` as GGUF's `gpt2` tokenizer model (tokens by id, merges, special ids)."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return  # a model without a tokenizer: the file still loads (engines need one to generate text)
+    with open(path, encoding="utf-8") as f:
+        tok = json.load(f)
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"GGUF export writes byte-level BPE tokenizers (gpt2 model); this one is {model.get('type')!r}")
+    vocab = dict(model["vocab"])
+    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    vocab.update(special)
+    size = max(config.get("vocab_size") or 0, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [5] * size  # UNUSED until filled
+    for text, index in vocab.items():
+        tokens[index] = text
+        types[index] = 3 if text in special and any(t["content"] == text and t.get("special") for t in tok["added_tokens"]) else 1
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    tcfg = {}
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            tcfg = json.load(f)
+
+    def token_id(key: str, config_key: str):
+        value = tcfg.get(key)
+        text = value.get("content") if isinstance(value, dict) else value
+        return vocab.get(text) if text in vocab else config.get(config_key)
+
+    for key, config_key, add in (("bos_token", "bos_token_id", writer.add_bos_token_id),
+                                 ("eos_token", "eos_token_id", writer.add_eos_token_id),
+                                 ("pad_token", "pad_token_id", writer.add_pad_token_id)):
+        found = token_id(key, config_key)
+        if isinstance(found, int):
+            add(found)
+    writer.add_add_bos_token(bool(tcfg.get("add_bos_token", False)))
+    template = tcfg.get("chat_template")
+    if not template and os.path.isfile(os.path.join(folder, "chat_template.jinja")):
+        with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
+            template = f.read()
+    if isinstance(template, str) and template:
+        writer.add_chat_template(template)
+
+
+def _hyperparameters(writer, config: dict, arch: str) -> None:
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_dimension_count(head_dim)
+    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    writer.add_rope_freq_base(float(rope))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(config["vocab_size"])
+
+
+FLOAT_TYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
+
+
+def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
+    """Write `dst/<name>.gguf` from the hfquant folder `src` (its codes, scales and float tensors, in order)."""
+    import gguf
+    from safetensors import safe_open
+
+    from ..formats.stored_check import checked_modules
+
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    qcfg = config["quantization_config"]
+    model_type = qcfg.get("base_model_type", config.get("model_type"))
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise ValueError(f"GGUF export writes the Llama family ({', '.join(sorted(ARCHITECTURES))}); this model is {model_type!r}")
+    modules, _ = checked_modules(qcfg["modules"])
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    index_path = os.path.join(src, "model.safetensors.index.json")
+    shards = sorted(set(json.load(open(index_path))["weight_map"].values())) if os.path.isfile(index_path) \
+        else ["model.safetensors"]
+    kinds = set()
+    os.makedirs(dst)
+    name = file_name or f"model-{'Q8_0' if next(iter(modules.values()))['weights']['num_bits'] == 8 else 'Q4_0'}.gguf"
+    writer = gguf.GGUFWriter(os.path.join(dst, name), arch, use_temp_file=True)
+    writer.add_name(str(config.get("_name_or_path") or model_type))
+    _hyperparameters(writer, config, arch)
+    _tokenizer_metadata(writer, src, config)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for shard in shards:
+        with safe_open(os.path.join(src, shard), "pt") as f:
+            names = list(f.keys())
+            grouped: Dict[str, Dict[str, str]] = {}
+            for key in names:
+                module, _, leaf = key.rpartition(".")
+                grouped.setdefault(module if module in modules else key, {})[leaf if module in modules else ""] = key
+            for module, keys in grouped.items():
+                rows_heads = heads if ".self_attn.q_proj" in module else kv_heads if ".self_attn.k_proj" in module else None
+                if module in modules:
+                    args = QuantArgs.from_dict(modules[module]["weights"])
+                    packed = f.get_tensor(keys["weight_packed"])
+                    cols = packed.shape[1] * 8 // args.num_bits  # 4-bit rows are whole blocks of 32: even
+                    codes = unpack(packed, args, cols)
+                    scale, zp = f.get_tensor(keys["weight_scale"]), f.get_tensor(keys["weight_zero_point"])
+                    if rows_heads:
+                        codes, scale, zp = (llama_rows(t, rows_heads) for t in (codes, scale, zp))
+                    data, kind = ggml_blocks(codes, scale, zp, args)
+                    kinds.add(kind)
+                    writer.add_tensor(gguf_name(module + ".weight"), data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+                    if "bias" in keys:
+                        writer.add_tensor(gguf_name(module + ".bias"), f.get_tensor(keys["bias"]).float().numpy())
+                    continue
+                target = gguf_name(module)
+                if target is None:
+                    continue
+                tensor = f.get_tensor(module)
+                if rows_heads:
+                    tensor = llama_rows(tensor, rows_heads)
+                if tensor.dtype == torch.bfloat16:
+                    writer.add_tensor(target, tensor.view(torch.int16).numpy().view(np.uint8).reshape(tensor.shape[0], -1)
+                                      if tensor.dim() == 2 else tensor.view(torch.int16).numpy().view(np.uint8),
+                                      raw_dtype=gguf.GGMLQuantizationType.BF16)
+                else:
+                    writer.add_tensor(target, tensor.numpy() if tensor.dtype in (torch.float32, torch.float16)
+                                      else tensor.float().numpy())
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if kinds == {"Q8_0"} else gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"format": FORMAT_NAME, "file": name, "ggml_types": sorted(kinds), "modules": len(modules),
+            "architecture": arch, "bytes": os.path.getsize(os.path.join(dst, name)), "load": name}
+
+
+VERIFY = """
+import sys, torch
+sys.modules["hfquant"] = None  # this process must not be able to import hfquant: what a user without it runs
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], gguf_file=sys.argv[4], dtype=torch.float32).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits[0].float(), sys.argv[3])
+"""
+
+
+def logits_without_hfquant(folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
+    """Logits of the folder's .gguf loaded by transformers (`gguf_file=`, dequantized to float32) in a process where
+    `import hfquant` fails."""
+    import subprocess
+    import sys
+
+    name = next(n for n in sorted(os.listdir(folder)) if n.endswith(".gguf"))
+    ids_path, out_path = os.path.join(workdir, "ids.pt"), os.path.join(workdir, "logits.pt")
+    torch.save(input_ids.cpu(), ids_path)
+    done = subprocess.run([sys.executable, "-c", VERIFY, folder, ids_path, out_path, name],
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"transformers could not load or run {folder}/{name} without hfquant:\n{done.stderr[-2000:]}")
+    return torch.load(out_path)

@@ -1,0 +1,65 @@
+"""`gguf`: the file llama.cpp, Ollama and LM Studio read (`hfquant.formats.gguf_export`): Q4_0 for `w4a16`, Q8_0
+for `w8a16`. Scales are rounded to float16 before the codes are chosen, so the file holds hfquant's numbers; the
+run proves the file with transformers' GGUF loader in a process where `import hfquant` fails."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from hfquant import hookimpl
+from hfquant.formats import gguf_export as gg
+from hfquant_builtins.formats.compressed_tensors_format import FormatShapeError
+
+
+class GgufFormat:
+    name = gg.FORMAT_NAME
+    source_format = "hfquant"  # written by converting the hfquant folder a run saves
+    round_scale = staticmethod(gg.round_scale)
+
+    def __init__(self, scheme) -> None:
+        self.scheme = scheme
+
+    @staticmethod
+    def problem(scheme) -> Optional[str]:
+        return gg.scheme_problem(scheme)
+
+    @staticmethod
+    def check_model(model, scheme, targets: Dict[str, torch.nn.Module]) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in gg.ARCHITECTURES:
+            raise FormatShapeError(f"format=gguf writes the Llama family ({', '.join(sorted(gg.ARCHITECTURES))}); "
+                                   f"{type(model).__name__} ({model_type!r}) is not written yet — use format=auto")
+        problems = gg.shape_problems({n: (m.out_features, m.in_features) for n, m in targets.items()})
+        if problems:
+            raise FormatShapeError(f"format=gguf cannot store this model: {'; '.join(problems[:3])} (ggml blocks "
+                                   "hold 32 columns); use format=auto")
+
+    def compress(self, mp, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One module as its ggml block bytes (GGUF stores a module's weight as one tensor of blocks)."""
+        scale, zero_point = mp.weight_qparams
+        data, _ = gg.ggml_blocks(mp.weight_codes, scale, zero_point, mp.weight_args)
+        out = {"weight": torch.from_numpy(data.copy())}
+        if tensors.get("bias") is not None:
+            out["bias"] = tensors["bias"]
+        return out
+
+    def parameter_names(self, mp, has_bias: bool) -> List[str]:
+        return ["weight", "bias"] if has_bias else ["weight"]
+
+    def quantization_config(self, plan, backend: str):
+        return {"quant_method": "gguf", "ggml_type": "Q8_0" if plan.scheme.weights.num_bits == 8 else "Q4_0"}
+
+    @staticmethod
+    def export(src: str, dst: str) -> dict:
+        return gg.export_folder(src, dst)
+
+    @staticmethod
+    def logits_elsewhere(folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
+        return gg.logits_without_hfquant(folder, input_ids, workdir)
+
+
+@hookimpl
+def register_formats(register):
+    register(gg.FORMAT_NAME, GgufFormat)

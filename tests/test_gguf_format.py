@@ -1,0 +1,86 @@
+"""GGUF export: hfquant's codes as ggml blocks (checked against the gguf package's own dequantizer), llama.cpp's
+q/k row order (undone by transformers' loader), and whole runs whose file transformers loads without hfquant."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from hfquant.formats.gguf_export import ggml_blocks, gguf_name, llama_rows, round_scale
+from hfquant.pipeline.run import run
+from hfquant.quant import QuantArgs, compute_qparams, dequantize, min_max, quantize
+from tests.conftest import compose, tiny_overrides
+
+ARGS = [QuantArgs(num_bits=4, strategy="group", group_size=64, full_range=True),
+        QuantArgs(num_bits=4, strategy="group", group_size=32),
+        QuantArgs(num_bits=4, symmetric=True, signed=False, strategy="group", group_size=32),
+        QuantArgs(num_bits=8, strategy="channel"),
+        QuantArgs(num_bits=8, strategy="group", group_size=64)]
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: f"{a.num_bits}-{a.strategy}-{a.group_size}-{'s' if a.signed else 'u'}")
+def test_blocks_dequantize_to_hfquants_values_exactly(args):
+    w = torch.randn(6, 96, generator=torch.Generator().manual_seed(0))  # 96 = one group of 64 + a ragged group of 32
+    scale, zp = compute_qparams(*min_max(w, args), args)
+    scale = round_scale(scale)
+    codes = quantize(w, scale, zp, args)
+    data, kind = ggml_blocks(codes, scale, zp, args)
+    assert kind == ("Q8_0" if args.num_bits == 8 else "Q4_0")
+    ggml = quants.dequantize(data, getattr(GGMLQuantizationType, kind))
+    assert np.array_equal(ggml, dequantize(codes, scale, zp, args).numpy())
+
+
+def test_round_scale_is_float16_with_its_sign_and_never_zero():
+    s = torch.tensor([0.1, -0.3, 1e-12, -1e-12, 1e6])
+    r = round_scale(s)
+    assert torch.equal(r, r.half().float()) and torch.equal(torch.sign(r), torch.sign(s)) and bool((r != 0).all())
+    assert float(r[-1]) == 65504.0
+
+
+def test_llama_rows_are_what_transformers_undoes():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    for heads in (4, 2):
+        permuted = llama_rows(torch.from_numpy(w), heads).numpy()
+        assert not np.array_equal(permuted, w)
+        assert np.array_equal(LlamaTensorProcessor()._reverse_permute_weights(permuted, heads, heads), w)
+
+
+def test_tensor_names():
+    assert gguf_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
+    assert gguf_name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight"
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight" and gguf_name("lm_head.weight") == "output.weight"
+    assert gguf_name("model.rotary_emb.inv_freq") is None
+
+
+@pytest.mark.parametrize("scheme, pipeline", [("w4a16", "in_memory"), ("w8a16", "in_memory"), ("w4a16", "streaming")])
+def test_gguf_run_writes_a_file_transformers_loads_without_hfquant(tiny_llm_dir, tmp_path, scheme, pipeline):
+    out = tmp_path / "run"
+    common = [f"scheme={scheme}", "format=gguf", f"pipeline={pipeline}", *(["scheme.weights.group_size=32"] if scheme == "w4a16" else [])]
+    if pipeline == "streaming":
+        overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "calibration=none", "algorithm=rtn",
+                     "evaluation=none", *common]
+    else:
+        overrides = tiny_overrides(tiny_llm_dir, out, *common)
+    report = run(compose(overrides))
+    export = report["export"]
+    assert export["check"]["ok"] and export["check"]["max_abs_logit_difference"] <= 1e-4
+    assert export["ggml_types"] == (["Q8_0"] if scheme == "w8a16" else ["Q4_0"])
+    files = sorted(p.name for p in (out / "model").iterdir())
+    assert files == ["README.md", export["file"]]
+    assert "gguf" in (out / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["scheme=w4a16-asym"], r"Q4_1"),
+    (["scheme=w4a16", "scheme.weights.group_size=48"], r"multiple of ggml's 32-element blocks"),
+    (["scheme=w8a8"], r"llama.cpp quantizes activations itself"),
+])
+def test_what_gguf_cannot_store_is_a_config_error(extra, message):
+    from hfquant.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(["output_dir=/tmp/x", "format=gguf", *extra]))
