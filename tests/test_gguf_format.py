@@ -84,3 +84,18 @@ def test_what_gguf_cannot_store_is_a_config_error(extra, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(compose(["output_dir=/tmp/x", "format=gguf", *extra]))
+
+
+def test_a_float_checkpoint_exports_to_f32_gguf_with_the_same_logits(tiny_llm_dir, tmp_path):
+    """What llama.cpp's own quantizer starts from in scripts/bench_formats.py: every tensor F32, the same model."""
+    from transformers import AutoModelForCausalLM
+
+    from hfquant.formats.gguf_export import export_folder, logits_without_hfquant
+
+    summary = export_folder(tiny_llm_dir, str(tmp_path / "f32"))
+    assert summary["file"] == "model-F32.gguf" and summary["ggml_types"] == [] and summary["modules"] == 0
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()(input_ids=ids).logits[0]
+    got = logits_without_hfquant(str(tmp_path / "f32"), ids, str(tmp_path))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)

@@ -177,7 +177,9 @@ FLOAT_TYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "
 
 
 def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
-    """Write `dst/<name>.gguf` from the hfquant folder `src` (its codes, scales and float tensors, in order)."""
+    """Write `dst/<name>.gguf` from the hfquant folder `src` (its codes, scales and float tensors, in order). A plain
+    float checkpoint folder (no quantization_config) is written with float tensors only — what llama.cpp's own
+    quantizer starts from (scripts/bench_formats.py)."""
     import gguf
     from safetensors import safe_open
 
@@ -185,19 +187,20 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
 
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    qcfg = config["quantization_config"]
+    qcfg = config.get("quantization_config") or {}
     model_type = qcfg.get("base_model_type", config.get("model_type"))
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         raise ValueError(f"GGUF export writes the Llama family ({', '.join(sorted(ARCHITECTURES))}); this model is {model_type!r}")
-    modules, _ = checked_modules(qcfg["modules"])
+    modules, _ = checked_modules(qcfg["modules"]) if qcfg else ({}, [])
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     index_path = os.path.join(src, "model.safetensors.index.json")
     shards = sorted(set(json.load(open(index_path))["weight_map"].values())) if os.path.isfile(index_path) \
         else ["model.safetensors"]
     kinds = set()
     os.makedirs(dst)
-    name = file_name or f"model-{'Q8_0' if next(iter(modules.values()))['weights']['num_bits'] == 8 else 'Q4_0'}.gguf"
+    bits = {entry["weights"]["num_bits"] for entry in modules.values()}
+    name = file_name or f"model-{'F32' if not bits else 'Q8_0' if bits == {8} else 'Q4_0'}.gguf"
     writer = gguf.GGUFWriter(os.path.join(dst, name), arch, use_temp_file=True)
     writer.add_name(str(config.get("_name_or_path") or model_type))
     _hyperparameters(writer, config, arch)
@@ -239,7 +242,8 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
                 else:
                     writer.add_tensor(target, tensor.numpy() if tensor.dtype in (torch.float32, torch.float16)
                                       else tensor.float().numpy())
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if kinds == {"Q8_0"} else gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if not kinds else gguf.LlamaFileType.MOSTLY_Q8_0
+                         if kinds == {"Q8_0"} else gguf.LlamaFileType.MOSTLY_Q4_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
