@@ -68,7 +68,7 @@ def test_exported_folder_loads_without_hfquant_with_the_same_logits(tiny_llm_dir
     summary = export_folder(str(src), str(dst))
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] == "llama" and config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert summary["ignore"] == ["lm_head"] and summary["modules_with_scales_rounded_to_the_model_dtype"] == 0
+    assert summary["ignore"] == ["lm_head"]
     ids = torch.arange(1, 50)[None]
     with torch.no_grad():
         reference = load_quantized(str(src))(input_ids=ids).logits[0].float()
@@ -115,3 +115,45 @@ def test_what_it_cannot_store_is_a_config_error(extra, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(compose(["output_dir=/tmp/x", "format=compressed-tensors", *extra]))
+
+
+@pytest.mark.parametrize("extra", [["max_shard_size=20KB"], ["model.dtype=bfloat16"],
+                                   ["scheme=w8a16", "scheme.weights.symmetric=false"]],
+                         ids=["sharded", "bf16-scales-rounded-before-codes", "int8-asym-channel"])
+def test_export_variants_are_checked_without_hfquant(tiny_llm_dir, tmp_path, extra):
+    scheme = [] if any(e.startswith("scheme=") for e in extra) else ["scheme=w4a16-asym", "scheme.weights.group_size=32"]
+    report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", *scheme, "format=compressed-tensors", *extra)))
+    assert report["export"]["check"]["max_abs_logit_difference"] <= 1e-4
+    size = report["quantized"]["size"]["bytes_on_disk"]
+    assert size == sum(p.stat().st_size for p in (tmp_path / "run" / "model").iterdir() if p.name != "README.md")
+
+
+def test_an_interrupted_swap_leaves_the_checked_hfquant_folder(tiny_llm_dir, tmp_path, monkeypatch):
+    from hfquant.pipeline import run as run_module
+
+    renames = []
+    real = run_module.os.rename
+
+    def rename(a, b):
+        renames.append((a, b))
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(run_module.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "scheme=w4a16", "scheme.weights.group_size=32",
+                                   "format=compressed-tensors")))
+    out = tmp_path / "run"
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "hfquant"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp") or p.suffix == ".pt"] == []
+
+
+def test_resume_refuses_an_exported_folder(tiny_llm_dir, tmp_path):
+    from hfquant.pipeline.output import OutputExistsError
+
+    out = tmp_path / "run"
+    run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=w4a16", "scheme.weights.group_size=32", "format=compressed-tensors")))
+    with pytest.raises(OutputExistsError, match="exported to another format"):
+        run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=w4a16", "scheme.weights.group_size=32", "resume=true")))

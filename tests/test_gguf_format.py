@@ -56,10 +56,12 @@ def test_tensor_names():
     assert gguf_name("model.rotary_emb.inv_freq") is None
 
 
-@pytest.mark.parametrize("scheme, pipeline", [("w4a16", "in_memory"), ("w8a16", "in_memory"), ("w4a16", "streaming")])
-def test_gguf_run_writes_a_file_transformers_loads_without_hfquant(tiny_llm_dir, tmp_path, scheme, pipeline):
+@pytest.mark.parametrize("scheme, pipeline, shard", [("w4a16", "in_memory", "5GB"), ("w8a16", "in_memory", "20KB"),
+                                                    ("w4a16", "streaming", "20KB")])
+def test_gguf_run_writes_a_file_transformers_loads_without_hfquant(tiny_llm_dir, tmp_path, scheme, pipeline, shard):
     out = tmp_path / "run"
-    common = [f"scheme={scheme}", "format=gguf", f"pipeline={pipeline}", *(["scheme.weights.group_size=32"] if scheme == "w4a16" else [])]
+    common = [f"scheme={scheme}", "format=gguf", f"pipeline={pipeline}", f"max_shard_size={shard}",
+              *(["scheme.weights.group_size=32"] if scheme == "w4a16" else [])]
     if pipeline == "streaming":
         overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "calibration=none", "algorithm=rtn",
                      "evaluation=none", *common]

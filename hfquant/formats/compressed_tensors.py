@@ -38,8 +38,9 @@ def scheme_problem(scheme) -> Optional[str]:
         return f"{w.num_bits}-bit weights: its engines read 4- and 8-bit codes"
     if w.float_zero_point:
         return "its zero points are integers; remove scheme.weights.float_zero_point"
-    if w.strategy not in ("group", "channel", "tensor"):
-        return f"weight strategy {w.strategy!r} is not stored"
+    if w.strategy not in ("group", "channel"):
+        return (f"weight strategy {w.strategy!r}: vLLM's weight-only kernels read group or channel scales "
+                "(use scheme=w8a16 or a group scheme)")
     if a is not None:  # the int-quantized layout is written by `module_tensors`, but not offered yet:
         return ("quantized activations are not exported yet: transformers' compressed-tensors forward rounds "
                 "activations with scale absmax/128, hfquant (and vLLM's int8 kernels) with absmax/127, so the "
@@ -73,10 +74,9 @@ def divisors_hint(shapes: Iterable[Tuple[int, int]], group_size: int) -> str:
 def _as_int32_words(packed: torch.Tensor) -> torch.Tensor:
     """hfquant's packed bytes (rows of uint8) read as little-endian int32 words, each row zero-padded to 4 bytes."""
     rows, width = packed.shape
-    pad = (-width) % 4
-    if pad:
-        packed = torch.cat([packed, torch.zeros(rows, pad, dtype=torch.uint8)], dim=1)
-    words = packed.contiguous().view(torch.int32)  # little-endian, as safetensors and compressed-tensors assume
+    buffer = torch.zeros(rows, width + (-width) % 4, dtype=torch.uint8)  # a fresh row-major buffer: views as int32
+    buffer[:, :width] = packed
+    words = buffer.view(torch.int32)  # little-endian, as safetensors and compressed-tensors assume
     if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
         raise RuntimeError("compressed-tensors export needs a little-endian machine")
     return words
@@ -148,12 +148,12 @@ def _linear_shapes(config: dict) -> Dict[str, Tuple[int, int]]:
 
 
 def export_folder(src: str, dst: str) -> dict:
-    """Write `dst` (a new folder) in compressed-tensors from the hfquant folder `src`: same shards, same non-quantized
-    tensors, every quantized module's tensors re-laid-out; returns a summary for the report."""
-    from safetensors import safe_open
+    """Write `dst` (a new folder) in compressed-tensors from the hfquant folder `src`: the same shard names, the same
+    non-quantized tensors, every quantized module's tensors re-laid-out (written with its first tensor's shard)."""
     from safetensors.torch import save_file
 
-    from ..formats.stored_check import checked_modules
+    from .folder_tensors import FolderTensors
+    from .stored_check import checked_modules
 
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -166,50 +166,63 @@ def export_folder(src: str, dst: str) -> dict:
     weights = QuantArgs.from_dict(entry["weights"])
     inputs = QuantArgs.from_dict(entry["input_activations"]) if entry.get("input_activations") else None
     config["model_type"] = qcfg.get("base_model_type", config["model_type"])
-    dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    scale_dtype = getattr(torch, str(dtype_name).replace("torch.", ""))
+    scale_dtype = model_dtype(config)
     shapes = _linear_shapes(config)
     ignore = [n for n in shapes if n not in modules]
     config["quantization_config"] = quantization_config(weights, inputs, ignore)
-
-    index_path = os.path.join(src, "model.safetensors.index.json")
-    shards = sorted(set(json.load(open(index_path))["weight_map"].values())) if os.path.isfile(index_path) \
-        else ["model.safetensors"]
+    source = FolderTensors(src)
     os.makedirs(dst)
-    weight_map, inexact = {}, 0
-    for shard in shards:
-        tensors: Dict[str, torch.Tensor] = {}
-        with safe_open(os.path.join(src, shard), "pt") as f:
-            names = list(f.keys())
-            done = set()
-            for name in names:
-                module = name.rsplit(".", 1)[0]
-                if module in modules:
-                    if module in done:
-                        continue
-                    done.add(module)
-                    stored = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in names if k.rsplit(".", 1)[0] == module}
-                    made = module_tensors(weights, inputs, stored, shapes[module][1], scale_dtype)
-                    inexact += int(not torch.equal(made["weight_scale"].float(), stored["weight_scale"].float()
-                                                   .reshape(made["weight_scale"].shape)))
-                    tensors.update({f"{module}.{k}": v for k, v in made.items()})
-                else:
-                    tensors[name] = f.get_tensor(name)
-        save_file(tensors, os.path.join(dst, shard), metadata={"format": "pt"})
-        weight_map.update({k: shard for k in tensors})
-    if os.path.isfile(index_path):
+    weight_map: Dict[str, str] = {}
+    current, tensors = None, {}
+
+    def flush():
+        if current is not None:
+            save_file(tensors, os.path.join(dst, current), metadata={"format": "pt"})
+            weight_map.update({k: current for k in tensors})
+            tensors.clear()
+
+    for name, keys, shard in source.items(modules):  # shard by shard: one output shard in memory at a time
+        if shard != current:
+            flush()
+            current = shard
+        if keys is None:
+            tensors[name] = source.get(name)
+            continue
+        stored = {leaf: source.get(key) for leaf, key in keys.items()}
+        made = module_tensors(weights, inputs, stored, shapes[name][1], scale_dtype)
+        if not torch.equal(made["weight_scale"].float().reshape(-1), stored["weight_scale"].float().reshape(-1)):
+            raise ValueError(f"{name}: its scales are not representable in the model's dtype ({scale_dtype}); the run "
+                             "rounds them before choosing codes, so this is a bug: report it with --verbose output")
+        tensors.update({f"{name}.{k}": v for k, v in made.items()})
+    flush()
+    if len(source.shards) > 1:
         with open(os.path.join(dst, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": json.load(open(index_path)).get("metadata", {}), "weight_map": dict(sorted(weight_map.items()))},
-                      f, indent=2)
+            json.dump({"metadata": source.metadata, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in COPIED_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
     return {"format": FORMAT_NAME, "group_format": config["quantization_config"]["format"], "modules": len(modules),
-            "load": load_instructions(config),
-            "ignore": ignore, "scale_dtype": str(scale_dtype).replace("torch.", ""),
-            "modules_with_scales_rounded_to_the_model_dtype": inexact}
+            "load": load_instructions(config), "ignore": ignore, "scale_dtype": str(scale_dtype).replace("torch.", "")}
+
+
+def model_dtype(config: dict) -> torch.dtype:
+    """The dtype config.json declares (what compressed-tensors' loaders allocate scales in)."""
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+
+
+def round_scale_to(dtype: torch.dtype):
+    """Scales as a `dtype` tensor holds them (sign kept, never 0), for models whose scales are stored in bf16/fp16."""
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return None
+
+    def rounded(scale: torch.Tensor) -> torch.Tensor:
+        s = scale.to(dtype).float()
+        tiny = torch.full_like(s, float(torch.finfo(dtype).tiny))
+        return torch.where(s == 0, torch.where(scale < 0, -tiny, tiny), s)
+    return rounded
 
 
 VERIFY = """

@@ -181,9 +181,9 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
     float checkpoint folder (no quantization_config) is written with float tensors only — what llama.cpp's own
     quantizer starts from (scripts/bench_formats.py)."""
     import gguf
-    from safetensors import safe_open
 
     from ..formats.stored_check import checked_modules
+    from .folder_tensors import FolderTensors
 
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -194,9 +194,6 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
         raise ValueError(f"GGUF export writes the Llama family ({', '.join(sorted(ARCHITECTURES))}); this model is {model_type!r}")
     modules, _ = checked_modules(qcfg["modules"]) if qcfg else ({}, [])
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    index_path = os.path.join(src, "model.safetensors.index.json")
-    shards = sorted(set(json.load(open(index_path))["weight_map"].values())) if os.path.isfile(index_path) \
-        else ["model.safetensors"]
     kinds = set()
     os.makedirs(dst)
     bits = {entry["weights"]["num_bits"] for entry in modules.values()}
@@ -206,42 +203,34 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
     _hyperparameters(writer, config, arch)
     _tokenizer_metadata(writer, src, config)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for shard in shards:
-        with safe_open(os.path.join(src, shard), "pt") as f:
-            names = list(f.keys())
-            grouped: Dict[str, Dict[str, str]] = {}
-            for key in names:
-                module, _, leaf = key.rpartition(".")
-                grouped.setdefault(module if module in modules else key, {})[leaf if module in modules else ""] = key
-            for module, keys in grouped.items():
-                rows_heads = heads if ".self_attn.q_proj" in module else kv_heads if ".self_attn.k_proj" in module else None
-                if module in modules:
-                    args = QuantArgs.from_dict(modules[module]["weights"])
-                    packed = f.get_tensor(keys["weight_packed"])
-                    cols = packed.shape[1] * 8 // args.num_bits  # 4-bit rows are whole blocks of 32: even
-                    codes = unpack(packed, args, cols)
-                    scale, zp = f.get_tensor(keys["weight_scale"]), f.get_tensor(keys["weight_zero_point"])
-                    if rows_heads:
-                        codes, scale, zp = (llama_rows(t, rows_heads) for t in (codes, scale, zp))
-                    data, kind = ggml_blocks(codes, scale, zp, args)
-                    kinds.add(kind)
-                    writer.add_tensor(gguf_name(module + ".weight"), data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-                    if "bias" in keys:
-                        writer.add_tensor(gguf_name(module + ".bias"), f.get_tensor(keys["bias"]).float().numpy())
-                    continue
-                target = gguf_name(module)
-                if target is None:
-                    continue
-                tensor = f.get_tensor(module)
-                if rows_heads:
-                    tensor = llama_rows(tensor, rows_heads)
-                if tensor.dtype == torch.bfloat16:
-                    writer.add_tensor(target, tensor.view(torch.int16).numpy().view(np.uint8).reshape(tensor.shape[0], -1)
-                                      if tensor.dim() == 2 else tensor.view(torch.int16).numpy().view(np.uint8),
-                                      raw_dtype=gguf.GGMLQuantizationType.BF16)
-                else:
-                    writer.add_tensor(target, tensor.numpy() if tensor.dtype in (torch.float32, torch.float16)
-                                      else tensor.float().numpy())
+    source = FolderTensors(src)
+    for module, keys, _ in source.items(modules):
+        rows_heads = heads if ".self_attn.q_proj" in module else kv_heads if ".self_attn.k_proj" in module else None
+        if keys is not None:
+            args = QuantArgs.from_dict(modules[module]["weights"])
+            packed = source.get(keys["weight_packed"])
+            cols = packed.shape[1] * 8 // args.num_bits  # 4-bit rows are whole blocks of 32: even
+            codes = unpack(packed, args, cols)
+            scale, zp = source.get(keys["weight_scale"]), source.get(keys["weight_zero_point"])
+            if rows_heads:
+                codes, scale, zp = (llama_rows(t, rows_heads) for t in (codes, scale, zp))
+            data, kind = ggml_blocks(codes, scale, zp, args)
+            kinds.add(kind)
+            writer.add_tensor(gguf_name(module + ".weight"), data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            if "bias" in keys:
+                writer.add_tensor(gguf_name(module + ".bias"), source.get(keys["bias"]).float().numpy())
+            continue
+        target = gguf_name(module)
+        if target is None:
+            continue
+        tensor = source.get(module)
+        if rows_heads:
+            tensor = llama_rows(tensor, rows_heads)
+        if tensor.dtype == torch.bfloat16:
+            raw = tensor.contiguous().view(torch.int16).numpy().view(np.uint8)
+            writer.add_tensor(target, raw.reshape(*tensor.shape[:-1], -1), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(target, tensor.numpy() if tensor.dtype in (torch.float32, torch.float16) else tensor.float().numpy())
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if not kinds else gguf.LlamaFileType.MOSTLY_Q8_0
                          if kinds == {"Q8_0"} else gguf.LlamaFileType.MOSTLY_Q4_0)
     writer.write_header_to_file()

@@ -91,8 +91,10 @@ model = AutoModelForCausalLM.from_pretrained("{load_path}")
 tokenizer = AutoTokenizer.from_pretrained("{load_path}")
 ```
 """
-    checked = (f"It was loaded by {export['check']['loaded_by']} and gave hfquant's logits (max |Δ| "
-               f"{export['check']['max_abs_logit_difference']:.2g}).")
+    check = export.get("check") or {}
+    checked = (f"It was loaded by {check['loaded_by']} and gave hfquant's logits (max |Δ| "
+               f"{check['max_abs_logit_difference']:.2g})." if check.get("ok") else
+               f"It was not loaded back here ({check.get('skipped', 'no check ran')}).")
     if export["format"] == "gguf":
         return f"""
 The folder holds **{export['file']}** (GGUF, {', '.join(export.get('ggml_types') or [])}): no hfquant needed. {checked}

@@ -56,11 +56,13 @@ def check_model_fits(model, scheme, backend_name: str) -> None:
         check(model, scheme)
 
 
-def scale_rounding(backend_name: str, fmt: str):
+def scale_rounding(backend_name: str, fmt: str, dtype: torch.dtype = torch.float32):
     """How scales are rounded before any code is computed: the backend's kernels' precision (`round_scale`), then
-    the format's (GGUF's float16 `d`); None when neither rounds."""
+    the format's for a model of `dtype` (`round_scale_for(dtype)`: GGUF's float16 `d`, compressed-tensors' scales in
+    the model's dtype); None when neither rounds."""
+    for_dtype = getattr(registries().formats.get(fmt), "round_scale_for", None) if fmt != "auto" else None
     rounders = [getattr(registries().backends.get(backend_name), "round_scale", None),
-                getattr(registries().formats.get(fmt), "round_scale", None) if fmt != "auto" else None]
+                for_dtype(dtype) if for_dtype is not None else None]
     rounders = [r for r in rounders if r is not None]
     if not rounders:
         return None

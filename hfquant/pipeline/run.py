@@ -149,6 +149,7 @@ def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: 
     if ranks.main and written_from(spec.format) != spec.format:
         with timer.stage("export"):
             report["export"] = export_model(spec, report.get("reload_check") or {})
+        _size_of_export(report, model_dir(spec.output_dir))
     if ranks.world > 1:
         report["run"]["processes"] = ranks.world
     report["run"].update(backend=backend, backend_reason=backend_reason, pipeline=pipeline, pipeline_reason=pipeline_reason)
@@ -191,6 +192,11 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
             check_checkpoint(folder, m.get("task", "causal-lm"), bool(m.get("trust_remote_code", False)))
         token_ids = learns and not static and hasattr(registries().datasets.get(spec.calibration.name), "token_windows")
         tokenizer = load_tokenizer(folder, bool(m.get("trust_remote_code", False)), required=(static or learns) and not token_ids)
+        if spec.format != "auto":  # a format's shape refusals come before any data is read (meta skeleton: no memory)
+            from .streaming import build_skeleton
+
+            skeleton = build_skeleton(folder, m.get("task", "causal-lm"), "float32", bool(m.get("trust_remote_code", False)), None)
+            check_format_fits(skeleton.model, spec.scheme, spec.format)
     calib_windows = None
     if static or learns:
         with timer.stage("data"):
@@ -288,7 +294,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         with timer.stage("quantize"):
             report_quant = {"modules": len(plan.modules), "ignore": list(spec.scheme.ignore)}
             if own_format:
-                round_scale = scale_rounding(backend, spec.format)
+                round_scale = scale_rounding(backend, spec.format, _float_dtype(model))
                 make_observer = lambda args: obs_cls(args, **spec.observer_options)  # noqa: E731
                 report_quant.update(quantize_in_memory(model, plan, chain, make_observer, round_scale, calib_windows),
                                     algorithms=chain.names, propagate=spec.propagate)
@@ -322,6 +328,10 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             **({"rtn": comparison["rtn"]} if "rtn" in comparison else {}),
         }
     return report
+
+
+def _float_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
 
 
 def _can_generate(model) -> bool:
@@ -436,49 +446,90 @@ def _save_and_check(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks, qmo
     except BaseException:
         discard_model(spec.output_dir)
         raise
-    timer.kept = "model/ was saved and checked; resume=true reuses it"
+    timer.kept = ("model/ was saved and checked; resume=true reuses it" if written_from(spec.format) == spec.format else
+                  "model/ was saved and checked in hfquant's format (resume=true format=hfquant reuses it)")
     return reload_check
 
 
 def export_model(spec: RunSpec, reload_check: dict) -> dict:
     """`format=` an export format: convert the checked hfquant `model/` into it, load the result with its consumer in
     a process without hfquant, and compare its logits with hfquant's reference forward of the same codes (max |Δ|
-    ≤ 1e-4, as the reload check). Only then does the export replace `model/`; a failure leaves no export behind."""
+    ≤ 1e-4, as the reload check). Only then does the export replace `model/`; on any failure (or interruption)
+    `model/` is the checked hfquant folder and no export or scratch file is left behind."""
     import shutil
-
-    from ..formats.kernels import to_reference
+    import tempfile
 
     fmt = registries().formats.get(spec.format)
     out_model = model_dir(spec.output_dir)
     tmp = os.path.join(spec.output_dir, f".tmp-export-{os.getpid()}")
     old = os.path.join(spec.output_dir, f".tmp-hfquant-{os.getpid()}")
+    scratch = tempfile.mkdtemp(prefix=".tmp-verify-", dir=spec.output_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         summary = fmt.export(out_model, tmp)
-        ids = torch.tensor([(reload_check.get("reference") or {}).get("input_ids") or list(range(1, 33))])
-        with torch.no_grad():
-            reference = to_reference(load_quantized(out_model, spec.model.get("task", "causal-lm")))(input_ids=ids).logits[0].float()
-        logits = fmt.logits_elsewhere(tmp, ids, spec.output_dir)
-        diff = float((logits - reference).abs().max())
-        if not diff <= 1e-4:
-            raise ReloadCheckError(f"the {spec.format} folder loaded without hfquant does not reproduce hfquant's "
-                                   f"reference forward of the same codes (max |Δlogit| = {diff:.3g}); model/ keeps the "
-                                   "hfquant format. This is a bug in the export: report it with --verbose output")
-        os.rename(out_model, old)
-        os.rename(tmp, out_model)
-        shutil.rmtree(old, ignore_errors=True)
-        for leftover in ("ids.pt", "logits.pt"):
-            if os.path.exists(os.path.join(spec.output_dir, leftover)):
-                os.remove(os.path.join(spec.output_dir, leftover))
+        check = _check_export(spec, fmt, out_model, tmp, scratch, reload_check)
         record = os.path.join(spec.output_dir, RESUME_RECORD)  # resume=true reuses hfquant folders only
         if os.path.exists(record):
             os.remove(record)
+        os.rename(out_model, old)
+        os.rename(tmp, out_model)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if not os.path.isdir(out_model) and os.path.isdir(old):
+            os.rename(old, out_model)  # interrupted between the two renames: the checked hfquant folder comes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {**summary, "check": {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": True,
-                                 "loaded_by": "transformers in a process where `import hfquant` fails",
-                                 "against": "hfquant's reference forward (float dequantization) of the same codes"}}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {**summary, "check": check}
+
+
+def _size_of_export(report: dict, folder: str) -> None:
+    """Size rows describe the folder that is there now: the exported one (all files but the card)."""
+    size = (report.get("quantized") or {}).get("size")
+    params = ((report.get("baseline") or {}).get("size") or {}).get("parameters")
+    if not size:
+        return
+    on_disk = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
+                  if n != "README.md" and os.path.isfile(os.path.join(folder, n)))
+    size.update(bytes_on_disk=on_disk, **({"bits_per_parameter": 8 * on_disk / params} if params else {}))
+
+
+def _check_export(spec: RunSpec, fmt, hfquant_folder: str, exported: str, scratch: str, reload_check: dict) -> dict:
+    """Logits of the exported folder (its consumer, no hfquant) against hfquant's reference forward of the same
+    codes — when both models fit in memory next to each other; otherwise skipped, and the report says so."""
+    from ..formats.kernels import to_reference
+    from .size import folder_bytes
+
+    weights = folder_bytes(hfquant_folder)
+    need = 10 * weights  # float32 weights ≈ 8× the 4-bit folder, in this process and in the child's
+    available = _available_memory()
+    if available is not None and need > available:
+        return {"ok": None, "skipped": f"the float model would need ~{need / 2**30:.1f} GiB twice over, "
+                f"{available / 2**30:.1f} GiB are available; the layout is covered by the tests"}
+    ids = torch.tensor([(reload_check.get("reference") or {}).get("input_ids") or list(range(1, 33))])
+    with torch.no_grad():
+        reference = to_reference(load_quantized(hfquant_folder, spec.model.get("task", "causal-lm")))(input_ids=ids).logits[0].float()
+    logits = fmt.logits_elsewhere(exported, ids, scratch)
+    diff = float((logits - reference).abs().max())
+    if not diff <= 1e-4:
+        raise ReloadCheckError(f"the {spec.format} folder loaded without hfquant does not reproduce hfquant's reference "
+                               f"forward of the same codes (max |Δlogit| = {diff:.3g}); model/ keeps the hfquant "
+                               "format. This is a bug in the export: report it with --verbose output")
+    return {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": True,
+            "loaded_by": "transformers in a process where `import hfquant` fails",
+            "against": "hfquant's reference forward (float dequantization) of the same codes"}
+
+
+def _available_memory():
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _resume_quantized(spec: RunSpec, timer: Timer):

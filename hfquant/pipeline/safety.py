@@ -5,6 +5,7 @@ is room for the result; and what an interrupted or out-of-space run tells its us
 from __future__ import annotations
 
 import errno
+import json
 import glob
 import logging
 import os
@@ -97,6 +98,10 @@ def check_resume_matches(output_dir: str, wanted: dict) -> None:
     """Refuse to resume from a model made by a different request: the report would describe a model it did
     not make."""
     record = read_resume_record(output_dir)
+    if not _holds_hfquant_format(output_dir):
+        raise OutputExistsError(f"resume=true, but {output_dir!r} holds a folder exported to another format "
+                                "(compressed-tensors, gguf); resume reuses hfquant-format folders — run without "
+                                "resume=true (overwrite=true to replace it)")
     held = record.get("request") if record else _legacy_request(output_dir, wanted)
     if held is None:
         raise OutputExistsError(f"resume=true, but {output_dir!r} does not record what its model/ was made from; "
@@ -108,6 +113,19 @@ def check_resume_matches(output_dir: str, wanted: dict) -> None:
             f"resume=true, but the model in {output_dir!r} was made by a different request — {shown}. Use the "
             "settings it was made with, or run without resume=true (overwrite=true to replace it, or another "
             "output_dir)")
+
+
+def _holds_hfquant_format(output_dir: str) -> bool:
+    """Whether `model/` is a transformers folder hfquant can reload (not an exported GGUF / compressed-tensors one)."""
+    config = os.path.join(output_dir, "model", "config.json")
+    if not os.path.isfile(config):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            q = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return q.get("quant_method") != "compressed-tensors"
 
 
 def _gib(n: float) -> str:
@@ -128,7 +146,10 @@ def needed_bytes(spec) -> Optional[int]:
         params = sum(info.numel for f in files for info in read_header(f)[0].values())
     except (OSError, SafetensorsFormatError):
         return None  # the loader names a broken file more precisely
-    return params * bits // 8
+    from ..config import written_from
+
+    copies = 2 if written_from(getattr(spec, "format", "auto")) != getattr(spec, "format", "auto") else 1
+    return copies * params * bits // 8  # an export format briefly holds its folder next to hfquant's
 
 
 def check_free_space(spec) -> None:

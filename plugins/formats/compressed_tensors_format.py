@@ -18,6 +18,16 @@ class FormatShapeError(HfquantError, ValueError):
     """The loaded model has Linears the format's consumers cannot run with this scheme."""
 
 
+def refuse_non_causal(model, fmt: str) -> None:
+    """Export formats prove a folder with a causal LM's logits, built from config.json alone (no remote code)."""
+    if not type(model).__name__.endswith("ForCausalLM"):
+        raise FormatShapeError(f"format={fmt} exports causal language models; {type(model).__name__} is not one "
+                               "(use format=auto)")
+    if getattr(model.config, "auto_map", None):
+        raise FormatShapeError(f"format={fmt} rebuilds the model from config.json without remote code; this model "
+                               "needs trust_remote_code (use format=auto)")
+
+
 class CompressedTensorsFormat:
     name = ct.FORMAT_NAME
     #: written by converting the hfquant folder a run saves: every backend that keeps hfquant's format feeds it
@@ -25,6 +35,11 @@ class CompressedTensorsFormat:
 
     def __init__(self, scheme) -> None:
         self.scheme = scheme
+
+    @staticmethod
+    def round_scale_for(dtype):
+        """Its loaders allocate scales in the model's dtype: bf16 / fp16 models get scales rounded before codes."""
+        return ct.round_scale_to(dtype)
 
     @staticmethod
     def problem(scheme) -> Optional[str]:
@@ -38,6 +53,7 @@ class CompressedTensorsFormat:
     @staticmethod
     def check_model(model, scheme, targets: Dict[str, torch.nn.Module]) -> None:
         """Right after loading: refuse Linears whose shapes its loaders cannot run, naming them and what works."""
+        refuse_non_causal(model, "compressed-tensors")
         shapes = {name: (m.out_features, m.in_features) for name, m in targets.items()}
         problems = ct.shape_problems(shapes, scheme.weights)
         if problems:

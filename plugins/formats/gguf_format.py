@@ -10,13 +10,16 @@ import torch
 
 from hfquant import hookimpl
 from hfquant.formats import gguf_export as gg
-from hfquant_builtins.formats.compressed_tensors_format import FormatShapeError
+from hfquant_builtins.formats.compressed_tensors_format import FormatShapeError, refuse_non_causal
 
 
 class GgufFormat:
     name = gg.FORMAT_NAME
     source_format = "hfquant"  # written by converting the hfquant folder a run saves
-    round_scale = staticmethod(gg.round_scale)
+    @staticmethod
+    def round_scale_for(dtype):
+        """ggml blocks hold float16 `d`, whatever the model's dtype."""
+        return gg.round_scale
 
     def __init__(self, scheme) -> None:
         self.scheme = scheme
@@ -27,6 +30,7 @@ class GgufFormat:
 
     @staticmethod
     def check_model(model, scheme, targets: Dict[str, torch.nn.Module]) -> None:
+        refuse_non_causal(model, "gguf")
         model_type = getattr(model.config, "model_type", None)
         if model_type not in gg.ARCHITECTURES:
             raise FormatShapeError(f"format=gguf writes the Llama family ({', '.join(sorted(gg.ARCHITECTURES))}); "
