@@ -34,3 +34,24 @@ class Format(Protocol):
 
     def quantization_config(self, plan: QuantPlan, backend: str):
         """What config.json's ``quantization_config`` declares (a dict or a transformers QuantizationConfig)."""
+
+
+class ExportFormat:
+    """Base of formats written by converting the checked hfquant folder (`source_format = "hfquant"`): `exporter` is
+    a module with `export_folder(src, dst) -> summary` and `logits_without_hfquant(folder, ids, workdir)`."""
+
+    source_format = "hfquant"
+    exporter = None
+
+    def __init__(self, scheme) -> None:
+        self.scheme = scheme
+
+    @classmethod
+    def export(cls, src: str, dst: str) -> dict:
+        """Write `dst` from the hfquant folder `src` (the run's checked `model/`)."""
+        return cls.exporter.export_folder(src, dst)
+
+    @classmethod
+    def logits_elsewhere(cls, folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
+        """The folder's logits as its consumer computes them, in a process without hfquant."""
+        return cls.exporter.logits_without_hfquant(folder, input_ids, workdir)

@@ -68,14 +68,20 @@ class Timer:
 def peak_rss_bytes() -> int:
     """This process's own peak resident memory. Linux's VmHWM belongs to the address space since exec; getrusage's
     ru_maxrss also counts the parent's memory at fork (a big launcher would inflate it), so it is the fallback."""
+    found = _proc_bytes("/proc/self/status", "VmHWM:")
+    return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _proc_bytes(path: str, key: str):
+    """A `key: N kB` line of a /proc file, in bytes (None where there is no such file or line)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return None
+    return None
 
 
 def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
@@ -522,14 +528,7 @@ def _check_export(spec: RunSpec, fmt, hfquant_folder: str, exported: str, scratc
 
 
 def _available_memory():
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable:")
 
 
 def _resume_quantized(spec: RunSpec, timer: Timer):

@@ -10,6 +10,7 @@ import torch
 
 from hfquant import hookimpl
 from hfquant.errors import HfquantError
+from hfquant.format import ExportFormat
 from hfquant.formats import compressed_tensors as ct
 from hfquant_builtins.formats.hfquant_format import HfquantFormat
 
@@ -28,13 +29,11 @@ def refuse_non_causal(model, fmt: str) -> None:
                                "needs trust_remote_code (use format=auto)")
 
 
-class CompressedTensorsFormat:
-    name = ct.FORMAT_NAME
-    #: written by converting the hfquant folder a run saves: every backend that keeps hfquant's format feeds it
-    source_format = "hfquant"
+class CompressedTensorsFormat(ExportFormat):
+    """Written by converting the hfquant folder a run saves: every backend that keeps hfquant's format feeds it."""
 
-    def __init__(self, scheme) -> None:
-        self.scheme = scheme
+    name = ct.FORMAT_NAME
+    exporter = ct
 
     @staticmethod
     def round_scale_for(dtype):
@@ -74,16 +73,6 @@ class CompressedTensorsFormat:
         if not mp.weight_args.symmetric:
             names.append("weight_zero_point")
         return names + (["bias"] if has_bias else [])
-
-    @staticmethod
-    def export(src: str, dst: str) -> dict:
-        """Write `dst` from the hfquant folder `src` (the run's checked `model/`)."""
-        return ct.export_folder(src, dst)
-
-    @staticmethod
-    def logits_elsewhere(folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
-        """The folder's logits as its consumer computes them, in a process without hfquant."""
-        return ct.logits_without_hfquant(folder, input_ids, workdir)
 
     def quantization_config(self, plan, backend: str):
         sample = next(iter(plan.modules.values()))

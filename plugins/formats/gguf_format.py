@@ -9,20 +9,19 @@ from typing import Dict, List, Optional
 import torch
 
 from hfquant import hookimpl
+from hfquant.format import ExportFormat
 from hfquant.formats import gguf_export as gg
 from hfquant_builtins.formats.compressed_tensors_format import FormatShapeError, refuse_non_causal
 
 
-class GgufFormat:
+class GgufFormat(ExportFormat):
     name = gg.FORMAT_NAME
-    source_format = "hfquant"  # written by converting the hfquant folder a run saves
+    exporter = gg
+
     @staticmethod
     def round_scale_for(dtype):
         """ggml blocks hold float16 `d`, whatever the model's dtype."""
         return gg.round_scale
-
-    def __init__(self, scheme) -> None:
-        self.scheme = scheme
 
     @staticmethod
     def problem(scheme) -> Optional[str]:
@@ -54,14 +53,6 @@ class GgufFormat:
 
     def quantization_config(self, plan, backend: str):
         return {"quant_method": "gguf", "ggml_type": "Q8_0" if plan.scheme.weights.num_bits == 8 else "Q4_0"}
-
-    @staticmethod
-    def export(src: str, dst: str) -> dict:
-        return gg.export_folder(src, dst)
-
-    @staticmethod
-    def logits_elsewhere(folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
-        return gg.logits_without_hfquant(folder, input_ids, workdir)
 
 
 @hookimpl
