@@ -101,3 +101,20 @@ def test_a_float_checkpoint_exports_to_f32_gguf_with_the_same_logits(tiny_llm_di
         expected = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()(input_ids=ids).logits[0]
     got = logits_without_hfquant(str(tmp_path / "f32"), ids, str(tmp_path))
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_qwen2_with_attention_biases_exports_and_loads(tiny_tokenizer, tmp_path):
+    """Qwen2: GGUF architecture qwen2, q/k/v biases, rows in Hugging Face order (no llama permutation)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    path = tmp_path / "qwen2"
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    report = run(compose(["model=hub", f"model.path={path}", f"output_dir={tmp_path / 'run'}", "scheme=w4a16",
+                          "scheme.weights.group_size=32", "format=gguf", "calibration=none", "algorithm=rtn",
+                          "evaluation.seq_len=64", "evaluation.max_windows=2", "++evaluation.out_of_domain=none"]))
+    assert report["export"]["architecture"] == "qwen2" and report["export"]["check"]["max_abs_logit_difference"] <= 1e-4

@@ -7,8 +7,8 @@ row) it lies in, so any group size that is a multiple of 32 works, the ragged la
 in_features % 32 == 0. The one loss — d is float16 — is taken *before* the codes are chosen: the run rounds every
 scale to float16 (`round_scale`), so the file holds exactly the numbers hfquant computed and reported.
 
-Llama-family tensor names and llama.cpp's q/k row order (its converter permutes the rows of q and k so that rotary
-pairs are adjacent; transformers' loader undoes it); hyper-parameters from config.json; a byte-level BPE
+Llama-family tensor names (Llama, Mistral, Qwen2) and, for the `llama` architecture, llama.cpp's q/k row order (its
+converter permutes the rows of q and k so that rotary pairs are adjacent; transformers' loader undoes it); hyper-parameters from config.json; a byte-level BPE
 tokenizer (`tokenizer.json`) as GGUF's `gpt2` tokenizer model.
 """
 
@@ -26,7 +26,9 @@ from ..quant import QuantArgs, unpack
 FORMAT_NAME = "gguf"
 BLOCK = 32
 #: Hugging Face model_type → GGUF architecture (Mistral is written as llama, as llama.cpp's converter does)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+#: architectures whose q/k rows llama.cpp's converter reorders (interleaved rotary pairs); qwen2 keeps HF's order
+PERMUTED_QK = {"llama"}
 LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -120,7 +122,8 @@ def _tokenizer_metadata(writer, folder: str, config: dict) -> None:
     vocab = dict(model["vocab"])
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     vocab.update(special)
-    size = max(config.get("vocab_size") or 0, max(vocab.values()) + 1)
+    size = config.get("vocab_size") or max(vocab.values()) + 1  # the embedding's rows: GGUF has one token per row
+    vocab = {text: index for text, index in vocab.items() if index < size}  # e.g. a pad token added past the rows
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [5] * size  # UNUSED until filled
     for text, index in vocab.items():
@@ -146,7 +149,7 @@ def _tokenizer_metadata(writer, folder: str, config: dict) -> None:
                                  ("eos_token", "eos_token_id", writer.add_eos_token_id),
                                  ("pad_token", "pad_token_id", writer.add_pad_token_id)):
         found = token_id(key, config_key)
-        if isinstance(found, int):
+        if isinstance(found, int) and 0 <= found < size:
             add(found)
     writer.add_add_bos_token(bool(tcfg.get("add_bos_token", False)))
     template = tcfg.get("chat_template")
@@ -205,7 +208,8 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     source = FolderTensors(src)
     for module, keys, _ in source.items(modules):
-        rows_heads = heads if ".self_attn.q_proj" in module else kv_heads if ".self_attn.k_proj" in module else None
+        rows_heads = None if arch not in PERMUTED_QK else \
+            heads if ".self_attn.q_proj" in module else kv_heads if ".self_attn.k_proj" in module else None
         if keys is not None:
             args = QuantArgs.from_dict(modules[module]["weights"])
             packed = source.get(keys["weight_packed"])
