@@ -144,3 +144,20 @@ def test_streaming_reads_a_hub_model_through_the_client(hub, tiny_llm_dir, tmp_p
     for name in os.listdir(tmp_path / "local" / "model"):
         if name != "README.md":
             assert (tmp_path / "hub" / "model" / name).read_bytes() == (tmp_path / "local" / "model" / name).read_bytes(), name
+
+
+def test_a_gguf_repo_holds_the_file_and_the_card_and_loads_without_hfquant(hub, tiny_llm_dir, tmp_path):
+    url, state, env = hub
+    out = tmp_path / "out"
+    hfquant_cli(env, *tiny_overrides(tiny_llm_dir, out, "scheme=w4a16", "scheme.weights.group_size=32", "format=gguf"),
+                "hub.push=true", "hub.repo_id=org/tiny-gguf")
+    repo = state.repos["org/tiny-gguf"]
+    assert set(repo.files) == {"README.md", "model-Q4_0.gguf"}
+    meta = validate_metadata(repo.files["README.md"]["data"].decode())
+    assert meta["library_name"] == "gguf" and "gguf" in meta["tags"]
+    code = ("import sys, torch\nsys.modules['hfquant'] = None\nfrom transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained('org/tiny-gguf', gguf_file='model-Q4_0.gguf')\n"
+            "print(m(torch.arange(1, 30)[None]).logits.shape[-1])")
+    dl = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    vocab = json.loads(open(os.path.join(tiny_llm_dir, "config.json")).read())["vocab_size"]
+    assert dl.returncode == 0 and dl.stdout.split()[-1] == str(vocab), dl.stderr[-3000:]
