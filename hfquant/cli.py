@@ -45,8 +45,9 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
         raise PluginError(f"algorithm name {AUTO!r} is reserved (algorithm=auto picks a recipe); rename the plugin's "
                           f"algorithm registered by {regs.algorithms.entry(AUTO).plugin}")
     cs.store(group="algorithm", name=AUTO, node={AUTO: {}})  # the recipe chosen for the scheme (auto_algorithm.py)
-    for name in regs.formats.names() + ["auto"]:
-        cs.store(group="format", name=name, node={"name": name})
+    for name in regs.formats.names():
+        cs.store(group="format", name=name, node={"name": name, **constructor_defaults(regs.formats.get(name))})
+    cs.store(group="format", name="auto", node={"name": "auto"})
     for name in regs.backends.names() + ["auto"]:
         cs.store(group="backend", name=name, node={"name": name})
     get_plugin_manager().hook.register_configs(config_store=cs)

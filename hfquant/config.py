@@ -71,6 +71,7 @@ class RunSpec:
     max_shard_size: Any = "5GB"
     algorithms: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"rtn": {}})  # in order
     format: str = "auto"  # auto = the backend's format
+    format_options: dict = field(default_factory=dict)  # the format's constructor options (format.<option>=)
     propagate: str = "quantized"
     algorithm_reason: str = ""  # why, when algorithm=auto chose `algorithms` ("" when they were named)
 
@@ -292,7 +293,8 @@ def validate(cfg: DictConfig) -> RunSpec:
     _check_hub(hub, evaluation, bool(cfg.get("resume", False)), str(output_dir))
     return RunSpec(model, scheme, observer, options, backend, calibration, evaluation, str(output_dir),
                    bool(cfg.get("overwrite", False)), bool(cfg.get("resume", False)), device, hub, pipeline, max_shard_size,
-                   algorithms=algorithms, propagate=propagate, format=fmt, algorithm_reason=algorithm_reason)
+                   algorithms=algorithms, propagate=propagate, format=fmt, algorithm_reason=algorithm_reason,
+                   format_options=_format_options(cfg, fmt, scheme))
 
 
 def _format(cfg: DictConfig, scheme: QuantScheme, backend: str, device: str) -> str:
@@ -318,6 +320,18 @@ def _format(cfg: DictConfig, scheme: QuantScheme, backend: str, device: str) -> 
                                      for n, f in runs.items()):
         raise ConfigError(f"no backend runs format={fmt_runs} with scheme {scheme.name!r} on {device}")
     return fmt_runs
+
+
+def _format_options(cfg: DictConfig, fmt: str, scheme: QuantScheme) -> dict:
+    """`format.<option>=` values, checked by constructing the format (its constructor validates them)."""
+    raw = {k: v for k, v in ((_plain(cfg.get("format")) or {})).items() if k != "name"}
+    if fmt == "auto":
+        return {}
+    try:
+        registries().formats.get(fmt)(scheme, **raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"format.{fmt}: {exc}") from None
+    return raw
 
 
 def written_from(fmt: str) -> str:

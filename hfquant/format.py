@@ -42,16 +42,21 @@ class ExportFormat:
 
     source_format = "hfquant"
     exporter = None
+    #: the dtype the consumer computes in, for the reference forward it is compared with (None: the model's own)
+    reference_dtype = None
 
     def __init__(self, scheme) -> None:
         self.scheme = scheme
 
-    @classmethod
-    def export(cls, src: str, dst: str) -> dict:
+    def export(self, src: str, dst: str) -> dict:
         """Write `dst` from the hfquant folder `src` (the run's checked `model/`)."""
-        return cls.exporter.export_folder(src, dst)
+        return self.exporter.export_folder(src, dst)
 
-    @classmethod
-    def logits_elsewhere(cls, folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
+    def logits_elsewhere(self, folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
         """The folder's logits as its consumer computes them, in a process without hfquant."""
-        return cls.exporter.logits_without_hfquant(folder, input_ids, workdir)
+        return self.exporter.logits_without_hfquant(folder, input_ids, workdir)
+
+    def edit_reference(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the export changes beyond the run's codes, applied to the reference model it is compared with
+        (none by default)."""
+        return model

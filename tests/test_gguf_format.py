@@ -118,3 +118,25 @@ def test_qwen2_with_attention_biases_exports_and_loads(tiny_tokenizer, tmp_path)
                           "scheme.weights.group_size=32", "format=gguf", "calibration=none", "algorithm=rtn",
                           "evaluation.seq_len=64", "evaluation.max_windows=2", "++evaluation.out_of_domain=none"]))
     assert report["export"]["architecture"] == "qwen2" and report["export"]["check"]["max_abs_logit_difference"] <= 1e-4
+
+
+def test_embedding_as_q8_0_halves_the_embedding_and_is_checked(tiny_llm_dir, tmp_path):
+    common = ["scheme=w4a16", "scheme.weights.group_size=32", "format=gguf"]
+    plain = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "a", *common)))
+    small = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "b", *common, "format.embedding=q8_0")))
+    assert small["export"]["ggml_types"] == ["Q4_0", "Q8_0"] and small["export"]["embedding"] == "q8_0"
+    assert small["export"]["check"]["max_abs_logit_difference"] <= 1e-4
+    assert small["quantized"]["size"]["bytes_on_disk"] < plain["quantized"]["size"]["bytes_on_disk"]
+
+
+def test_format_options_are_checked_at_config_time():
+    from hfquant.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"embedding='q4'.*allowed: float, q8_0"):
+        validate(compose(["output_dir=/tmp/x", "format=gguf", "format.embedding=q4"]))
+
+
+def test_a_bf16_model_is_compared_in_float32_as_transformers_loads_gguf(tiny_llm_dir, tmp_path):
+    report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "scheme=w4a16", "scheme.weights.group_size=32",
+                                        "format=gguf", "model.dtype=bfloat16")))
+    assert report["export"]["check"]["max_abs_logit_difference"] <= 1e-4

@@ -34,6 +34,8 @@ LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
+EMBEDDING_TYPES = ("float", "q8_0")
+Q8_EMBEDDING = QuantArgs(num_bits=8, strategy="group", group_size=BLOCK)  # ggml Q8_0: absmax/127 per 32, fp16 d
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -87,6 +89,32 @@ def ggml_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     q = (centred + 8).to(torch.uint8).numpy().reshape(rows, -1, BLOCK)
     qs = q[..., :16] | (q[..., 16:] << 4)
     return np.concatenate([d, qs], axis=-1).reshape(rows, -1), "Q4_0"
+
+
+def q8_0_codes(weight: torch.Tensor):
+    """(codes, float16-exact scales, zero points) of a float matrix as ggml's Q8_0 holds it (absmax/127 per 32)."""
+    from ..quant import compute_qparams, min_max, quantize
+
+    w = weight.float()
+    scale, zero_point = compute_qparams(*min_max(w, Q8_EMBEDDING), Q8_EMBEDDING)
+    scale = round_scale(scale)
+    return quantize(w, scale, zero_point, Q8_EMBEDDING), scale, zero_point
+
+
+def quantize_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """The token embedding (and an untied float lm_head) replaced by their Q8_0 values: what `embedding=q8_0`
+    writes, for the reference forward the exported file is compared with."""
+    from ..quant import dequantize
+
+    layers = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not layers[0].weight and isinstance(output.weight, torch.nn.Parameter):
+        layers.append(output)
+    with torch.no_grad():
+        for layer in layers:
+            codes, scale, zero_point = q8_0_codes(layer.weight)
+            layer.weight.copy_(dequantize(codes, scale, zero_point, Q8_EMBEDDING).to(layer.weight.dtype))
+    return model
 
 
 def llama_rows(t, heads: int):
@@ -179,7 +207,7 @@ def _hyperparameters(writer, config: dict, arch: str) -> None:
 FLOAT_TYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
 
 
-def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
+def export_folder(src: str, dst: str, file_name: Optional[str] = None, embedding: str = "float") -> dict:
     """Write `dst/<name>.gguf` from the hfquant folder `src` (its codes, scales and float tensors, in order). A plain
     float checkpoint folder (no quantization_config) is written with float tensors only — what llama.cpp's own
     quantizer starts from (scripts/bench_formats.py)."""
@@ -230,18 +258,23 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None) -> dict:
         tensor = source.get(module)
         if rows_heads:
             tensor = llama_rows(tensor, rows_heads)
+        if embedding == "q8_0" and target in ("token_embd.weight", "output.weight") and tensor.dim() == 2:
+            data, kind = ggml_blocks(*q8_0_codes(tensor), Q8_EMBEDDING)
+            kinds.add(kind)
+            writer.add_tensor(target, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            continue
         if tensor.dtype == torch.bfloat16:
             raw = tensor.contiguous().view(torch.int16).numpy().view(np.uint8)
             writer.add_tensor(target, raw.reshape(*tensor.shape[:-1], -1), raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             writer.add_tensor(target, tensor.numpy() if tensor.dtype in (torch.float32, torch.float16) else tensor.float().numpy())
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if not kinds else gguf.LlamaFileType.MOSTLY_Q8_0
-                         if kinds == {"Q8_0"} else gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if not kinds else gguf.LlamaFileType.MOSTLY_Q4_0
+                         if "Q4_0" in kinds else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"format": FORMAT_NAME, "file": name, "ggml_types": sorted(kinds), "modules": len(modules),
+    return {"format": FORMAT_NAME, "file": name, "ggml_types": sorted(kinds), "modules": len(modules), "embedding": embedding,
             "architecture": arch, "bytes": os.path.getsize(os.path.join(dst, name)), "load": name}
 
 

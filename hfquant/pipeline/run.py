@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
+import json
 import logging
 import os
 import resource
@@ -465,7 +467,7 @@ def export_model(spec: RunSpec, reload_check: dict) -> dict:
     import shutil
     import tempfile
 
-    fmt = registries().formats.get(spec.format)
+    fmt = registries().formats.get(spec.format)(spec.scheme, **spec.format_options)
     out_model = model_dir(spec.output_dir)
     tmp = os.path.join(spec.output_dir, f".tmp-export-{os.getpid()}")
     old = os.path.join(spec.output_dir, f".tmp-hfquant-{os.getpid()}")
@@ -505,17 +507,17 @@ def _check_export(spec: RunSpec, fmt, hfquant_folder: str, exported: str, scratc
     """Logits of the exported folder (its consumer, no hfquant) against hfquant's reference forward of the same
     codes — when both models fit in memory next to each other; otherwise skipped, and the report says so."""
     from ..formats.kernels import to_reference
-    from .size import folder_bytes
 
-    weights = folder_bytes(hfquant_folder)
-    need = 10 * weights  # float32 weights ≈ 8× the 4-bit folder, in this process and in the child's
+    need = 2 * _float32_bytes(hfquant_folder)  # the reference here and the consumer's float model in the child
     available = _available_memory()
-    if available is not None and need > available:
-        return {"ok": None, "skipped": f"the float model would need ~{need / 2**30:.1f} GiB twice over, "
-                f"{available / 2**30:.1f} GiB are available; the layout is covered by the tests"}
+    if available is not None and need > available / 2:
+        return {"ok": None, "skipped": f"the two float32 models would need ~{need / 2**30:.1f} GiB, more than half of the "
+                f"{available / 2**30:.1f} GiB available; the layout is covered by the tests"}
     ids = torch.tensor([(reload_check.get("reference") or {}).get("input_ids") or list(range(1, 33))])
+    extra = {} if fmt.reference_dtype is None else {"dtype": fmt.reference_dtype}
     with torch.no_grad():
-        reference = to_reference(load_quantized(hfquant_folder, spec.model.get("task", "causal-lm")))(input_ids=ids).logits[0].float()
+        reference = to_reference(load_quantized(hfquant_folder, spec.model.get("task", "causal-lm"), **extra))
+        reference = fmt.edit_reference(reference)(input_ids=ids).logits[0].float()
     logits = fmt.logits_elsewhere(exported, ids, scratch)
     diff = float((logits - reference).abs().max())
     if not diff <= 1e-4:
@@ -525,6 +527,21 @@ def _check_export(spec: RunSpec, fmt, hfquant_folder: str, exported: str, scratc
     return {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": True,
             "loaded_by": "transformers in a process where `import hfquant` fails",
             "against": "hfquant's reference forward (float dequantization) of the same codes"}
+
+
+def _float32_bytes(folder: str) -> int:
+    """What the folder's model takes in float32 (packed codes counted by the weights they hold), from headers."""
+    from ..formats.safetensors_stream import read_header
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        modules = (json.load(f).get("quantization_config") or {}).get("modules") or {}
+    total = 0
+    for path in glob.glob(os.path.join(folder, "*.safetensors")):
+        for name, info in read_header(path)[0].items():
+            module, _, leaf = name.rpartition(".")
+            bits = ((modules.get(module) or {}).get("weights") or {}).get("num_bits")
+            total += 4 * (info.numel * 8 // bits if leaf == "weight_packed" and bits else info.numel)
+    return total
 
 
 def _available_memory():

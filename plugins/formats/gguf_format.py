@@ -15,8 +15,25 @@ from hfquant_builtins.formats.compressed_tensors_format import FormatShapeError,
 
 
 class GgufFormat(ExportFormat):
+    """Option `embedding`: `float` (the model's dtype, default) or `q8_0` — the token embedding (and an untied
+    lm_head) written as Q8_0 blocks, round-to-nearest per 32 values, so the file is about half the size; the
+    export check compares against the reference with the same Q8_0 embedding."""
+
     name = gg.FORMAT_NAME
     exporter = gg
+    reference_dtype = torch.float32  # transformers dequantizes GGUF to float32 (BF16 / F16 tensors upcast exactly)
+
+    def __init__(self, scheme, embedding: str = "float") -> None:
+        super().__init__(scheme)
+        if embedding not in gg.EMBEDDING_TYPES:
+            raise ValueError(f"embedding={embedding!r} is unknown; allowed: {', '.join(gg.EMBEDDING_TYPES)}")
+        self.embedding = embedding
+
+    def export(self, src: str, dst: str) -> dict:
+        return gg.export_folder(src, dst, embedding=self.embedding)
+
+    def edit_reference(self, model):
+        return gg.quantize_embeddings(model) if self.embedding == "q8_0" else model
 
     @staticmethod
     def round_scale_for(dtype):
