@@ -140,8 +140,12 @@ def gguf_name(hf_name: str) -> Optional[str]:
 def _tokenizer_metadata(writer, folder: str, config: dict) -> None:
     """A byte-level BPE `tokenizer.json` as GGUF's `gpt2` tokenizer model (tokens by id, merges, special ids)."""
     path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        return  # a model without a tokenizer: the file still loads (engines need one to generate text)
+    if not os.path.isfile(path):  # transformers loads such a file; llama.cpp refuses it (it needs a vocabulary)
+        import logging
+
+        logging.getLogger("hfquant").warning("GGUF export: %s has no tokenizer.json, so the file has no vocabulary — "
+                                             "transformers loads it, llama.cpp will refuse it", folder)
+        return
     with open(path, encoding="utf-8") as f:
         tok = json.load(f)
     model = tok.get("model", {})
