@@ -151,6 +151,9 @@ def main() -> None:
     files["hfquant Q4_0, AWQ + GPTQ codes (g32, the default recipe)"] = hfquant_gguf(
         os.path.join(w, "hf-awq-gptq"), "scheme.weights.group_size=32", "pipeline=in_memory",
         "evaluation.max_windows=1", "evaluation.out_of_domain=none", "evaluation.compare_rtn=false")
+    files["hfquant Q4_0, AWQ + GPTQ codes (g32), Q8_0 embedding"] = hfquant_gguf(
+        os.path.join(w, "hf-awq-gptq-q8emb"), "scheme.weights.group_size=32", "pipeline=in_memory", "format.embedding=q8_0",
+        "evaluation.max_windows=1", "evaluation.out_of_domain=none", "evaluation.compare_rtn=false")
     files["hfquant Q8_0, round-to-nearest (w8a16)"] = hfquant_gguf(
         os.path.join(w, "hf-q8"), "scheme=w8a16", "algorithm=rtn", "calibration=none", "evaluation=none")
     rows = []
