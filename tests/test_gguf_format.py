@@ -8,7 +8,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from hfquant.formats.gguf_export import ggml_blocks, gguf_name, llama_rows, round_scale
+from hfquant.formats.gguf_export import ggml_blocks, gguf_name, llama_rows, round_scale, round_scale_q4_1
 from hfquant.pipeline.run import run
 from hfquant.quant import QuantArgs, compute_qparams, dequantize, min_max, quantize
 from tests.conftest import compose, tiny_overrides
@@ -17,19 +17,27 @@ ARGS = [QuantArgs(num_bits=4, strategy="group", group_size=64, full_range=True),
         QuantArgs(num_bits=4, strategy="group", group_size=32),
         QuantArgs(num_bits=4, symmetric=True, signed=False, strategy="group", group_size=32),
         QuantArgs(num_bits=8, strategy="channel"),
-        QuantArgs(num_bits=8, strategy="group", group_size=64)]
+        QuantArgs(num_bits=8, strategy="group", group_size=64),
+        QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32),
+        QuantArgs(num_bits=4, symmetric=False, signed=False, strategy="group", group_size=64)]
 
 
 @pytest.mark.parametrize("args", ARGS, ids=lambda a: f"{a.num_bits}-{a.strategy}-{a.group_size}-{'s' if a.signed else 'u'}")
 def test_blocks_dequantize_to_hfquants_values_exactly(args):
     w = torch.randn(6, 96, generator=torch.Generator().manual_seed(0))  # 96 = one group of 64 + a ragged group of 32
     scale, zp = compute_qparams(*min_max(w, args), args)
-    scale = round_scale(scale)
+    scale = round_scale(scale) if args.symmetric else round_scale_q4_1(scale)
     codes = quantize(w, scale, zp, args)
     data, kind = ggml_blocks(codes, scale, zp, args)
-    assert kind == ("Q8_0" if args.num_bits == 8 else "Q4_0")
+    assert kind == ("Q8_0" if args.num_bits == 8 else "Q4_0" if args.symmetric else "Q4_1")
     ggml = quants.dequantize(data, getattr(GGMLQuantizationType, kind))
     assert np.array_equal(ggml, dequantize(codes, scale, zp, args).numpy())
+
+
+def test_q4_1_scales_make_every_offset_exact_in_float16():
+    s = round_scale_q4_1(torch.tensor([0.0123456, 3.3e-7, 1.7, 9999.0]))
+    for z in range(16):
+        assert torch.equal((s * z).half().float(), s * z) and torch.equal(s.half().float(), s)
 
 
 def test_round_scale_is_float16_with_its_sign_and_never_zero():
@@ -57,11 +65,11 @@ def test_tensor_names():
 
 
 @pytest.mark.parametrize("scheme, pipeline, shard", [("w4a16", "in_memory", "5GB"), ("w8a16", "in_memory", "20KB"),
-                                                    ("w4a16", "streaming", "20KB")])
+                                                    ("w4a16", "streaming", "20KB"), ("w4a16-asym", "in_memory", "5GB")])
 def test_gguf_run_writes_a_file_transformers_loads_without_hfquant(tiny_llm_dir, tmp_path, scheme, pipeline, shard):
     out = tmp_path / "run"
     common = [f"scheme={scheme}", "format=gguf", f"pipeline={pipeline}", f"max_shard_size={shard}",
-              *(["scheme.weights.group_size=32"] if scheme == "w4a16" else [])]
+              *(["scheme.weights.group_size=32"] if scheme.startswith("w4a16") else [])]
     if pipeline == "streaming":
         overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "calibration=none", "algorithm=rtn",
                      "evaluation=none", *common]
@@ -70,14 +78,15 @@ def test_gguf_run_writes_a_file_transformers_loads_without_hfquant(tiny_llm_dir,
     report = run(compose(overrides))
     export = report["export"]
     assert export["check"]["ok"] and export["check"]["max_abs_logit_difference"] <= 1e-4
-    assert export["ggml_types"] == (["Q8_0"] if scheme == "w8a16" else ["Q4_0"])
+    assert export["ggml_types"] == (["Q8_0"] if scheme == "w8a16" else ["Q4_1"] if scheme == "w4a16-asym" else ["Q4_0"])
     files = sorted(p.name for p in (out / "model").iterdir())
     assert files == ["README.md", export["file"]]
     assert "gguf" in (out / "model" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["scheme=w4a16-asym"], r"Q4_1"),
+    (["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], r"two roundings do not agree"),
+    (["scheme=w8a16", "scheme.weights.symmetric=false"], r"asymmetric codes are written as Q4_1"),
     (["scheme=w4a16", "scheme.weights.group_size=48"], r"multiple of ggml's 32-element blocks"),
     (["scheme=w8a8"], r"llama.cpp quantizes activations itself"),
 ])

@@ -46,9 +46,11 @@ def scheme_problem(scheme) -> Optional[str]:
         return "it stores integer weight codes (use scheme=w4a16 or w8a16)"
     if scheme.input_activations is not None:
         return "llama.cpp quantizes activations itself; use a weight-only scheme (w4a16, w8a16)"
-    if not w.symmetric:
-        return ("asymmetric codes would be Q4_1, whose offset is stored as float16 and would change hfquant's "
-                "numbers: not written yet; use scheme=w4a16 (Q4_0)")
+    if w.float_zero_point:
+        return ("float zero points are stored as float16 by hfquant, and Q4_1 stores the offset s·z as float16: the "
+                "two roundings do not agree; use integer zero points (scheme=w4a16-asym → Q4_1) or scheme=w4a16")
+    if not w.symmetric and w.num_bits != 4:
+        return "asymmetric codes are written as Q4_1 (4-bit); use a symmetric scheme for 8-bit (Q8_0)"
     if w.num_bits not in (4, 8):
         return f"{w.num_bits}-bit codes have no plain ggml block (Q4_0 holds 4-bit, Q8_0 8-bit)"
     if w.strategy == "group" and w.group_size % BLOCK:
@@ -69,6 +71,16 @@ def round_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.where(scale < 0, -tiny, tiny), s)
 
 
+def round_scale_q4_1(scale: torch.Tensor) -> torch.Tensor:
+    """Q4_1 stores d and the offset m = s·(qmin − z) as float16: with s rounded to 7 significant bits (and kept
+    within float16's exact range), s times any zero point 0..15 has at most 11 significant bits, so both are exact
+    and the file holds hfquant's numbers (relative scale rounding ≤ 2^-8, taken before the codes are chosen)."""
+    s = scale.to(torch.float32)
+    mantissa, exponent = torch.frexp(s.abs().clamp(min=2.0 ** -17, max=2048.0))  # s·15 stays below float16's max
+    rounded = torch.ldexp(torch.round(mantissa * 128) / 128, exponent)
+    return torch.where(s < 0, -rounded, rounded)
+
+
 def _block_scales(scale: torch.Tensor, args: QuantArgs, cols: int) -> torch.Tensor:
     """(out, cols/32): the scale of the group (or row) each 32-column block lies in."""
     rows = scale.shape[0]
@@ -79,9 +91,19 @@ def _block_scales(scale: torch.Tensor, args: QuantArgs, cols: int) -> torch.Tens
 
 
 def ggml_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs) -> Tuple[np.ndarray, str]:
-    """(uint8 array (out, blocks · block bytes), "Q4_0" | "Q8_0") for symmetric codes (out, in) and their scales."""
+    """(uint8 array (out, blocks · block bytes), "Q4_0" | "Q8_0" | "Q4_1") for codes (out, in) and their qparams."""
     rows, cols = codes.shape
-    d = _block_scales(scale, args, cols).to(torch.float16).numpy().view(np.uint8).reshape(rows, -1, 2)
+    block_scale = _block_scales(scale, args, cols)
+    d = block_scale.to(torch.float16).numpy().view(np.uint8).reshape(rows, -1, 2)
+    if not args.symmetric:  # Q4_1: w = d·q + m with q = code − qmin and m = s·(qmin − z)
+        offset = block_scale * (args.qmin - _block_scales(zero_point.to(torch.float32), args, cols))
+        m16 = offset.to(torch.float16)
+        if not torch.equal(m16.float(), offset):
+            raise ValueError("Q4_1 offset not exact in float16: scales must go through round_scale_q4_1 first")
+        q = (codes.to(torch.int16) - args.qmin).to(torch.uint8).numpy().reshape(rows, -1, BLOCK)
+        qs = q[..., :16] | (q[..., 16:] << 4)
+        m = m16.numpy().view(np.uint8).reshape(rows, -1, 2)
+        return np.concatenate([d, m, qs], axis=-1).reshape(rows, -1), "Q4_1"
     centred = codes.to(torch.int16) - zero_point.to(torch.int16).reshape(rows, -1)[:, :1]  # symmetric: one zero point
     if args.num_bits == 8:
         x = centred.to(torch.int8).numpy().view(np.uint8).reshape(rows, -1, BLOCK)
@@ -232,7 +254,8 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None, embedding
     kinds = set()
     os.makedirs(dst)
     bits = {entry["weights"]["num_bits"] for entry in modules.values()}
-    name = file_name or f"model-{'F32' if not bits else 'Q8_0' if bits == {8} else 'Q4_0'}.gguf"
+    asym = any(not entry["weights"].get("symmetric", True) for entry in modules.values())
+    name = file_name or f"model-{'F32' if not bits else 'Q8_0' if bits == {8} else 'Q4_1' if asym else 'Q4_0'}.gguf"
     writer = gguf.GGUFWriter(os.path.join(dst, name), arch, use_temp_file=True)
     writer.add_name(str(config.get("_name_or_path") or model_type))
     _hyperparameters(writer, config, arch)
@@ -273,7 +296,8 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None, embedding
         else:
             writer.add_tensor(target, tensor.numpy() if tensor.dtype in (torch.float32, torch.float16) else tensor.float().numpy())
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if not kinds else gguf.LlamaFileType.MOSTLY_Q4_0
-                         if "Q4_0" in kinds else gguf.LlamaFileType.MOSTLY_Q8_0)
+                         if "Q4_0" in kinds else gguf.LlamaFileType.MOSTLY_Q4_1 if "Q4_1" in kinds
+                         else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

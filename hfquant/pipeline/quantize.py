@@ -56,11 +56,12 @@ def check_model_fits(model, scheme, backend_name: str) -> None:
         check(model, scheme)
 
 
-def scale_rounding(backend_name: str, fmt: str, dtype: torch.dtype = torch.float32):
+def scale_rounding(backend_name: str, fmt: str, dtype: torch.dtype = torch.float32, scheme=None, options=None):
     """How scales are rounded before any code is computed: the backend's kernels' precision (`round_scale`), then
     the format's for a model of `dtype` (`round_scale_for(dtype)`: GGUF's float16 `d`, compressed-tensors' scales in
     the model's dtype); None when neither rounds."""
-    for_dtype = getattr(registries().formats.get(fmt), "round_scale_for", None) if fmt != "auto" else None
+    fmt_obj = None if fmt == "auto" else registries().formats.get(fmt)(scheme, **(options or {}))
+    for_dtype = getattr(fmt_obj, "round_scale_for", None)
     rounders = [getattr(registries().backends.get(backend_name), "round_scale", None),
                 for_dtype(dtype) if for_dtype is not None else None]
     rounders = [r for r in rounders if r is not None]

@@ -302,7 +302,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         with timer.stage("quantize"):
             report_quant = {"modules": len(plan.modules), "ignore": list(spec.scheme.ignore)}
             if own_format:
-                round_scale = scale_rounding(backend, spec.format, _float_dtype(model))
+                round_scale = scale_rounding(backend, spec.format, _float_dtype(model), spec.scheme, spec.format_options)
                 make_observer = lambda args: obs_cls(args, **spec.observer_options)  # noqa: E731
                 report_quant.update(quantize_in_memory(model, plan, chain, make_observer, round_scale, calib_windows),
                                     algorithms=chain.names, propagate=spec.propagate)

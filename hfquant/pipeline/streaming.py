@@ -403,7 +403,8 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     observer_cls = registries().observers.get(spec.observer)
     quantizer = ModuleQuantizer(make_chain(spec.algorithms, spec.propagate),
                                 lambda args: observer_cls(args, **spec.observer_options),
-                                scale_rounding(backend_name, spec.format, skeleton.dtype), skeleton.dtype, spec.scheme,
+                                scale_rounding(backend_name, spec.format, skeleton.dtype, spec.scheme, spec.format_options),
+                                skeleton.dtype, spec.scheme,
                                 registries().formats.get(getattr(backend, "format", "hfquant"))(spec.scheme))
     try:
         if quantizer.chain.requires_data:

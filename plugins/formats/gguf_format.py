@@ -35,10 +35,9 @@ class GgufFormat(ExportFormat):
     def edit_reference(self, model):
         return gg.quantize_embeddings(model) if self.embedding == "q8_0" else model
 
-    @staticmethod
-    def round_scale_for(dtype):
-        """ggml blocks hold float16 `d`, whatever the model's dtype."""
-        return gg.round_scale
+    def round_scale_for(self, dtype):
+        """ggml blocks hold float16 `d` (and Q4_1 a float16 offset), whatever the model's dtype."""
+        return gg.round_scale if self.scheme.weights.symmetric else gg.round_scale_q4_1
 
     @staticmethod
     def problem(scheme) -> Optional[str]:
