@@ -104,19 +104,6 @@ def test_ragged_groups_are_refused_right_after_loading(tiny_llm_dir, tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["scheme=w8a8"], r"format=compressed-tensors cannot store scheme 'w8a8'.*absmax/128"),
-    (["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], r"zero points are integers"),
-    (["scheme=w4a16", "resume=true"], r"resume=true reuses hfquant-format folders"),
-    (["scheme=nf4"], r"cannot store scheme 'nf4'"),
-])
-def test_what_it_cannot_store_is_a_config_error(extra, message):
-    from hfquant.config import ConfigError, validate
-
-    with pytest.raises(ConfigError, match=message):
-        validate(compose(["output_dir=/tmp/x", "format=compressed-tensors", *extra]))
-
-
 @pytest.mark.parametrize("extra", [["max_shard_size=20KB"], ["model.dtype=bfloat16"],
                                    ["scheme=w8a16", "scheme.weights.symmetric=false"]],
                          ids=["sharded", "bf16-scales-rounded-before-codes", "int8-asym-channel"])

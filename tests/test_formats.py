@@ -43,3 +43,21 @@ def test_newer_format_version_is_refused_with_advice():
         HfQuantConfig(format_version=99)
     cfg = HfQuantConfig(scheme="w8a16", modules={"a": {"weights": QuantArgs().to_dict()}})
     assert cfg.to_dict()["quant_method"] == "hfquant" and cfg.to_dict()["format_version"] == 2
+
+
+@pytest.mark.parametrize("fmt, extra, message", [
+    ("compressed-tensors", ["scheme=w8a8"], r"format=compressed-tensors cannot store scheme 'w8a8'.*absmax/128"),
+    ("compressed-tensors", ["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], r"zero points are integers"),
+    ("compressed-tensors", ["scheme=w4a16", "resume=true"], r"resume=true reuses hfquant-format folders"),
+    ("compressed-tensors", ["scheme=nf4"], r"cannot store scheme 'nf4'"),
+    ("gguf", ["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], r"two roundings do not agree"),
+    ("gguf", ["scheme=w8a16", "scheme.weights.symmetric=false"], r"asymmetric codes are written as Q4_1"),
+    ("gguf", ["scheme=w4a16", "scheme.weights.group_size=48"], r"multiple of ggml's 32-element blocks"),
+    ("gguf", ["scheme=w8a8"], r"llama.cpp quantizes activations itself"),
+])
+def test_what_an_export_format_cannot_store_is_a_config_error(fmt, extra, message):
+    from hfquant.config import ConfigError, validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(["output_dir=/tmp/x", f"format={fmt}", *extra]))

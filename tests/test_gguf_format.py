@@ -1,8 +1,6 @@
 """GGUF export: hfquant's codes as ggml blocks (checked against the gguf package's own dequantizer), llama.cpp's
 q/k row order (undone by transformers' loader), and whole runs whose file transformers loads without hfquant."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -82,19 +80,6 @@ def test_gguf_run_writes_a_file_transformers_loads_without_hfquant(tiny_llm_dir,
     files = sorted(p.name for p in (out / "model").iterdir())
     assert files == ["README.md", export["file"]]
     assert "gguf" in (out / "model" / "README.md").read_text()
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], r"two roundings do not agree"),
-    (["scheme=w8a16", "scheme.weights.symmetric=false"], r"asymmetric codes are written as Q4_1"),
-    (["scheme=w4a16", "scheme.weights.group_size=48"], r"multiple of ggml's 32-element blocks"),
-    (["scheme=w8a8"], r"llama.cpp quantizes activations itself"),
-])
-def test_what_gguf_cannot_store_is_a_config_error(extra, message):
-    from hfquant.config import ConfigError, validate
-
-    with pytest.raises(ConfigError, match=message):
-        validate(compose(["output_dir=/tmp/x", "format=gguf", *extra]))
 
 
 def test_a_float_checkpoint_exports_to_f32_gguf_with_the_same_logits(tiny_llm_dir, tmp_path):

@@ -1,5 +1,5 @@
 """compressed-tensors, the format transformers and vLLM read: hfquant's codes and scales laid out as its
-`pack-quantized` (weight-only int4 / int8) and `int-quantized` (w8a8, dynamic per-token activations) formats.
+`pack-quantized` format (weight-only int4 / int8).
 
 No second quantization: the bytes are hfquant's own. Codes are signed in [qmin, qmax]; compressed-tensors stores
 them offset into the unsigned range (+2^(b−1)) and packed little-endian into int32 (element k of a row at bits
@@ -17,16 +17,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from ..quant import QuantArgs
+from ..quant.qparams import scale_in_dtype
 
 FORMAT_NAME = "compressed-tensors"
-PACKED, INT = "pack-quantized", "int-quantized"
+PACKED = "pack-quantized"
 
 
 def scheme_problem(scheme) -> Optional[str]:
@@ -99,17 +99,15 @@ def module_tensors(weights: QuantArgs, inputs: Optional[QuantArgs], stored: Dict
     half = 2 ** (weights.num_bits - 1)
     out: Dict[str, torch.Tensor] = {}
     scale = scale.reshape(rows, -1) if scale.dim() else scale.reshape(1)
-    if inputs is not None:  # int-quantized: plain int8 codes
-        out["weight"] = (packed.to(torch.int16) - half).to(torch.int8)  # symmetric: code − zero point = u − 2^(b−1)
-        out["weight_scale"] = scale.to(scale_dtype)
-    else:
-        out["weight_packed"] = _as_int32_words(packed)
-        out["weight_scale"] = scale.to(scale_dtype)
-        out["weight_shape"] = torch.tensor([rows, in_features], dtype=torch.int64)
-        if not weights.symmetric:
-            zp = stored["weight_zero_point"].to(torch.int16).reshape(rows, -1)
-            signed_zp = zp if weights.signed else zp - half
-            out["weight_zero_point"] = _pack_rows(signed_zp, weights.num_bits)
+    if inputs is not None:  # refused by scheme_problem (activation rounding differs); never written
+        raise ValueError("compressed-tensors export writes weight-only schemes")
+    out["weight_packed"] = _as_int32_words(packed)
+    out["weight_scale"] = scale.to(scale_dtype)
+    out["weight_shape"] = torch.tensor([rows, in_features], dtype=torch.int64)
+    if not weights.symmetric:
+        zp = stored["weight_zero_point"].to(torch.int16).reshape(rows, -1)
+        signed_zp = zp if weights.signed else zp - half
+        out["weight_zero_point"] = _pack_rows(signed_zp, weights.num_bits)
     if "bias" in stored:
         out["bias"] = stored["bias"]
     return out
@@ -124,11 +122,11 @@ def _args_dict(args: QuantArgs) -> dict:
 
 def quantization_config(weights: QuantArgs, inputs: Optional[QuantArgs], ignore: List[str]) -> dict:
     """`quantization_config` for config.json: one group targeting every Linear except `ignore` (exact names)."""
-    fmt = INT if inputs is not None else PACKED
-    group = {"targets": ["Linear"], "weights": _args_dict(weights),
-             "input_activations": _args_dict(inputs) if inputs is not None else None,
-             "output_activations": None, "format": fmt}
-    return {"quant_method": FORMAT_NAME, "format": fmt, "quantization_status": "compressed",
+    if inputs is not None:
+        raise ValueError("compressed-tensors export writes weight-only schemes")
+    group = {"targets": ["Linear"], "weights": _args_dict(weights), "input_activations": None,
+             "output_activations": None, "format": PACKED}
+    return {"quant_method": FORMAT_NAME, "format": PACKED, "quantization_status": "compressed",
             "config_groups": {"group_0": group}, "ignore": sorted(ignore), "kv_cache_scheme": None,
             "global_compression_ratio": None}
 
@@ -214,27 +212,10 @@ def model_dtype(config: dict) -> torch.dtype:
 
 
 def round_scale_to(dtype: torch.dtype):
-    """Scales as a `dtype` tensor holds them (sign kept, never 0), for models whose scales are stored in bf16/fp16."""
+    """Scales as a `dtype` tensor holds them, for models whose scales are stored in bf16/fp16 (None for float32)."""
     if dtype == torch.float32 or not dtype.is_floating_point:
         return None
-
-    def rounded(scale: torch.Tensor) -> torch.Tensor:
-        s = scale.to(dtype).float()
-        tiny = torch.full_like(s, float(torch.finfo(dtype).tiny))
-        return torch.where(s == 0, torch.where(scale < 0, -tiny, tiny), s)
-    return rounded
-
-
-VERIFY = """
-import sys, torch
-sys.modules["hfquant"] = None  # this process must not be able to import hfquant: what a user without it runs
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if sys.argv[4] == "dequantize" else {}
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto", **extra).eval()
-ids = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(input_ids=ids).logits[0].float(), sys.argv[3])
-"""
+    return lambda scale: scale_in_dtype(scale, dtype)
 
 
 def load_instructions(config: dict) -> str:
@@ -245,15 +226,13 @@ def load_instructions(config: dict) -> str:
 
 
 def logits_without_hfquant(folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
-    """Logits of `folder` loaded by plain transformers (+ compressed-tensors) in a process where `import hfquant`
-    fails, loaded as `load_instructions` says; raises with the child's error output if it cannot load or run it."""
+    """Logits of `folder` loaded by plain transformers (+ compressed-tensors) without hfquant, as `load_instructions`
+    says (asymmetric folders with `CompressedTensorsConfig(dequantize=True)`)."""
+    from .consumer_check import logits_in_clean_process
+
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         how = load_instructions(json.load(f))
-    ids_path, out_path = os.path.join(workdir, "ids.pt"), os.path.join(workdir, "logits.pt")
-    torch.save(input_ids.cpu(), ids_path)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", VERIFY, folder, ids_path, out_path, how], env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"transformers could not load or run {folder} without hfquant:\n{done.stderr[-2000:]}")
-    return torch.load(out_path)
+    load = ("from transformers import CompressedTensorsConfig\n"
+            "kwargs = dict(dtype='auto', quantization_config=CompressedTensorsConfig(dequantize=True))"
+            if how == "dequantize" else "kwargs = dict(dtype='auto')")
+    return logits_in_clean_process(folder, input_ids, workdir, load)

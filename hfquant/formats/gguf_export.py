@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..quant import QuantArgs, unpack
+from ..quant.qparams import scale_in_dtype
 
 FORMAT_NAME = "gguf"
 BLOCK = 32
@@ -66,9 +67,7 @@ def shape_problems(shapes: Dict[str, Tuple[int, int]]) -> List[str]:
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
     """Scales as ggml's float16 `d` holds them (sign kept; never 0 or inf): applied before any code is computed."""
-    s = scale.to(torch.float32).clamp(-65504.0, 65504.0).half().float()
-    tiny = torch.full_like(s, 2.0 ** -24)
-    return torch.where(s == 0, torch.where(scale < 0, -tiny, tiny), s)
+    return scale_in_dtype(scale, torch.float16)
 
 
 def round_scale_q4_1(scale: torch.Tensor) -> torch.Tensor:
@@ -306,28 +305,9 @@ def export_folder(src: str, dst: str, file_name: Optional[str] = None, embedding
             "architecture": arch, "bytes": os.path.getsize(os.path.join(dst, name)), "load": name}
 
 
-VERIFY = """
-import sys, torch
-sys.modules["hfquant"] = None  # this process must not be able to import hfquant: what a user without it runs
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], gguf_file=sys.argv[4], dtype=torch.float32).eval()
-ids = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(input_ids=ids).logits[0].float(), sys.argv[3])
-"""
-
-
 def logits_without_hfquant(folder: str, input_ids: torch.Tensor, workdir: str) -> torch.Tensor:
-    """Logits of the folder's .gguf loaded by transformers (`gguf_file=`, dequantized to float32) in a process where
-    `import hfquant` fails."""
-    import subprocess
-    import sys
+    """Logits of the folder's .gguf loaded by transformers (`gguf_file=`, dequantized to float32) without hfquant."""
+    from .consumer_check import logits_in_clean_process
 
     name = next(n for n in sorted(os.listdir(folder)) if n.endswith(".gguf"))
-    ids_path, out_path = os.path.join(workdir, "ids.pt"), os.path.join(workdir, "logits.pt")
-    torch.save(input_ids.cpu(), ids_path)
-    done = subprocess.run([sys.executable, "-c", VERIFY, folder, ids_path, out_path, name],
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"transformers could not load or run {folder}/{name} without hfquant:\n{done.stderr[-2000:]}")
-    return torch.load(out_path)
+    return logits_in_clean_process(folder, input_ids, workdir, f"kwargs = dict(gguf_file={name!r}, dtype=torch.float32)")

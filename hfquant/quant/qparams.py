@@ -121,3 +121,12 @@ def _usable(scale: torch.Tensor) -> torch.Tensor:
 def dynamic_qparams(x: torch.Tensor, args: QuantArgs) -> Tuple[torch.Tensor, torch.Tensor]:
     """Min-max qparams of `x` itself, as used for dynamic (run-time) activation quantization."""
     return compute_qparams(*min_max(x, args), args)
+
+
+def scale_in_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales as a `dtype` tensor stores them, back in float32: sign kept, finite (clamped to the dtype's range) and
+    never 0 (the dtype's smallest normal) — what a format that stores bf16/fp16 scales applies before codes."""
+    info = torch.finfo(dtype)
+    s = scale.to(torch.float32).clamp(-info.max, info.max).to(dtype).float()
+    tiny = torch.full_like(s, float(info.tiny))
+    return torch.where(s == 0, torch.where(scale < 0, -tiny, tiny), s)
