@@ -107,14 +107,33 @@ def take_verbose_flag() -> None:
         os.environ["HFQUANT_VERBOSE"] = "1"
 
 
+def exit_now(code) -> "NoReturn":
+    """Exit before anything ran (help, a refused command line) without the interpreter's teardown of torch
+    (~0.6 s of a 2-core machine's 2 s): only the standard streams and logging have anything to flush."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code or 0)
+
+
 def hydra_main() -> None:
+    from .help import print_help, wants_help
     from .precheck import check_command_line
 
     take_verbose_flag()
-    with reported_errors():
-        register_config_nodes()
-        # every job composed and validated before the first runs; Hydra's own files go under output_dir
-        sys.argv.extend(check_command_line(sys.argv[1:]))
+    try:
+        with reported_errors():
+            register_config_nodes()
+            if wants_help(sys.argv[1:]):
+                print_help(sys.argv[1:])
+                sys.exit(0)
+            # every job composed and validated before the first runs; Hydra's own files go under output_dir
+            sys.argv.extend(check_command_line(sys.argv[1:]))
+    except SystemExit as exc:
+        exit_now(exc.code)
     _main()
     with reported_errors():
         from .sweep import raise_if_jobs_failed

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 
-from transformers import AutoConfig, PretrainedConfig
+# Only what configuration_auto itself imports: `import hfquant` registers this right after that module loads
+# (hfquant/after_import.py), possibly while the rest of transformers.models.auto is still importing.
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
 GUARD_MODEL_TYPE = "hfquant (this folder needs hfquant: pip install hfquant, then import hfquant before from_pretrained)"
 
@@ -35,7 +36,7 @@ def guard_config_json(folder: str, name: str = "config.json") -> None:
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-class HfquantGuardedConfig(PretrainedConfig):
+class HfquantGuardedConfig(PreTrainedConfig):
     """Never instantiated: `from_dict` hands an hfquant folder's config to its real model type's class."""
 
     model_type = GUARD_MODEL_TYPE
@@ -70,3 +71,6 @@ def register_guarded_config() -> None:
         AutoConfig.register(GUARD_MODEL_TYPE, HfquantGuardedConfig)
     if not getattr(PreTrainedConfig.to_json_file, "hfquant_guard", False):
         PreTrainedConfig.to_json_file = _guarded_to_json_file(PreTrainedConfig.to_json_file)
+
+
+register_guarded_config()  # importing this module is what registers it (hfquant/__init__.py)

@@ -138,3 +138,6 @@ def register_with_transformers() -> None:
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(HfQuantQuantizer)
     register_guarded_config()
+
+
+register_with_transformers()  # importing this module is what registers it (hfquant/__init__.py)

@@ -1,0 +1,63 @@
+"""`hfquant --help`: the config groups, their options and the composed config, in one composition.
+
+Hydra's own `--help` lists the same, but copies the whole config store once per group (~100 groups with
+Hydra's), which took 3.5 s on a 2-core machine; this reads the one repository directly.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from omegaconf import OmegaConf, open_dict
+
+HELP_FLAGS = ("--help", "-h")
+
+USAGE = """\
+hfquant — quantize a Hugging Face model, evaluate it against the original, save it (and push it)
+
+usage: hfquant [group=option ...] [key=value ...]        one run
+       hfquant -m group=a,b [key=x,y ...]                a sweep: one job per combination, one summary table
+       hfquant plugins [--json]                          every plugin, its version and what it registered
+       hfquant --hydra-help                              Hydra's own flags (--cfg job, --info, ...)
+       hfquant --verbose ...                             tracebacks instead of one-line errors
+
+Examples: hfquant scheme=w8a16 output_dir=out/w8
+          hfquant algorithm=gptq scheme.weights.group_size=64 format=gguf
+Docs: docs/usage.md (options), docs/formats.md (what each format is read by), docs/plugins.md (writing plugins)
+"""
+
+
+def wants_help(argv: List[str]) -> bool:
+    return any(arg in HELP_FLAGS for arg in argv)
+
+
+def help_text(overrides: List[str], config_name: str = "config") -> str:
+    """Usage, every config group with its options, and the config these overrides compose to."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+    from hydra.types import RunMode
+
+    from .precheck import _composition_errors
+
+    with initialize_config_module(config_module="hfquant.conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        repo = loader.repository
+        groups = sorted(g for g in repo.get_group_options("", ObjectType.GROUP) if g != "hydra")
+        lines = [f"{g}: {', '.join(sorted(repo.get_group_options(g, ObjectType.CONFIG)))}" for g in groups]
+        with _composition_errors(loader, config_name, [], None):
+            cfg = loader.load_configuration(config_name, overrides, RunMode.RUN, from_shell=True)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return "\n".join([
+        USAGE,
+        "== Config groups (group=option) ==",
+        *lines,
+        "",
+        "== Config (override anything: key=value) ==",
+        OmegaConf.to_yaml(cfg, resolve=False),
+    ])
+
+
+def print_help(argv: List[str]) -> None:
+    print(help_text([a for a in argv if a not in HELP_FLAGS and not a.startswith("-")]))

@@ -1,0 +1,75 @@
+"""`import hfquant` stays light (transformers loads only when used) yet still registers hfquant's format with
+transformers whenever transformers is imported, before or after hfquant; `hfquant --help` lists every group."""
+
+import subprocess
+import sys
+
+import pytest
+
+REGISTERED = """
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from hfquant.formats.config_guard import GUARD_MODEL_TYPE
+assert "hfquant" in AUTO_QUANTIZER_MAPPING and "hfquant" in AUTO_QUANTIZATION_CONFIG_MAPPING
+assert GUARD_MODEL_TYPE in CONFIG_MAPPING
+print("registered")
+"""
+
+
+def python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_import_hfquant_does_not_import_transformers():
+    out = python("import sys, hfquant\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("order", [
+    "import hfquant\nfrom transformers import AutoModelForCausalLM",
+    "import transformers\nimport hfquant\nfrom transformers import AutoModelForCausalLM",
+    "from transformers import AutoModelForCausalLM\nimport hfquant",
+    "import hfquant\nfrom transformers import AutoConfig",  # the config guard alone, quantizers not yet loaded
+    "import hfquant\nimport hfquant.pipeline.run",  # hfquant's own modules importing transformers mid-import
+])
+def test_format_is_registered_whatever_the_import_order(order):
+    assert python(order + "\n" + REGISTERED).strip().endswith("registered")
+
+
+def test_reload_after_plain_import_order(tiny_llm_dir, tmp_path):
+    """What users write: `import hfquant` first, `from_pretrained` of a saved folder later."""
+    code = f"""
+import hfquant, torch
+from hfquant.pipeline.run import run
+from tests.conftest import compose
+run(compose(["model=hub", "model.path={tiny_llm_dir}", "output_dir={tmp_path / 'run'}", "calibration=none",
+             "algorithm=rtn", "evaluation=none", "scheme=w8a16", "backend=fake"]))
+"""
+    python(code)
+    out = python(f"""
+import hfquant
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'run' / 'model')!r})
+print(type(model.model.layers[0].mlp.up_proj).__name__)
+""")
+    assert out.strip() == "QuantLinear"
+
+
+def test_help_lists_groups_and_the_composed_config():
+    done = subprocess.run([sys.executable, "-m", "hfquant", "--help", "scheme=w8a8"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage: hfquant" in done.stdout
+    assert "\nscheme: " in done.stdout and "w4a16-asym" in done.stdout  # a group and its options
+    assert "format: auto, bitsandbytes, compressed-tensors, gguf, hfquant" in done.stdout
+    config = done.stdout.split("== Config (override anything: key=value) ==", 1)[1]
+    assert "name: w8a8" in config and "\nhydra:" not in config  # Hydra's own settings: --hydra-help
+
+
+def test_help_with_a_bad_override_is_one_error_line():
+    done = subprocess.run([sys.executable, "-m", "hfquant", "--help", "scheme=nope"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.startswith("hfquant: error: scheme: unknown scheme 'nope'")
