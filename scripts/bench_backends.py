@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from hfquant.pipeline.calibrate import build_plan  # noqa: E402
 from hfquant.pipeline.data import evaluation_windows, token_stream  # noqa: E402
+from hfquant.pipeline.layerwise import make_chain, quantize_in_memory  # noqa: E402
 from hfquant.pipeline.load import load_model  # noqa: E402
 from hfquant.plugins import registries  # noqa: E402
 
@@ -77,9 +78,12 @@ def hfquant_variant(base, scheme_name, backend, observer="minmax"):
     scheme = registries().schemes.get(scheme_name).with_observer(observer)
     model = copy.deepcopy(base)
     t = time.perf_counter()
-    own = getattr(registries().backends.get(backend), "format", "hfquant") == "hfquant"
-    plan = build_plan(model, scheme, observer, registries().observers.get(observer), {}, observe=own)
-    model = registries().backends.get(backend)().convert(model, plan)
+    backend_cls, obs_cls = registries().backends.get(backend), registries().observers.get(observer)
+    own = getattr(backend_cls, "format", "hfquant") == "hfquant"
+    plan = build_plan(model, scheme, observer, obs_cls, {}, observe=own)
+    if own:  # round-to-nearest codes, scales as the backend computes with them (what a run with algorithm=rtn does)
+        quantize_in_memory(model, plan, make_chain({"rtn": {}}), obs_cls, getattr(backend_cls, "round_scale", None))
+    model = backend_cls().convert(model, plan)
     return model, time.perf_counter() - t
 
 

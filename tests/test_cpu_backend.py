@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from hfquant.config import ConfigError, validate
 from hfquant.formats import QuantLinear
+from hfquant.formats import kernels
 from hfquant.formats.kernels import Int4WeightLinear, Int8DynamicLinear, Int8WeightLinear, kernel_group_size, kernel_module_for
 from hfquant.pipeline.run import run
 from hfquant.quant import QuantArgs, compute_qparams, min_max
@@ -37,6 +38,27 @@ def test_kernels_match_the_reference_and_keep_the_format(w_args, a_args, cls, to
     assert float((k(x) - ref).norm() / ref.norm()) < tol
     sd_q, sd_k = q.state_dict(), k.state_dict()
     assert set(sd_q) == set(sd_k) and all(torch.equal(sd_q[n], sd_k[n]) for n in sd_q)
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32], ids=["bf16-dot-products", "no-bf16-hardware"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] is None], ids=["w8a16", "w4a16", "w4a16-asym", "w4-unsigned-g64", "w4-float-zero"])
+def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtype, monkeypatch):
+    """From DENSE_FROM_ROWS rows on, weight-only layers dequantize for one GEMM (torch's int-pack kernels are
+    tuned for decode): both paths agree with the reference as closely as bf16 activations allow, on machines
+    with and without bf16 dot products (the dense GEMM then runs in float32)."""
+    monkeypatch.setattr(kernels, "_BF16_FAST", dense_dtype == torch.bfloat16)
+    w_args, _, _, tol = case
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192)
+    s, z = compute_qparams(*min_max(lin.weight, w_args), w_args)
+    q = QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z)
+    k = kernel_module_for(q)
+    for rows in (1, kernels.DENSE_FROM_ROWS - 1, kernels.DENSE_FROM_ROWS, 300):
+        x = torch.randn(1, rows, 576)
+        ref, kernel, dense = q(x), k.kernel(x[0]) + lin.bias, k.dense(x[0]) + lin.bias
+        assert float((k(x) - ref).norm() / ref.norm()) < tol, rows
+        assert float((dense - kernel).norm() / ref.norm()) < tol, rows
+    assert torch.equal(k(x), (k.dense(x[0]) + lin.bias).to(x.dtype)[None])  # 300 rows: the dense path ran
 
 
 def test_resident_weight_bytes_drop():

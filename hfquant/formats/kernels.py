@@ -14,6 +14,28 @@ from ..quant import pack, unpack
 from .qlinear import QuantLinear
 
 KERNEL_GROUPS = (256, 128, 64, 32)
+# From this many rows (tokens) on, weight-only layers dequantize and run one dense GEMM: torch's int8pack /
+# int4pack kernels are tuned for decode and fall below fp32 from ~64 rows (measured: docs/benchmarks.md).
+DENSE_FROM_ROWS = 32
+
+
+def bf16_gemm_is_fast() -> bool:
+    """bf16 GEMM beats fp32 only with hardware bf16 dot products (AVX512-BF16 or AMX); elsewhere it is emulated."""
+    cpu = getattr(torch, "cpu", None)
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+_BF16_FAST = None
+
+
+def dense_dtype() -> torch.dtype:
+    """What a dense (prefill) GEMM computes in: bf16 — the kernels' own activation precision — where the CPU
+    has bf16 dot products, float32 elsewhere."""
+    global _BF16_FAST
+    if _BF16_FAST is None:
+        _BF16_FAST = bf16_gemm_is_fast()
+    return torch.bfloat16 if _BF16_FAST else torch.float32
 
 
 def kernel_group_size(group_size: int, in_features: int):
@@ -39,6 +61,21 @@ class _KernelLinear(torch.nn.Module):
     def codes(self) -> torch.Tensor:  # (out, in) integer codes
         raise NotImplementedError
 
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = self.dense(x2) if x2.shape[0] >= self.dense_from_rows else self.kernel(x2)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    dense_from_rows = DENSE_FROM_ROWS
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:  # (rows, in) → (rows, out) on the integer kernel
+        raise NotImplementedError
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:  # many rows: the weights dequantized for one GEMM
+        return self.kernel(x2)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight_packed"] = pack(self.codes(), self.weight_args)
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -58,11 +95,13 @@ class Int8WeightLinear(_KernelLinear):
     def codes(self):
         return self.weight_int8
 
-    def forward(self, x):
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self._scale_bf16)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+    def kernel(self, x2):
+        return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self._scale_bf16)
+
+    def dense(self, x2):
+        # int8 codes are exact in bf16, and the per-row scale factors out of the sum: (x · codes) · scale
+        dtype = dense_dtype()
+        return F.linear(x2.to(dtype), self.weight_int8.to(dtype)) * self._scale_bf16.to(dtype)
 
 
 class Int4WeightLinear(_KernelLinear):
@@ -94,12 +133,18 @@ class Int4WeightLinear(_KernelLinear):
         # weight_packed is a persistent buffer here already: the plain Module behaviour writes it.
         torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
 
-    def forward(self, x):
-        shape = x.shape
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self._packed_kernel,
-                                              self.kernel_group, self._scales_zeros)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+    def kernel(self, x2):
+        return torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed_kernel, self.kernel_group,
+                                                 self._scales_zeros)
+
+    def dense(self, x2):
+        # w = (q_u − 8)·scale + zero per kernel group, from the packed bytes (low nibble first), for one GEMM
+        packed = self.weight_packed
+        q_u = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, -1)[:, : self.in_features]
+        sz = self._scales_zeros.transpose(0, 1).float()  # (out, groups, 2)
+        w = (q_u.reshape(self.out_features, -1, self.kernel_group).float() - 8) * sz[..., :1] + sz[..., 1:]
+        dtype = dense_dtype()
+        return F.linear(x2.to(dtype), w.reshape(self.out_features, self.in_features).to(dtype))
 
 
 class Int8DynamicLinear(_KernelLinear):
@@ -113,15 +158,14 @@ class Int8DynamicLinear(_KernelLinear):
     def codes(self):
         return self.weight_int8_t.t()
 
-    def forward(self, x):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+    dense_from_rows = float("inf")  # torch._int_mm stays ahead of a float GEMM at every size measured
+
+    def kernel(self, x2):
+        x2 = x2.float()
         amax = x2.abs().amax(dim=-1, keepdim=True)
         s_x = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         xq = torch.round(x2 / s_x).clamp_(-127, 127).to(torch.int8)
-        y = torch._int_mm(xq, self.weight_int8_t).float() * s_x * self._scale_row
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        return torch._int_mm(xq, self.weight_int8_t).float() * s_x * self._scale_row
 
 
 KERNEL_CLASSES = (Int8WeightLinear, Int4WeightLinear, Int8DynamicLinear)
