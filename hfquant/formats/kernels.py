@@ -161,12 +161,16 @@ class Int8DynamicLinear(_KernelLinear):
     dense_from_rows = float("inf")  # torch._int_mm stays ahead of a float GEMM at every size measured
 
     def kernel(self, x2):
+        # The reference's per-token scale amax / 127 (raised to the smallest normal, like `_usable`) in as few
+        # ops as possible: at decode each costs ~1.5 µs against ~20 µs for the integer matmul itself. An
+        # all-zero token gets a tiny scale instead of 1; its codes and output are 0 either way.
         x2 = x2.float()
-        amax = x2.abs().amax(dim=-1, keepdim=True)
-        s_x = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        s_x = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(_SMALLEST_AMAX) / 127.0
         xq = torch.round(x2 / s_x).clamp_(-127, 127).to(torch.int8)
-        return torch._int_mm(xq, self.weight_int8_t).float() * s_x * self._scale_row
+        return torch._int_mm(xq, self.weight_int8_t) * (s_x * self._scale_row)
 
+
+_SMALLEST_AMAX = 127.0 * torch.finfo(torch.float32).tiny
 
 KERNEL_CLASSES = (Int8WeightLinear, Int4WeightLinear, Int8DynamicLinear)
 
