@@ -51,6 +51,7 @@ class DataSpec:
     generated: int = 0  # calibration: extra windows sampled from the model itself (pipeline/generated.py)
     out_of_domain: Optional[str] = None  # evaluation: a second dataset outside the calibration domain (compare.py)
     compare_rtn: bool = False  # evaluation: also score round-to-nearest with the same scheme
+    batch_size: Any = None  # evaluation: windows per forward (None: the evaluator's default, "auto")
 
 
 @dataclass
@@ -145,6 +146,12 @@ def _data(node, key: str, need_samples: bool) -> Optional[DataSpec]:
         spec.max_windows = _positive_int(raw.get("max_windows"), f"{key}.max_windows", allow_none=True)
         spec.evaluators = list(raw.get("evaluators") or [])
         spec.compare_rtn = bool(raw.get("compare_rtn", False))
+        batch = raw.get("batch_size")
+        if batch not in (None, "auto"):
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+                raise ConfigError(f"{key}.batch_size must be a positive integer or auto (one window per forward on "
+                                  f"CPU, 8 on accelerators), got {batch!r}")
+            spec.batch_size = batch
         ood = raw.get("out_of_domain")
         if ood not in (None, "", "none"):
             _known("datasets", str(ood), f"{key}.out_of_domain")

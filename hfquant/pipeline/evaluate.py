@@ -30,9 +30,17 @@ def public(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("_")}
 
 
-def make_evaluators(names: List[str], options: Optional[Dict[str, dict]] = None) -> dict:
+def make_evaluators(names: List[str], options: Optional[Dict[str, dict]] = None, batch_size=None) -> dict:
+    """The evaluators by name; `batch_size` (evaluation.batch_size) goes to those that declare the option."""
     options = options or {}
-    return {n: registries().evaluators.get(n)(**options.get(n, {})) for n in names}
+    made = {}
+    for n in names:
+        cls = registries().evaluators.get(n)
+        kwargs = dict(options.get(n, {}))
+        if batch_size is not None and "batch_size" in getattr(cls, "options", ()):
+            kwargs.setdefault("batch_size", batch_size)
+        made[n] = cls(**kwargs)
+    return made
 
 
 def _key(fingerprint: str, windows, name: str, evaluator) -> str:

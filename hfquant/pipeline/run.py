@@ -267,7 +267,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         if calibrate:
             calib_windows = data_mod.windows(loaded.tokenizer, spec, "calibration")
 
-    evaluators = make_evaluators(spec.evaluation.evaluators) if spec.evaluation else {}
+    evaluators = make_evaluators(spec.evaluation.evaluators, batch_size=spec.evaluation.batch_size) if spec.evaluation else {}
     baseline, comparison = {}, {}
     if spec.evaluation:
         with timer.stage("evaluate baseline"):
