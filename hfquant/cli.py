@@ -36,6 +36,7 @@ def register_config_nodes(cs: ConfigStore | None = None) -> None:
     regs = registries()
     for name in regs.schemes.names():
         d = regs.schemes.get(name).to_dict()
+        d.setdefault("embedding", None)  # settable on the command line: scheme.embedding=int8
         cs.store(group="scheme", name=name, node=d)
     for name in regs.observers.names():
         cs.store(group="observer", name=name, node={"name": name, "options": constructor_defaults(regs.observers.get(name))})

@@ -24,11 +24,13 @@ class ModulePlan:
     # Integer codes (out, in), unpacked, in the codes' one-byte dtype: set by the algorithm that chose them, so
     # the format stores exactly these (computed once; the reported weight error is theirs).
     weight_codes: Optional[torch.Tensor] = None
+    tied_to: Optional[str] = None  # an lm_head sharing the codes of this input embedding (scheme.embedding)
 
     def to_config(self) -> dict:
         return {
             "weights": self.weight_args.to_dict() if self.weight_args else None,
             "input_activations": self.input_args.to_dict() if self.input_args else None,
+            **({"tied_to": self.tied_to} if self.tied_to else {}),
         }
 
 
@@ -38,6 +40,7 @@ class QuantPlan:
     observer: str
     observer_options: dict = field(default_factory=dict)
     modules: Dict[str, ModulePlan] = field(default_factory=dict)
+    embeddings: Dict[str, dict] = field(default_factory=dict)  # config entries of quantized embeddings (kind: embedding)
 
 
 class PlanError(HfquantError, ValueError):

@@ -10,6 +10,9 @@ from .quant.args import QuantArgs
 from .errors import HfquantError
 
 
+EMBEDDING_OPTIONS = (None, "int8")
+
+
 class SchemeError(HfquantError, ValueError):
     """An inconsistent scheme; the message names the field."""
 
@@ -31,12 +34,18 @@ class QuantScheme:
     description: str = ""
     format: str = field(default="int")  # "int" = hfquant's integer-code format; backends may define others
     options: dict = field(default_factory=dict, hash=False)  # backend-specific settings (e.g. bitsandbytes)
+    # The input embedding (and a tied lm_head): None keeps it in floating point; "int8": int8 codes, one scale per row.
+    embedding: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.weights is None and self.input_activations is None:
             raise SchemeError(f"scheme {self.name!r} quantizes nothing: set weights and/or input_activations")
         if self.weights is not None and self.weights.dynamic:
             raise SchemeError(f"scheme {self.name!r}: weights cannot be dynamic (they are known ahead of time)")
+        if self.embedding not in EMBEDDING_OPTIONS:
+            named = ", ".join(o for o in EMBEDDING_OPTIONS if o)
+            raise SchemeError(f"scheme {self.name!r}: embedding must be {named} (int8 codes, one scale per row) or "
+                              f"null (floating point), got {self.embedding!r}")
         for pattern in self.targets + self.ignore:
             if pattern.startswith("re:"):
                 try:
@@ -79,6 +88,8 @@ class QuantScheme:
         d = asdict(self)
         d["targets"] = list(self.targets)
         d["ignore"] = list(self.ignore)
+        if self.embedding is None:
+            del d["embedding"]  # written only when set: earlier runs' records and cache keys stay as they were
         return d
 
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from hfquant.pipeline import embedding as embedding_step  # noqa: E402
 from hfquant.pipeline.calibrate import build_plan  # noqa: E402
 from hfquant.pipeline.data import evaluation_windows, token_stream  # noqa: E402
 from hfquant.pipeline.layerwise import make_chain, quantize_in_memory  # noqa: E402
@@ -74,8 +76,8 @@ def speed(model, stream, new_tokens):
     return {"decode_tok_s": decode, "prefill_tok_s": prefill}
 
 
-def hfquant_variant(base, scheme_name, backend, observer="minmax"):
-    scheme = registries().schemes.get(scheme_name).with_observer(observer)
+def hfquant_variant(base, scheme_name, backend, observer="minmax", embedding=None):
+    scheme = dataclasses.replace(registries().schemes.get(scheme_name).with_observer(observer), embedding=embedding)
     model = copy.deepcopy(base)
     t = time.perf_counter()
     backend_cls, obs_cls = registries().backends.get(backend), registries().observers.get(observer)
@@ -83,7 +85,9 @@ def hfquant_variant(base, scheme_name, backend, observer="minmax"):
     plan = build_plan(model, scheme, observer, obs_cls, {}, observe=own)
     if own:  # round-to-nearest codes, scales as the backend computes with them (what a run with algorithm=rtn does)
         quantize_in_memory(model, plan, make_chain({"rtn": {}}), obs_cls, getattr(backend_cls, "round_scale", None))
+    prepared = embedding_step.prepare(model, scheme, plan, getattr(backend_cls, "round_scale", None)) if own else None
     model = backend_cls().convert(model, plan)
+    embedding_step.install(model, prepared, backend)
     return model, time.perf_counter() - t
 
 
@@ -114,6 +118,8 @@ def main() -> None:
         "hfquant cpu w8a16": lambda: hfquant_variant(base, "w8a16", "cpu"),
         "hfquant fake w4a16": lambda: hfquant_variant(base, "w4a16", "fake"),
         "hfquant cpu w4a16": lambda: hfquant_variant(base, "w4a16", "cpu"),
+        "hfquant cpu w4a16 + int8 embedding": lambda: hfquant_variant(base, "w4a16", "cpu", embedding="int8"),
+        "hfquant cpu w8a16 + int8 embedding": lambda: hfquant_variant(base, "w8a16", "cpu", embedding="int8"),
         "hfquant fake w8a8": lambda: hfquant_variant(base, "w8a8", "fake"),
         "hfquant cpu w8a8": lambda: hfquant_variant(base, "w8a8", "cpu"),
         "torch.ao quantize_dynamic (per-channel, all Linear)": lambda: ao_dynamic(base),

@@ -34,6 +34,8 @@ def scheme_problem(scheme) -> Optional[str]:
     w, a = scheme.weights, scheme.input_activations
     if scheme.format != "int" or w is None:
         return "it stores integer weight codes (use an int scheme such as w4a16, w4a16-asym, w8a16 or w8a8)"
+    if scheme.embedding is not None:
+        return "its engines read quantized Linears only; set scheme.embedding=null"
     if w.num_bits not in (4, 8):
         return f"{w.num_bits}-bit weights: its engines read 4- and 8-bit codes"
     if w.float_zero_point:

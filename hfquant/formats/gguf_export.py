@@ -45,6 +45,9 @@ def scheme_problem(scheme) -> Optional[str]:
     w = scheme.weights
     if scheme.format != "int" or w is None:
         return "it stores integer weight codes (use scheme=w4a16 or w8a16)"
+    if scheme.embedding is not None:
+        return ("GGUF stores a quantized embedding in its own blocks of 32: use format.embedding=q8_0 instead of "
+                "scheme.embedding")
     if scheme.input_activations is not None:
         return "llama.cpp quantizes activations itself; use a weight-only scheme (w4a16, w8a16)"
     if w.float_zero_point:

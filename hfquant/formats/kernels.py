@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import pack, unpack
+from .qembedding import QuantEmbedding
 from .qlinear import QuantLinear
 
 KERNEL_GROUPS = (256, 128, 64, 32)
@@ -187,11 +188,58 @@ def kernel_module_for(q: QuantLinear) -> torch.nn.Module:
     raise ValueError(f"no CPU kernel for {w.num_bits}-bit weights")
 
 
-def to_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every `QuantLinear` for its CPU kernel module (after a folder saved by the `cpu` backend loads)."""
+class Int8Embedding(torch.nn.Module):
+    """`scheme.embedding=int8` on the cpu backend: int8 codes resident (shared with a tied lm_head's kernel),
+    per-row scales; saves hfquant's `QuantEmbedding` keys."""
+
+    def __init__(self, q: QuantEmbedding) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = q.num_embeddings, q.embedding_dim, q.padding_idx
+        self.weight_args, self.dtype = q.weight_args, q.dtype
+        self.register_buffer("weight_int8", q.codes().contiguous(), persistent=False)
+        self.register_buffer("weight_scale", q.weight_scale.clone())
+        self.register_buffer("weight_zero_point", q.weight_zero_point.clone())
+
+    def codes(self) -> torch.Tensor:
+        return self.weight_int8
+
+    def forward(self, input_ids):
+        rows = self.weight_int8[input_ids].to(torch.float32) - self.weight_zero_point[input_ids].to(torch.float32)
+        return (rows * self.weight_scale[input_ids]).to(self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight_packed"] = pack(self.weight_int8, self.weight_args)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, per-row scales, kernel=Int8Embedding"
+
+
+def embedding_kernel_for(q: QuantEmbedding) -> Int8Embedding:
+    return Int8Embedding(q)
+
+
+def share_tied_codes(model: torch.nn.Module, ties: dict) -> None:
+    """{lm_head name: embedding name}: a tied lm_head's int8 kernel reads the embedding's codes (one tensor in
+    memory), when both hold the same codes and scales — which a folder written with `tied_to` does."""
+    for head_name, embedding_name in ties.items():
+        head, embedding = model.get_submodule(head_name), model.get_submodule(embedding_name)
+        if not (isinstance(head, Int8WeightLinear) and isinstance(embedding, Int8Embedding)):
+            continue
+        if torch.equal(head.weight_int8, embedding.weight_int8) and torch.equal(head.weight_scale.reshape(-1),
+                                                                                embedding.weight_scale.reshape(-1)):
+            head.weight_int8 = embedding.weight_int8
+
+
+def to_cpu_kernels(model: torch.nn.Module, ties: dict = None) -> torch.nn.Module:
+    """Swap every `QuantLinear` / `QuantEmbedding` for its CPU kernel module (after a folder saved by the `cpu`
+    backend loads); `ties` ({lm_head: embedding}) share one int8 tensor."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             model.set_submodule(name, kernel_module_for(module))
+        elif isinstance(module, QuantEmbedding):
+            model.set_submodule(name, embedding_kernel_for(module))
+    share_tied_codes(model, ties or {})
     return model
 
 
@@ -207,5 +255,12 @@ def to_reference(model: torch.nn.Module) -> torch.nn.Module:
             q.weight_zero_point.copy_(module.weight_zero_point)
             if module.bias is not None:
                 q.bias.data.copy_(module.bias.detach())
+            model.set_submodule(name, q)
+        elif isinstance(module, Int8Embedding):
+            q = QuantEmbedding(module.num_embeddings, module.embedding_dim, module.weight_args, module.padding_idx,
+                               dtype=module.dtype)
+            q.weight_packed.copy_(pack(module.weight_int8, module.weight_args))
+            q.weight_scale.copy_(module.weight_scale)
+            q.weight_zero_point.copy_(module.weight_zero_point)
             model.set_submodule(name, q)
     return model

@@ -22,6 +22,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..quant import QuantArgs
 from .config_guard import register_guarded_config
+from .qembedding import KIND as EMBEDDING_KIND
+from .qembedding import QuantEmbedding
 from .qlinear import QuantLinear
 from .stored_check import StoredTensorMismatchError, check_stored_tensors, checked_modules, refuse_edited, with_digests
 
@@ -92,7 +94,8 @@ class HfQuantQuantizer(HfQuantizer):
         if self.quantization_config.backend == "cpu":
             from .kernels import to_cpu_kernels
 
-            to_cpu_kernels(model)
+            to_cpu_kernels(model, {name: spec["tied_to"] for name, spec in self.quantization_config.modules.items()
+                                   if spec.get("tied_to")})
         return model
 
     def update_dtype(self, dtype):
@@ -114,7 +117,10 @@ def replace_linears(model: torch.nn.Module, modules: Dict[str, Dict[str, Any]], 
         except AttributeError:
             raise StoredTensorMismatchError(f"quantization_config lists module {name!r}, which this model does not "
                                             "have; config.json was edited or belongs to another model") from None
-        if isinstance(linear, QuantLinear):
+        if isinstance(linear, (QuantLinear, QuantEmbedding)):
+            continue
+        if spec.get("kind") == EMBEDDING_KIND:
+            model.set_submodule(name, _empty_embedding(name, linear, spec, device))
             continue
         if not isinstance(linear, torch.nn.Linear):
             raise StoredTensorMismatchError(f"quantization_config lists {name!r}, but the model has a "
@@ -129,6 +135,19 @@ def replace_linears(model: torch.nn.Module, modules: Dict[str, Dict[str, Any]], 
         q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, w_args, a_args,
                         dtype=dtype, device=device if device is not None else linear.weight.device)
         model.set_submodule(name, q)
+
+
+def _empty_embedding(name: str, embedding, spec: Dict[str, Any], device) -> QuantEmbedding:
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise StoredTensorMismatchError(f"quantization_config lists {name!r} as an embedding, but the model has a "
+                                        f"{type(embedding).__name__} there")
+    try:
+        args = QuantArgs.from_dict(spec["weights"])
+        return QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, args, embedding.padding_idx,
+                              dtype=embedding.weight.dtype, device=device if device is not None else embedding.weight.device)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoredTensorMismatchError(f"quantization_config entry for {name!r} is malformed ({exc}); restore "
+                                        "config.json from the run that wrote the folder") from None
 
 
 def register_with_transformers() -> None:

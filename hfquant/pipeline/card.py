@@ -12,7 +12,7 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .report import summary_rows, table
+from .report import embedding_line, reported_apart, summary_rows, table
 
 PIPELINE_TAGS = {"causal-lm": "text-generation", "embedding": "feature-extraction"}
 
@@ -166,8 +166,8 @@ against the unquantized model on the same text.
 - activations: `{scheme.get('input_activations')}`
 - algorithms: {', '.join(f'`{a}`' for a in (report.get('quantization', {}).get('algorithms') or ['rtn']))} (in order; the last chose the integer codes), layer inputs propagated {report.get('quantization', {}).get('propagate', 'quantized')}{'; chosen by algorithm=' + run['algorithm_reason'] if run.get('algorithm_reason') else ''}
 - observer: `{run['observer']}` {run.get('observer_options') or ''}; backend: `{run['backend']}` ({run['backend_reason']})
-- modules quantized: {q.get('modules')}; left unquantized: {', '.join((scheme.get('ignore') or []) + list(q.get('left_unquantized') or {})) or 'none'}
-- bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}
+- modules quantized: {q.get('modules')}; left unquantized: {', '.join([n for n in scheme.get('ignore') or [] if n not in reported_apart(q)] + list(q.get('left_unquantized') or {})) or 'none'}
+{embedding_line(q)}- bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}
 
 ## Calibration data
 

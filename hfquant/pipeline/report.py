@@ -84,8 +84,10 @@ def markdown(report: dict) -> str:
         lines.append(f"- **{key}**: {value}")
     q = report.get("quantization", {})
     lines += ["", "## Quantization", "",
-              f"- modules quantized: {q.get('modules')}; ignored: {', '.join(q.get('ignore', [])) or 'none'}",
+              f"- modules quantized: {q.get('modules')}; ignored: "
+              f"{', '.join(n for n in q.get('ignore', []) if n not in reported_apart(q)) or 'none'}",
               *[f"- left unquantized: `{name}` — {why}" for name, why in q.get("left_unquantized", {}).items()],
+              *([embedding_line(q).rstrip()] if q.get("embedding") else []),
               (f"- weight SQNR: {q['weight_sqnr_db']:.2f} dB (relative weight MSE {q['weight_relative_mse']:.3e})"
                if "weight_sqnr_db" in q else "- weight SQNR: not measured (the backend quantizes with its own statistics)"),
               f"- calibration: {report.get('calibration', {}).get('status')}",
@@ -96,3 +98,18 @@ def markdown(report: dict) -> str:
     lines.append(f"- peak RSS: {_fmt_bytes(report.get('peak_memory', {}).get('rss_bytes'))}")
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()), ""]
     return "\n".join(lines)
+
+
+def reported_apart(report_quant: dict) -> set:
+    """Modules the embedding entry of the report describes (kept out of the Linears' bits per weight)."""
+    entry = report_quant.get("embedding") or {}
+    return {entry["module"], *([entry["head"]] if entry.get("head") else [])} if entry else set()
+
+
+def embedding_line(report_quant: dict) -> str:
+    """The card's / report's line on the embedding (empty when it stayed in floating point), ending in a newline."""
+    entry = report_quant.get("embedding")
+    if not entry:
+        return ""
+    return (f"- embedding `{entry['module']}`: {entry['codes']}, {entry['bytes'] / 1e6:.1f} MB instead of "
+            f"{entry['float_bytes'] / 1e6:.1f} MB (scheme.embedding); `{entry.get('head') or 'lm_head'}`: {entry['lm_head']}\n")

@@ -34,11 +34,12 @@ from .output import (RESUME_RECORD, OutputFolderError, discard_model, model_dir,
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
+from . import embedding as embedding_mod
 from .quantize import check_format_fits, check_model_fits, convert, resolve_backend, scale_rounding
 from .layerwise import check_layers, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
-from .report import markdown, summary_rows, table, versions
+from .report import markdown, reported_apart, summary_rows, table, versions
 from .save import compare_with_reference, load_quantized, reload_check as check_reload, save_quantized
 from .streaming import StreamingError, stream_quantize, streaming_problem
 from .size import folder_bytes, quantized_weight_stats, state_bytes, unique_parameter_count
@@ -253,6 +254,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
     chain = make_chain(spec.algorithms, spec.propagate)
     if not spec.resume:
         check_model_fits(model, spec.scheme, backend)  # before any data is read or evaluated
+        embedding_mod.check_embedding(model, spec.scheme)
         check_format_fits(model, spec.scheme, spec.format)
         # e.g. awq on a layout it cannot fold into: refused now, not after the baselines (dropped under algorithm=auto)
         dropped = check_layers(chain, model, spec.algorithm_auto)
@@ -301,18 +303,22 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         calibration_status = _calibration_status(spec, backend, own_format, calib_windows)
         with timer.stage("quantize"):
             report_quant = {"modules": len(plan.modules), "ignore": list(spec.scheme.ignore)}
+            embedding = None
             if own_format:
                 round_scale = scale_rounding(backend, spec.format, _float_dtype(model), spec.scheme, spec.format_options)
                 make_observer = lambda args: obs_cls(args, **spec.observer_options)  # noqa: E731
                 report_quant.update(quantize_in_memory(model, plan, chain, make_observer, round_scale, calib_windows),
                                     algorithms=chain.names, propagate=spec.propagate)
+                embedding = embedding_mod.prepare(model, spec.scheme, plan, round_scale)
             qmodel = convert(model, plan, backend)
+            if embedding is not None:
+                report_quant["embedding"] = embedding_mod.install(qmodel, embedding, backend)
             left = getattr(qmodel, "hfquant_left_unquantized", {})  # a backend's kernels could not run these
             if left:
                 report_quant.update(modules=len(plan.modules) - len(left), left_unquantized=left)
         check_ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])] if eval_windows is not None else None
         reload_check = _save_and_check(spec, backend, timer, ranks, qmodel, loaded.tokenizer, plan, own_format, check_ids)
-    report_quant.update(quantized_weight_stats(qmodel))
+    report_quant.update(quantized_weight_stats(qmodel, exclude=reported_apart(report_quant)))
 
     quantized = {}
     if spec.evaluation:

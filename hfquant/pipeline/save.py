@@ -16,7 +16,7 @@ from .output import partial_dir, publish
 def quantization_config(plan, backend: str) -> HfQuantConfig:
     return HfQuantConfig(
         scheme=plan.scheme.name,
-        modules={name: mp.to_config() for name, mp in plan.modules.items()},
+        modules={**{name: mp.to_config() for name, mp in plan.modules.items()}, **plan.embeddings},
         ignore=list(plan.scheme.ignore),
         backend=backend,
         observer=plan.observer,

@@ -52,7 +52,7 @@ def stored_weight_bits(module: torch.nn.Module) -> int:
     return 8 * sum(saved[k].numel() * saved[k].element_size() for k in keys)
 
 
-def quantized_weight_stats(model: torch.nn.Module) -> dict:
+def quantized_weight_stats(model: torch.nn.Module, exclude=()) -> dict:
     """Bits per parameter of the quantized Linear weights alone, as saved, for every kind of quantized Linear
     the backends make: `fake` (`QuantLinear`) and `cpu` (kernel Linears) save the same tensors, so they report
     the same numbers; bitsandbytes' Linear4bit / Linear8bitLt count their own stored tensors."""
@@ -61,8 +61,8 @@ def quantized_weight_stats(model: torch.nn.Module) -> dict:
 
     kinds = (QuantLinear, _KernelLinear) + bitsandbytes_linears()
     bits, params = 0, 0
-    for m in model.modules():
-        if isinstance(m, kinds):
+    for name, m in model.named_modules():
+        if isinstance(m, kinds) and name not in exclude:
             params += m.in_features * m.out_features
             bits += stored_weight_bits(m)
     return {"quantized_weights": params, "bits_per_quantized_weight": bits / params if params else None}

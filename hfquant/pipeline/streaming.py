@@ -63,6 +63,8 @@ def streaming_problem(spec, backend_name: str) -> Optional[str]:
         return "evaluation needs the model in memory (set evaluation=none to quantize and save only)"
     if spec.model.get("device_map") is not None:
         return "model.device_map places a loaded model; streaming never loads one"
+    if spec.scheme.embedding is not None:
+        return f"scheme.embedding={spec.scheme.embedding} is quantized in memory (set it to null to stream)"
     if spec.algorithms_need_data and spec.scheme.needs_calibration_data:
         return (f"algorithm {', '.join(spec.algorithms)} with static activation scales (scheme {spec.scheme.name}) "
                 "needs two layer-by-layer passes; streaming runs one")

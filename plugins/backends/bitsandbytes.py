@@ -132,6 +132,8 @@ class BitsAndBytesBackend:
         if scheme.format != "bitsandbytes":
             return (f"scheme {scheme.name!r} is hfquant's integer format; bitsandbytes runs its own formats: "
                     "scheme=llm-int8, nf4 or fp4")
+        if scheme.embedding is not None:
+            return "it keeps embeddings in floating point (set scheme.embedding=null)"
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
