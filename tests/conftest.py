@@ -16,7 +16,20 @@ def pytest_configure(config):
     never read a user's cache and "computed once" is observable."""
     import tempfile
 
-    os.environ["HFQUANT_CACHE"] = tempfile.mkdtemp(prefix="hfquant-test-cache-")
+    global _TEST_CACHE
+    _TEST_CACHE = os.environ["HFQUANT_CACHE"] = tempfile.mkdtemp(prefix="hfquant-test-cache-")
+
+
+_TEST_CACHE = None
+
+
+def pytest_unconfigure(config):
+    """The session's cache (half a GB once the embedded model's GGUF is converted) goes with the session: 200
+    runs had left 100 GB in /tmp."""
+    import shutil
+
+    if _TEST_CACHE:
+        shutil.rmtree(_TEST_CACHE, ignore_errors=True)
 
 
 def _tokenizer(vocab_size: int = 400):

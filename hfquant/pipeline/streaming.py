@@ -372,6 +372,39 @@ class ReadAhead:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class WriteBehind:
+    """Each output tensor written on a thread while the next one is read and quantized (`pwrite` releases the
+    GIL); at most one write in flight, so memory grows by one tensor. `wait()` returns when it is on disk and
+    raises what the write raised."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfquant-write-behind")
+        self.pending = None
+
+    def write(self, writer, name: str, tensor: torch.Tensor) -> None:
+        self.wait()
+        self.pending = self.pool.submit(writer.write, name, tensor)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def drain(self) -> None:
+        """Wait for the write in flight, ignoring its error: called while another error is already on its way
+        out, which is the one to report (and the writer's file must not close under a running write)."""
+        try:
+            self.wait()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        self.drain()
+        self.pool.shutdown(wait=True)
+
+
 def read_order(plan: StreamPlan, shards: Dict[str, List[str]], source: TensorSource, quantizer: ModuleQuantizer) -> List[str]:
     """The source tensors `write_shards` will read, in its order (what the layer-by-layer pass already handled —
     compressed modules, edited tensors — is not read again)."""
@@ -394,7 +427,8 @@ def read_order(plan: StreamPlan, shards: Dict[str, List[str]], source: TensorSou
 
 def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer: ModuleQuantizer, max_shard_size) -> dict:
     """Write every output shard (and the index when there is more than one), one tensor at a time, timing the
-    reads (the part not hidden behind the read-ahead), the quantization and the writes for the report."""
+    reads and writes (the parts not hidden behind the read-ahead and write-behind threads) and the quantization
+    for the report."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
@@ -411,39 +445,55 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
 
     bar = tqdm(total=len(plan.entries), desc="stream quantize", unit="tensor", leave=False)
     reads = ReadAhead(source, read_order(plan, split.filename_to_tensors, source, quantizer))
+    writes = WriteBehind()
     try:
         for shard, names in split.filename_to_tensors.items():
             with StreamingSafetensorsWriter(os.path.join(folder, shard), {n: plan.entries[n] for n in names}, {"format": "pt"}) as writer:
-                for name in names:
-                    if name in plan.source:
-                        dtype = plan.entries[name][0]
-                        edited = quantizer.edited.pop(plan.source[name], None)
-                        tensor = edited if edited is not None else timed("read_s", reads.get, plan.source[name])
-                        tensor = tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
-                    else:
-                        module, sub = plan.owner[name]
-                        if module not in done and quantizer.has_ready(module):
-                            done[module] = quantizer.take_ready(module)
-                        if module not in done:
-                            bias_key = f"{module}.bias"
-                            weight = timed("read_s", reads.get, f"{module}.weight")
-                            bias = timed("read_s", reads.get, bias_key) if bias_key in source.files else None
-                            done[module] = timed("quantize_s", quantizer, plan.module_plans[module], weight, bias)
-                            del weight, bias
-                        tensor = done[module].pop(sub)
-                        if not done[module]:
-                            del done[module]
-                    timed("write_s", writer.write, name, tensor)
-                    del tensor
-                    bar.update()
+                try:
+                    for name in names:
+                        tensor = _output_tensor(name, plan, reads, source, quantizer, done, timed)
+                        timed("write_s", writes.write, writer, name, tensor)
+                        del tensor
+                        bar.update()
+                except BaseException:
+                    writes.drain()
+                    raise
+                timed("write_s", writes.wait)  # the shard's last tensor is on disk before the writer closes it
     finally:
-        reads.close()
+        try:
+            writes.close()
+        finally:
+            reads.close()
     bar.close()
     if split.is_sharded:
         index = {"metadata": {"total_parameters": plan.total_parameters, **split.metadata}, "weight_map": split.tensor_to_filename}
         with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"shards": len(split.filename_to_tensors), "bytes": split.metadata["total_size"], **seconds}
+
+
+def _output_tensor(name: str, plan: StreamPlan, reads: ReadAhead, source: TensorSource, quantizer: ModuleQuantizer,
+                   done: Dict[str, Dict[str, torch.Tensor]], timed) -> torch.Tensor:
+    """What is written under `name`: a checkpoint tensor passed through (or as a weight editor left it), or one of
+    its module's quantized tensors — the module is read and quantized when the first of them is needed."""
+    if name in plan.source:
+        dtype = plan.entries[name][0]
+        edited = quantizer.edited.pop(plan.source[name], None)
+        tensor = edited if edited is not None else timed("read_s", reads.get, plan.source[name])
+        return tensor.to(dtype) if tensor.dtype.is_floating_point else tensor
+    module, sub = plan.owner[name]
+    if module not in done and quantizer.has_ready(module):
+        done[module] = quantizer.take_ready(module)
+    if module not in done:
+        bias_key = f"{module}.bias"
+        weight = timed("read_s", reads.get, f"{module}.weight")
+        bias = timed("read_s", reads.get, bias_key) if bias_key in source.files else None
+        done[module] = timed("quantize_s", quantizer, plan.module_plans[module], weight, bias)
+        del weight, bias
+    tensor = done[module].pop(sub)
+    if not done[module]:
+        del done[module]
+    return tensor
 
 
 def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir: str, max_shard_size,

@@ -227,3 +227,28 @@ def test_read_ahead_raises_a_read_error_when_that_tensor_is_asked_for():
             reads.get("b")
     finally:
         reads.close()
+
+
+def test_write_behind_reports_a_failed_write_at_the_next_wait_and_drains_quietly():
+    class Writer:
+        def __init__(self):
+            self.written = []
+
+        def write(self, name, tensor):
+            if name == "bad":
+                raise OSError("no space left")
+            self.written.append(name)
+
+    writer, writes = Writer(), streaming.WriteBehind()
+    try:
+        writes.write(writer, "a", torch.zeros(1))
+        writes.write(writer, "bad", torch.zeros(1))
+        with pytest.raises(OSError, match="no space left"):
+            writes.write(writer, "c", torch.zeros(1))  # waits for "bad" first
+        writes.write(writer, "bad", torch.zeros(1))
+        writes.drain()  # another error is already being reported: this one is not raised over it
+        writes.write(writer, "d", torch.zeros(1))
+        writes.wait()
+    finally:
+        writes.close()
+    assert writer.written == ["a", "d"]
