@@ -52,20 +52,23 @@ def tiny_tokenizer():
     return _tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory, tiny_tokenizer):
-    """A 2-layer Llama (hidden 64, vocab 400) with random weights, saved with its tokenizer."""
+def save_tiny_llama(path, tokenizer, tie_word_embeddings: bool = True, seed: int = 0) -> str:
+    """A 2-layer Llama (hidden 64, vocab 400) with random weights, saved with its tokenizer in `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
-    model = LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
+                      tie_word_embeddings=tie_word_embeddings, bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, tiny_tokenizer):
+    """The tied 2-layer Llama most tests quantize."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -6,26 +6,19 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hfquant.config import ConfigError
 from hfquant.formats.kernels import Int8Embedding, Int8WeightLinear
 from hfquant.formats.qembedding import QuantEmbedding
 from hfquant.pipeline.run import run
 from hfquant.pipeline.streaming import StreamingError
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import compose, save_tiny_llama, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def untied_llm_dir(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    path = tmp_path_factory.mktemp("untied-llama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("untied-llama"), tiny_tokenizer, tie_word_embeddings=False, seed=1)
 
 
 def quantize(model_dir, out, backend, *extra):

@@ -446,6 +446,10 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
     bar = tqdm(total=len(plan.entries), desc="stream quantize", unit="tensor", leave=False)
     reads = ReadAhead(source, read_order(plan, split.filename_to_tensors, source, quantizer))
     writes = WriteBehind()
+    # The reader and writer threads keep about one core busy (copies out of the page cache, page faults, pwrite);
+    # torch's pool gets the rest: on 2 vCPUs, one quantizing thread was 1.1–1.3× faster than two fighting them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
     try:
         for shard, names in split.filename_to_tensors.items():
             with StreamingSafetensorsWriter(os.path.join(folder, shard), {n: plan.entries[n] for n in names}, {"format": "pt"}) as writer:
@@ -460,6 +464,7 @@ def write_shards(folder: str, plan: StreamPlan, source: TensorSource, quantizer:
                     raise
                 timed("write_s", writes.wait)  # the shard's last tensor is on disk before the writer closes it
     finally:
+        torch.set_num_threads(threads)
         try:
             writes.close()
         finally:
