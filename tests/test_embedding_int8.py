@@ -98,3 +98,11 @@ def test_what_cannot_hold_an_int8_embedding_says_so_first(tiny_llm_dir, tmp_path
         run(compose(["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={tmp_path / 'x'}", "scheme.embedding=int8",
                      *overrides]))
     assert not (tmp_path / "x" / "model").exists()
+
+
+def test_resume_reports_the_embedding_as_the_first_run_did(tiny_llm_dir, tmp_path):
+    first = quantize(tiny_llm_dir, tmp_path / "run", "cpu")
+    again = quantize(tiny_llm_dir, tmp_path / "run", "cpu", "resume=true")
+    assert again["quantization"]["embedding"] == first["quantization"]["embedding"]
+    assert again["quantization"]["modules"] == first["quantization"]["modules"]
+    assert again["reload_check"]["ok"] and again["quantized"]["perplexity"] == first["quantized"]["perplexity"]

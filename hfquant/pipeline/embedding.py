@@ -112,3 +112,19 @@ def install(model: torch.nn.Module, prepared: Optional[EmbeddingPlan], backend: 
 def _head_in(model) -> bool:
     return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
 
+
+def entry_of_folder(model: torch.nn.Module, modules: dict) -> dict:
+    """The report entry `install` wrote, rebuilt from a reloaded folder's quantization_config (resume=true)."""
+    name = next((n for n, entry in modules.items() if entry.get("kind") == KIND), None)
+    if name is None:
+        return {}
+    module = model.get_submodule(name)
+    tied_head = next((n for n, entry in modules.items() if entry.get("tied_to") == name), None)
+    head = tied_head or next((n for n in modules if n != name and n.rsplit(".", 1)[-1] == "lm_head"), None)
+    stored = module.num_embeddings * module.embedding_dim + module.weight_scale.numel() * 4 + module.weight_zero_point.numel()
+    return {"module": name, "head": head, "codes": "int8, one scale per row",
+            "float_bytes": module.num_embeddings * module.embedding_dim * torch.finfo(module.dtype).bits // 8,
+            "bytes": stored,
+            "lm_head": ("tied: the same codes and scales (stored again for transformers, shared in memory on the cpu "
+                        "backend)" if tied_head else "int8 per output channel, its own codes" if head else "none")}
+

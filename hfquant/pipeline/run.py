@@ -564,6 +564,9 @@ def _resume_quantized(spec: RunSpec, timer: Timer):
     qcfg = qmodel.config.quantization_config
     qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
     report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
+    embedding = embedding_mod.entry_of_folder(qmodel, qcfg.get("modules", {}))
+    if embedding:
+        report_quant.update(modules=report_quant["modules"] - 1 - bool(embedding["head"]), embedding=embedding)
     reference = (read_resume_record(spec.output_dir) or {}).get("reload_reference") \
         or _previous_reload_reference(spec.output_dir)
     reload_check = compare_with_reference(qmodel, reference) if reference else {}
