@@ -60,3 +60,7 @@ class ExportFormat:
         """What the export changes beyond the run's codes, applied to the reference model it is compared with
         (none by default)."""
         return model
+
+    def reference_description(self) -> str:
+        """What the consumer's logits were compared with (report.json `export.check.against`)."""
+        return "hfquant's reference forward (float dequantization) of the same codes"

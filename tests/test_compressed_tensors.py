@@ -51,7 +51,8 @@ def test_zero_points_pack_along_output_rows():
 def test_refuses_what_its_consumers_cannot_run():
     schemes = registries().schemes
     assert scheme_problem(schemes.get("w4a16")) is None and scheme_problem(schemes.get("w8a16")) is None
-    assert "absmax/128" in scheme_problem(schemes.get("w8a8"))
+    assert scheme_problem(schemes.get("w8a8")) is None
+    assert "each token at run time" in scheme_problem(schemes.get("w8a8-static"))
     fz = schemes.get("w4a16-asym")
     fz = type(fz)(**{**fz.__dict__, "weights": fz.weights.replace(float_zero_point=True)})
     assert "integers" in scheme_problem(fz)
@@ -76,10 +77,41 @@ def test_exported_folder_loads_without_hfquant_with_the_same_logits(tiny_llm_dir
     assert torch.allclose(logits, reference, atol=1e-5, rtol=0), float((logits - reference).abs().max())
 
 
-@pytest.mark.parametrize("pipeline", ["in_memory", "streaming"])
-def test_format_compressed_tensors_run_writes_a_checked_folder(tiny_llm_dir, tmp_path, pipeline):
+def test_w8a8_exports_int8_codes_and_transformers_reads_them_with_its_own_activation_rounding(tiny_llm_dir, tmp_path):
+    """w8a8 → int-quantized: the int8 codes as `weight`, one scale per channel. transformers quantizes each token's
+    activations with absmax/127.5, hfquant and vLLM with absmax/127: the folder's logits equal hfquant's codes under
+    transformers' rounding exactly, and differ measurably under hfquant's own (so the check checks something)."""
+    from hfquant.formats.compressed_tensors import ct_activation_reference
+    from hfquant.formats.kernels import to_reference
+
+    run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "scheme=w8a8", "backend=fake")))
+    src, dst = tmp_path / "run" / "model", tmp_path / "ct"
+    export_folder(str(src), str(dst))
+    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    group = qcfg["config_groups"]["group_0"]
+    assert qcfg["format"] == group["format"] == "int-quantized"
+    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+        assert weight.dtype == torch.int8 and "model.layers.0.mlp.up_proj.weight_zero_point" not in f.keys()
+    ids = torch.randint(2, 400, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = to_reference(load_quantized(str(src)))
+        own = reference(input_ids=ids).logits[0].float()
+        theirs = ct_activation_reference(reference)(input_ids=ids).logits[0].float()
+    logits = logits_without_hfquant(str(dst), ids, str(tmp_path))
+    assert float((logits - theirs).abs().max()) <= 1e-5
+    assert float((logits - own).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("pipeline, scheme", [("in_memory", ["scheme=w4a16", "scheme.weights.group_size=32"]),
+                                              ("streaming", ["scheme=w4a16", "scheme.weights.group_size=32"]),
+                                              ("streaming", ["scheme=w8a8"])], ids=["in_memory", "streaming", "w8a8-streaming"])
+def test_format_compressed_tensors_run_writes_a_checked_folder(tiny_llm_dir, tmp_path, pipeline, scheme):
     out = tmp_path / "run"
-    common = ["scheme=w4a16", "scheme.weights.group_size=32", "format=compressed-tensors", f"pipeline={pipeline}"]
+    common = [*scheme, "format=compressed-tensors", f"pipeline={pipeline}"]
     if pipeline == "streaming":
         overrides = ["model=hub", f"model.path={tiny_llm_dir}", f"output_dir={out}", "calibration=none",
                      "algorithm=rtn", "evaluation=none", *common]
@@ -105,8 +137,8 @@ def test_ragged_groups_are_refused_right_after_loading(tiny_llm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["max_shard_size=20KB"], ["model.dtype=bfloat16"],
-                                   ["scheme=w8a16", "scheme.weights.symmetric=false"]],
-                         ids=["sharded", "bf16-scales-rounded-before-codes", "int8-asym-channel"])
+                                   ["scheme=w8a16", "scheme.weights.symmetric=false"], ["scheme=w8a8", "backend=cpu"]],
+                         ids=["sharded", "bf16-scales-rounded-before-codes", "int8-asym-channel", "w8a8-cpu"])
 def test_export_variants_are_checked_without_hfquant(tiny_llm_dir, tmp_path, extra):
     scheme = [] if any(e.startswith("scheme=") for e in extra) else ["scheme=w4a16-asym", "scheme.weights.group_size=32"]
     report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", *scheme, "format=compressed-tensors", *extra)))

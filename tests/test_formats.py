@@ -46,7 +46,7 @@ def test_newer_format_version_is_refused_with_advice():
 
 
 @pytest.mark.parametrize("fmt, extra, message", [
-    ("compressed-tensors", ["scheme=w8a8"], r"format=compressed-tensors cannot store scheme 'w8a8'.*absmax/128"),
+    ("compressed-tensors", ["scheme=w8a8-static"], r"cannot store scheme 'w8a8-static'.*quantize each token at run time"),
     ("compressed-tensors", ["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], r"zero points are integers"),
     ("compressed-tensors", ["scheme=w4a16", "resume=true"], r"resume=true reuses hfquant-format folders"),
     ("compressed-tensors", ["scheme=nf4"], r"cannot store scheme 'nf4'"),

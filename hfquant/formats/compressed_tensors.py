@@ -1,5 +1,6 @@
 """compressed-tensors, the format transformers and vLLM read: hfquant's codes and scales laid out as its
-`pack-quantized` format (weight-only int4 / int8).
+`pack-quantized` format (weight-only int4 / int8), or `int-quantized` for w8a8 (int8 weights as an int8 `weight`,
+activations quantized per token at run time by the engine).
 
 No second quantization: the bytes are hfquant's own. Codes are signed in [qmin, qmax]; compressed-tensors stores
 them offset into the unsigned range (+2^(b−1)) and packed little-endian into int32 (element k of a row at bits
@@ -10,6 +11,12 @@ zero point zp − 2^(b−1): the same bytes. Dequantization there is (q − z)·
 What its consumers cannot run is refused before any work (`scheme_problem`, `shape_problems`): groups that do
 not divide a Linear's columns (compressed-tensors raises on the first forward), float zero points (its zero
 points are integers), static activation scales, and bit widths other than 4 and 8.
+
+Activations (w8a8) are the engine's to quantize, and engines differ: vLLM's int8 kernels, like hfquant, scale each
+token by absmax/127; transformers' compressed-tensors forward by absmax/127.5 (its symmetric range is (127 − (−128))/2),
+which maps a token's largest value to ±127.5 and rounds or clips it to 127 / −128. The folder's weights are the same
+for both; the reload check therefore compares transformers with hfquant's codes under transformers' activation
+rounding (`ct_activation_reference`), and the card says so.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ..quant.qparams import scale_in_dtype
 
 FORMAT_NAME = "compressed-tensors"
 PACKED = "pack-quantized"
+INT = "int-quantized"
 
 
 def scheme_problem(scheme) -> Optional[str]:
@@ -43,10 +51,12 @@ def scheme_problem(scheme) -> Optional[str]:
     if w.strategy not in ("group", "channel"):
         return (f"weight strategy {w.strategy!r}: vLLM's weight-only kernels read group or channel scales "
                 "(use scheme=w8a16 or a group scheme)")
-    if a is not None:  # the int-quantized layout is written by `module_tensors`, but not offered yet:
-        return ("quantized activations are not exported yet: transformers' compressed-tensors forward rounds "
-                "activations with scale absmax/128, hfquant (and vLLM's int8 kernels) with absmax/127, so the "
-                "reload check cannot match exactly; use a weight-only scheme (w4a16, w4a16-asym, w8a16)")
+    if a is not None:
+        if not (a.num_bits == 8 and a.dynamic and a.strategy == "token" and a.symmetric and a.signed):
+            return ("its int8 activation kernels quantize each token at run time (symmetric, per token): static or "
+                    "other activation settings are not exported (use scheme=w8a8)")
+        if not (w.num_bits == 8 and w.strategy == "channel" and w.symmetric and w.signed):
+            return "with int8 activations its kernels read int8 symmetric per-channel weights (use scheme=w8a8)"
     return None
 
 
@@ -101,8 +111,14 @@ def module_tensors(weights: QuantArgs, inputs: Optional[QuantArgs], stored: Dict
     half = 2 ** (weights.num_bits - 1)
     out: Dict[str, torch.Tensor] = {}
     scale = scale.reshape(rows, -1) if scale.dim() else scale.reshape(1)
-    if inputs is not None:  # refused by scheme_problem (activation rounding differs); never written
-        raise ValueError("compressed-tensors export writes weight-only schemes")
+    if inputs is not None:  # int-quantized: the signed codes themselves, one scale per output channel
+        from ..quant import unpack
+
+        out["weight"] = unpack(packed, weights, in_features).to(torch.int8)
+        out["weight_scale"] = scale.to(scale_dtype)
+        if "bias" in stored:
+            out["bias"] = stored["bias"]
+        return out
     out["weight_packed"] = _as_int32_words(packed)
     out["weight_scale"] = scale.to(scale_dtype)
     out["weight_shape"] = torch.tensor([rows, in_features], dtype=torch.int64)
@@ -124,11 +140,11 @@ def _args_dict(args: QuantArgs) -> dict:
 
 def quantization_config(weights: QuantArgs, inputs: Optional[QuantArgs], ignore: List[str]) -> dict:
     """`quantization_config` for config.json: one group targeting every Linear except `ignore` (exact names)."""
-    if inputs is not None:
-        raise ValueError("compressed-tensors export writes weight-only schemes")
-    group = {"targets": ["Linear"], "weights": _args_dict(weights), "input_activations": None,
-             "output_activations": None, "format": PACKED}
-    return {"quant_method": FORMAT_NAME, "format": PACKED, "quantization_status": "compressed",
+    layout = PACKED if inputs is None else INT
+    group = {"targets": ["Linear"], "weights": _args_dict(weights),
+             "input_activations": None if inputs is None else _args_dict(inputs),
+             "output_activations": None, "format": layout}
+    return {"quant_method": FORMAT_NAME, "format": layout, "quantization_status": "compressed",
             "config_groups": {"group_0": group}, "ignore": sorted(ignore), "kv_cache_scheme": None,
             "global_compression_ratio": None}
 
@@ -238,3 +254,29 @@ def logits_without_hfquant(folder: str, input_ids: torch.Tensor, workdir: str) -
             "kwargs = dict(dtype='auto', quantization_config=CompressedTensorsConfig(dequantize=True))"
             if how == "dequantize" else "kwargs = dict(dtype='auto')")
     return logits_in_clean_process(folder, input_ids, workdir, load)
+
+
+def ct_activation_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """hfquant's reference model with transformers' compressed-tensors activation rounding (absmax/127.5 per token,
+    computed by compressed-tensors' own functions) in place of hfquant's (absmax/127): what transformers computes from
+    the exported codes, to compare with it exactly. Weight-only models are returned as they are."""
+    import types
+
+    import torch.nn.functional as F
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    from .qlinear import QuantLinear
+
+    def forward(self, x):
+        scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=self.ct_input_args, module=self)
+        x = fake_quantize(x=x, scale=scale, zero_point=zero_point, args=self.ct_input_args)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.input_args is not None:
+            module.ct_input_args = QuantizationArgs(**_args_dict(module.input_args))
+            module.forward = types.MethodType(forward, module)
+    return model
+

@@ -111,6 +111,10 @@ model = AutoModelForCausalLM.from_pretrained("{load_path}", gguf_file="{export['
     extra = ", quantization_config=CompressedTensorsConfig(dequantize=True)" if dequantize else ""
     note = ("\nAsymmetric zero points: transformers' default load (modules kept compressed) refuses their packed zero "
             "points, so pass `CompressedTensorsConfig(dequantize=True)` as above.\n" if dequantize else "")
+    if export.get("group_format") == "int-quantized":
+        note += ("\nActivations are quantized by the engine, per token: vLLM's int8 kernels use absmax/127 like hfquant "
+                 "(the numbers above); transformers' compressed-tensors forward uses absmax/127.5, so its logits differ "
+                 "slightly — the check above compared it against hfquant's codes under that rounding.\n")
     return f"""
 The folder is in **{export['format']}** format ({export.get('group_format')}): no hfquant needed. {checked}
 

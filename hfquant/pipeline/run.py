@@ -532,7 +532,7 @@ def _check_export(spec: RunSpec, fmt, hfquant_folder: str, exported: str, scratc
                                "format. This is a bug in the export: report it with --verbose output")
     return {"max_abs_logit_difference": diff, "tokens": int(ids.numel()), "ok": True,
             "loaded_by": "transformers in a process where `import hfquant` fails",
-            "against": "hfquant's reference forward (float dequantization) of the same codes"}
+            "against": fmt.reference_description()}
 
 
 def _float32_bytes(folder: str) -> int:

@@ -63,12 +63,24 @@ class CompressedTensorsFormat(ExportFormat):
                                    f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. "
                                    f"{hint}, or use format=auto (hfquant's format keeps ragged groups)")
 
+    def edit_reference(self, model):
+        """w8a8: transformers quantizes activations its own way (absmax/127.5); compare with that."""
+        return ct.ct_activation_reference(model)
+
+    def reference_description(self) -> str:
+        if self.scheme.input_activations is None:
+            return super().reference_description()
+        return ("hfquant's reference forward of the same codes, activations rounded per token as transformers' "
+                "compressed-tensors forward rounds them (absmax/127.5; vLLM and hfquant use absmax/127)")
+
     def compress(self, mp, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         stored = HfquantFormat.compress(mp, tensors)
         weight = tensors["weight"]
         return ct.module_tensors(mp.weight_args, mp.input_args, stored, weight.shape[1], weight.dtype)
 
     def parameter_names(self, mp, has_bias: bool) -> List[str]:
+        if mp.input_args is not None:
+            return ["weight", "weight_scale"] + (["bias"] if has_bias else [])
         names = ["weight_packed", "weight_scale", "weight_shape"]
         if not mp.weight_args.symmetric:
             names.append("weight_zero_point")
