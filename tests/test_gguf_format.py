@@ -134,3 +134,43 @@ def test_a_bf16_model_is_compared_in_float32_as_transformers_loads_gguf(tiny_llm
     report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "scheme=w4a16", "scheme.weights.group_size=32",
                                         "format=gguf", "model.dtype=bfloat16")))
     assert report["export"]["check"]["max_abs_logit_difference"] <= 1e-4
+
+
+def _pre_tokenizer_json(pre_tokenizer) -> dict:
+    """tokenizer.json's `pre_tokenizer` as the tokenizers library writes it."""
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    return json.loads(tok.to_str())["pre_tokenizer"]
+
+
+def test_pre_tokenizer_names_are_recognised_by_structure():
+    """llama.cpp's "default" splits punctuation runs and digits unlike the model's tokenizer (on the embedded model it
+    tokenized 3 of 5 probe texts differently, docs/formats.md); each known layout gets llama.cpp's own name."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    from hfquant.formats.gguf_export import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+
+    assert pre_tokenizer_name(_pre_tokenizer_json(pt.ByteLevel(add_prefix_space=False))) == "gpt-2"
+    assert pre_tokenizer_name(_pre_tokenizer_json(pt.Sequence([
+        pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]))) == "smollm"
+    for name, pattern in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT)):
+        pre = pt.Sequence([pt.Split(Regex(pattern), behavior="isolated"),
+                           pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+        assert pre_tokenizer_name(_pre_tokenizer_json(pre)) == name
+    with pytest.raises(ValueError, match="llama.cpp would split text differently"):
+        pre_tokenizer_name(_pre_tokenizer_json(pt.Sequence([pt.Digits(individual_digits=False),
+                                                            pt.ByteLevel(add_prefix_space=False)])))
+
+
+def test_the_written_file_names_the_models_pre_tokenizer(tiny_llm_dir, tmp_path):
+    from gguf import GGUFReader
+
+    from hfquant.formats.gguf_export import export_folder
+
+    summary = export_folder(tiny_llm_dir, str(tmp_path / "f32"))
+    field = GGUFReader(str(tmp_path / "f32" / summary["file"])).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "gpt-2"  # the tests' tokenizer: ByteLevel alone

@@ -161,6 +161,42 @@ def gguf_name(hf_name: str) -> Optional[str]:
     return None
 
 
+# llama.cpp splits text before BPE with the regexes of a named pre-tokenizer (`tokenizer.ggml.pre`); its "default"
+# splits punctuation runs and digits unlike any of these, so a wrong name tokenizes differently from the model's own
+# tokenizer. The names below are recognised from tokenizer.json's `pre_tokenizer` by structure.
+LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+                "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+               "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+def pre_tokenizer_name(pre: Optional[dict]) -> str:
+    """llama.cpp's name for a byte-level BPE `pre_tokenizer` (tokenizer.json): "gpt-2" (ByteLevel's own regex),
+    "smollm" (single digits, then ByteLevel's regex), "llama-bpe" (Llama 3's split), "qwen2" (Qwen2's split).
+    Anything else is refused: llama.cpp would split text differently from the model's tokenizer."""
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre or {}]
+
+    def byte_level(step, regex: bool) -> bool:
+        return step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == regex
+
+    def split(step, pattern: str) -> bool:
+        return (step.get("type") == "Split" and (step.get("pattern") or {}).get("Regex") == pattern
+                and step.get("behavior") == "Isolated" and not step.get("invert", False))
+
+    if len(steps) == 1 and byte_level(steps[0], True):
+        return "gpt-2"
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and byte_level(steps[1], True):
+        return "smollm"
+    for name, pattern in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT)):
+        if len(steps) == 2 and split(steps[0], pattern) and byte_level(steps[1], False):
+            return name
+    raise ValueError(f"GGUF export: tokenizer.json's pre_tokenizer {json.dumps(pre)[:300]} is none llama.cpp names "
+                     "here (ByteLevel alone, digits + ByteLevel as SmolLM, Llama 3's or Qwen2's split), so llama.cpp "
+                     "would split text differently from the model's tokenizer; model/ keeps hfquant's format "
+                     "(format=auto loads everywhere hfquant is installed)")
+
+
 def _tokenizer_metadata(writer, folder: str, config: dict) -> None:
     """A byte-level BPE `tokenizer.json` as GGUF's `gpt2` tokenizer model (tokens by id, merges, special ids)."""
     path = os.path.join(folder, "tokenizer.json")
@@ -187,7 +223,7 @@ def _tokenizer_metadata(writer, folder: str, config: dict) -> None:
         types[index] = 3 if text in special and any(t["content"] == text and t.get("special") for t in tok["added_tokens"]) else 1
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tok.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
