@@ -3,7 +3,7 @@
 Public API for users and plugin authors; the tensor math lives in `hfquant.quant`.
 """
 
-from .after_import import after_import, import_registering
+from .import_hooks import after_import, import_registering
 from .algorithm import Algorithm, AlgorithmError, LayerContext
 from .format import Format
 from .hookspecs import hookimpl

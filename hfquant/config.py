@@ -39,6 +39,17 @@ class ConfigError(HfquantError, ValueError):
     """A bad config value; the message names the key and what is allowed."""
 
 
+def backend_problem(name: str, scheme, device: str):
+    """Why backend `name` cannot run `scheme` on `device` (its own `supports`), or None. A quantized embedding
+    (`scheme.embedding`) is hfquant's format: a backend writing another format would drop it silently."""
+    backend = registries().backends.get(name)
+    reason = backend.supports(scheme, device)
+    fmt = getattr(backend, "format", "hfquant")
+    if reason is None and scheme.embedding is not None and fmt != "hfquant":
+        reason = f"scheme.embedding={scheme.embedding} is stored in hfquant's format, and this backend writes {fmt}"
+    return reason
+
+
 @dataclass
 class DataSpec:
     name: str
@@ -245,13 +256,13 @@ def validate(cfg: DictConfig) -> RunSpec:
     device = str(cfg.get("device", "cpu"))
     if backend != "auto":
         _known("backends", backend, "backend")
-        reason = registries().backends.get(backend).supports(scheme, device)
+        reason = backend_problem(backend, scheme, device)
         if reason:
-            able = [n for n in registries().backends.names() if not registries().backends.get(n).supports(scheme, device)]
+            able = [n for n in registries().backends.names() if not backend_problem(n, scheme, device)]
             raise ConfigError(f"backend={backend} cannot run scheme {scheme.name!r} on {device}: {reason}. "
                               f"Backends that can: {', '.join(able) or 'none'}")
-    elif not any(registries().backends.get(n).supports(scheme, device) is None for n in registries().backends.names()):
-        reasons = "; ".join(f"{n}: {registries().backends.get(n).supports(scheme, device)}" for n in registries().backends.names())
+    elif not any(backend_problem(n, scheme, device) is None for n in registries().backends.names()):
+        reasons = "; ".join(f"{n}: {backend_problem(n, scheme, device)}" for n in registries().backends.names())
         raise ConfigError(f"no backend can run scheme {scheme.name!r} on {device} ({reasons})")
 
     model = _plain(cfg.model)
@@ -323,7 +334,7 @@ def _format(cfg: DictConfig, scheme: QuantScheme, backend: str, device: str) -> 
         able = [n for n, f in runs.items() if f == fmt]
         raise ConfigError(f"backend={backend} runs the {runs[backend]} format, not {fmt}; use backend="
                           f"{' or '.join(able) or 'auto'} (or format=auto)")
-    if backend == "auto" and not any(f == fmt and registries().backends.get(n).supports(scheme, device) is None
+    if backend == "auto" and not any(f == fmt and backend_problem(n, scheme, device) is None
                                      for n, f in runs.items()):
         raise ConfigError(f"no backend runs format={fmt_runs} with scheme {scheme.name!r} on {device}")
     return fmt_runs

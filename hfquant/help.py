@@ -27,11 +27,24 @@ Docs: docs/usage.md (options), docs/formats.md (what each format is read by), do
 """
 
 
+def _args(argv: List[str]):
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
 def wants_help(argv: List[str]) -> bool:
-    return any(arg in HELP_FLAGS for arg in argv)
+    """`--help` / `-h` on hfquant's own config tree (with `--config-path` / `--config-dir`, Hydra's help answers)."""
+    if not any(arg in HELP_FLAGS for arg in argv):
+        return False
+    try:
+        args = _args(argv)
+    except SystemExit:  # a malformed command line: Hydra's parser says what is wrong
+        return False
+    return not (args.config_path or args.config_dir)
 
 
-def help_text(overrides: List[str], config_name: str = "config") -> str:
+def help_text(overrides: List[str], config_name: str = "config", multirun: bool = False) -> str:
     """Usage, every config group with its options, and the config these overrides compose to."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -46,7 +59,8 @@ def help_text(overrides: List[str], config_name: str = "config") -> str:
         groups = sorted(g for g in repo.get_group_options("", ObjectType.GROUP) if g != "hydra")
         lines = [f"{g}: {', '.join(sorted(repo.get_group_options(g, ObjectType.CONFIG)))}" for g in groups]
         with _composition_errors(loader, config_name, [], None):
-            cfg = loader.load_configuration(config_name, overrides, RunMode.RUN, from_shell=True)
+            cfg = loader.load_configuration(config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN,
+                                            from_shell=True)
     with open_dict(cfg):
         del cfg["hydra"]
     return "\n".join([
@@ -60,4 +74,6 @@ def help_text(overrides: List[str], config_name: str = "config") -> str:
 
 
 def print_help(argv: List[str]) -> None:
-    print(help_text([a for a in argv if a not in HELP_FLAGS and not a.startswith("-")]))
+    """Hydra's own parser reads the command line (`-m`, `--config-name NAME` and overrides, as for a run)."""
+    args = _args(argv)
+    print(help_text(list(args.overrides), args.config_name or "config", bool(args.multirun)))

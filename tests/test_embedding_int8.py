@@ -106,3 +106,39 @@ def test_resume_reports_the_embedding_as_the_first_run_did(tiny_llm_dir, tmp_pat
     assert again["quantization"]["embedding"] == first["quantization"]["embedding"]
     assert again["quantization"]["modules"] == first["quantization"]["modules"]
     assert again["reload_check"]["ok"] and again["quantized"]["perplexity"] == first["quantized"]["perplexity"]
+
+
+@pytest.mark.parametrize("extra", [["scheme=w8a16", "scheme.ignore=[]", "scheme.embedding=int8"],
+                                   ["scheme=w8a16", "scheme.ignore=[]", "scheme.embedding=null", "pipeline=in_memory"]],
+                         ids=["scheme-quantizes-the-head-and-the-embedding", "scheme-quantizes-the-tied-head"])
+def test_a_tied_model_whose_head_the_scheme_quantizes_reloads(tiny_llm_dir, tmp_path, extra):
+    """transformers ties by assigning `weight`, which quantized modules lack: the folder is saved untied."""
+    report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "backend=cpu", *extra)))
+    assert report["reload_check"]["max_abs_logit_difference"] == 0.0
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head" in config["quantization_config"]["modules"]
+    if "scheme.embedding=int8" in extra:
+        assert report["quantization"]["embedding"]["lm_head"] == "quantized by the scheme"
+        again = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "backend=cpu", *extra, "resume=true")))
+        assert again["quantization"]["embedding"] == report["quantization"]["embedding"]
+        assert again["quantization"]["modules"] == report["quantization"]["modules"] == 15
+
+
+def test_folders_with_an_embedding_entry_are_format_version_3(tiny_llm_dir, tmp_path):
+    quantize(tiny_llm_dir, tmp_path / "emb", "fake")
+    assert json.loads((tmp_path / "emb" / "model" / "config.json").read_text())["quantization_config"]["format_version"] == 3
+    run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "plain", "scheme=w8a16", "backend=fake")))
+    assert json.loads((tmp_path / "plain" / "model" / "config.json").read_text())["quantization_config"]["format_version"] == 2
+
+
+def test_the_round_to_nearest_comparison_quantizes_the_embedding_too(tiny_llm_dir):
+    """Otherwise the 'round-to-nearest instead' row would charge the int8 embedding's cost to the algorithms."""
+    from hfquant.config import validate
+    from hfquant.pipeline.compare import rtn_reference
+
+    spec = validate(compose(tiny_overrides(tiny_llm_dir, "/tmp/x", "scheme=w8a16", "scheme.embedding=int8")))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
+    rtn = rtn_reference(model, spec, "cpu")
+    assert isinstance(rtn.model.embed_tokens, Int8Embedding) and isinstance(rtn.lm_head, Int8WeightLinear)
+    assert rtn.lm_head.weight_int8 is rtn.model.embed_tokens.weight_int8
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)  # the run's own model is untouched

@@ -44,9 +44,10 @@ def test_batches_give_the_same_numbers_as_one_window_at_a_time(models_and_window
     assert 0 < one["kl_divergence"] and one["top1_agreement"] < 1  # the comparison compared something
 
 
-def test_auto_is_one_window_per_forward_on_cpu_and_eight_on_accelerators():
+def test_auto_is_one_window_per_forward_on_cpu_and_up_to_eight_on_accelerators():
     ev = registries().evaluators.get("perplexity")()
-    assert ev.windows_per_forward("cpu") == 1 and ev.windows_per_forward("cuda:0") == 8
+    assert ev.windows_per_forward("cpu") == 1 and ev.windows_per_forward("cuda:0", 512, 49152) == 8
+    assert ev.windows_per_forward("cuda:0", 2048, 128256) == 1  # the logits budget, not a fixed 8
     assert registries().evaluators.get("perplexity")(batch_size=5).windows_per_forward("cpu") == 5
 
 

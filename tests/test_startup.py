@@ -33,6 +33,9 @@ def test_import_hfquant_does_not_import_transformers():
     "from transformers import AutoModelForCausalLM\nimport hfquant",
     "import hfquant\nfrom transformers import AutoConfig",  # the config guard alone, quantizers not yet loaded
     "import hfquant\nimport hfquant.pipeline.run",  # hfquant's own modules importing transformers mid-import
+    # a probe (IDEs, plugin scanners) that finds the module's spec without running it must not use the hook up
+    "import hfquant, importlib.util\nimportlib.util.find_spec('transformers.models.auto.configuration_auto')\n"
+    "importlib.util.find_spec('transformers.quantizers.auto')\nfrom transformers import AutoModelForCausalLM",
 ])
 def test_format_is_registered_whatever_the_import_order(order):
     assert python(order + "\n" + REGISTERED).strip().endswith("registered")
@@ -73,3 +76,26 @@ def test_help_with_a_bad_override_is_one_error_line():
                           text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.startswith("hfquant: error: scheme: unknown scheme 'nope'")
+
+
+def test_a_failing_registration_warns_and_the_library_still_imports():
+    out = python("""
+import sys, warnings
+from hfquant.import_hooks import after_import
+def broken():
+    raise RuntimeError("boom")
+after_import("json.tool", broken)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import json.tool
+print(json.tool.__name__, [str(w.message) for w in caught])
+""")
+    assert out.startswith("json.tool") and "could not register with json.tool (RuntimeError: boom)" in out
+
+
+@pytest.mark.parametrize("argv", [["--config-name", "config", "--help"], ["-m", "scheme=w4a16,w8a16", "--help"], ["-h"]],
+                         ids=["flag-with-a-value", "sweep", "short"])
+def test_help_reads_the_command_line_as_a_run_does(argv):
+    done = subprocess.run([sys.executable, "-m", "hfquant", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "== Config groups (group=option) ==" in done.stdout

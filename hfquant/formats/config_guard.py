@@ -16,7 +16,7 @@ import json
 import os
 
 # Only what configuration_auto itself imports: `import hfquant` registers this right after that module loads
-# (hfquant/after_import.py), possibly while the rest of transformers.models.auto is still importing.
+# (hfquant/import_hooks.py), possibly while the rest of transformers.models.auto is still importing.
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 

@@ -20,6 +20,18 @@ KERNEL_GROUPS = (256, 128, 64, 32)
 DENSE_FROM_ROWS = 32
 
 
+DENSE_CHUNK = 1 << 24  # weights dequantized at most this many elements at a time (64 MB in float32)
+
+
+def by_output_rows(out_features: int, in_features: int, gemm) -> torch.Tensor:
+    """`gemm(rows)` over slices of output rows, concatenated: the dequantized copy of a large weight (a 128k-row
+    lm_head) exists a slice at a time, never whole. One slice, no copy, for ordinary Linears."""
+    step = max(1, DENSE_CHUNK // max(1, in_features))
+    if step >= out_features:
+        return gemm(slice(None))
+    return torch.cat([gemm(slice(i, i + step)) for i in range(0, out_features, step)], dim=-1)
+
+
 def bf16_gemm_is_fast() -> bool:
     """bf16 GEMM beats fp32 only with hardware bf16 dot products (AVX512-BF16 or AMX); elsewhere it is emulated."""
     cpu = getattr(torch, "cpu", None)
@@ -102,7 +114,9 @@ class Int8WeightLinear(_KernelLinear):
     def dense(self, x2):
         # int8 codes are exact in bf16, and the per-row scale factors out of the sum: (x · codes) · scale
         dtype = dense_dtype()
-        return F.linear(x2.to(dtype), self.weight_int8.to(dtype)) * self._scale_bf16.to(dtype)
+        x2 = x2.to(dtype)
+        return by_output_rows(self.out_features, self.in_features, lambda rows: F.linear(
+            x2, self.weight_int8[rows].to(dtype)) * self._scale_bf16[rows].to(dtype))
 
 
 class Int4WeightLinear(_KernelLinear):
@@ -140,12 +154,18 @@ class Int4WeightLinear(_KernelLinear):
 
     def dense(self, x2):
         # w = (q_u − 8)·scale + zero per kernel group, from the packed bytes (low nibble first), for one GEMM
-        packed = self.weight_packed
-        q_u = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, -1)[:, : self.in_features]
-        sz = self._scales_zeros.transpose(0, 1).float()  # (out, groups, 2)
-        w = (q_u.reshape(self.out_features, -1, self.kernel_group).float() - 8) * sz[..., :1] + sz[..., 1:]
         dtype = dense_dtype()
-        return F.linear(x2.to(dtype), w.reshape(self.out_features, self.in_features).to(dtype))
+        x2 = x2.to(dtype)
+        sz = self._scales_zeros.transpose(0, 1)  # (out, groups, 2)
+
+        def rows_of(rows):
+            packed = self.weight_packed[rows]
+            q_u = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, : self.in_features]
+            s, z = sz[rows, :, :1].float(), sz[rows, :, 1:].float()
+            w = (q_u.reshape(packed.shape[0], -1, self.kernel_group).float() - 8) * s + z
+            return F.linear(x2, w.reshape(packed.shape[0], self.in_features).to(dtype))
+
+        return by_output_rows(self.out_features, self.in_features, rows_of)
 
 
 class Int8DynamicLinear(_KernelLinear):

@@ -28,7 +28,15 @@ from .qlinear import QuantLinear
 from .stored_check import StoredTensorMismatchError, check_stored_tensors, checked_modules, refuse_edited, with_digests
 
 QUANT_METHOD = "hfquant"
-FORMAT_VERSION = 2  # 2: config.json's model_type guards against loading without hfquant (config_guard.py)
+# 2: config.json's model_type guards against loading without hfquant (config_guard.py);
+# 3: modules may be embeddings (`kind: embedding`, scheme.embedding) — written only by folders that have one, so an
+#    older hfquant asks to be upgraded instead of refusing the entry as a malformed Linear.
+FORMAT_VERSION = 3
+
+
+def written_version(modules: Dict[str, Dict[str, Any]]) -> int:
+    """The oldest format version that can read these entries."""
+    return 3 if any(entry.get("kind") == EMBEDDING_KIND for entry in modules.values()) else 2
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -68,7 +76,7 @@ class HfQuantConfig(QuantizationConfigMixin):
     def to_dict(self) -> Dict[str, Any]:
         return {
             "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,  # what is written now is the current format
+            "format_version": written_version(self.modules),  # the oldest reader that understands these entries
             "hfquant_version": self.hfquant_version,
             "scheme": self.scheme,
             "backend": self.backend,

@@ -59,9 +59,14 @@ def rtn_reference(model, spec, backend: str):
     plan = build_plan(work, spec.scheme, spec.observer, obs_cls, spec.observer_options)
     from ..plugins import registries
 
+    from . import embedding
+
     round_scale = getattr(registries().backends.get(backend), "round_scale", None)
     quantize_in_memory(work, plan, make_chain({"rtn": {}}), lambda args: obs_cls(args, **spec.observer_options), round_scale)
-    return convert(work, plan, backend)
+    prepared = embedding.prepare(work, spec.scheme, plan, round_scale)  # the same embedding as the run's model
+    work = convert(work, plan, backend)
+    embedding.install(work, prepared, backend)
+    return work
 
 
 def _observer(spec):

@@ -71,7 +71,8 @@ def prepare(model: torch.nn.Module, scheme, plan: QuantPlan, round_scale=None) -
             qparams, codes = (alone.weight_scale, alone.weight_zero_point), alone.codes()
         plan.modules[head] = ModulePlan(head, args, weight_qparams=qparams, weight_codes=codes,
                                         tied_to=name if tied else None)
-    plan.embeddings[name] = {"weights": args.to_dict(), "input_activations": None, "kind": KIND}
+    plan.embeddings[name] = {"weights": args.to_dict(), "input_activations": None, "kind": KIND,
+                             **({"head": head} if head is not None else {})}
     float_bytes = embedding.weight.numel() * embedding.weight.element_size()
     return EmbeddingPlan(name, quantized, head, tied, float_bytes)
 
@@ -97,8 +98,6 @@ def install(model: torch.nn.Module, prepared: Optional[EmbeddingPlan], backend: 
             share_tied_codes(model, {prepared.head: prepared.name})
     else:
         model.set_submodule(prepared.name, module)
-    if prepared.tied and getattr(model.config, "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False  # the saved folder holds both modules; `tied_to` records the tie
     stored = sum(t.numel() * t.element_size() for t in prepared.module.state_dict().values())
     return {"module": prepared.name, "head": prepared.head, "codes": "int8, one scale per row",
             "float_bytes": prepared.float_bytes,
@@ -119,12 +118,13 @@ def entry_of_folder(model: torch.nn.Module, modules: dict) -> dict:
     if name is None:
         return {}
     module = model.get_submodule(name)
-    tied_head = next((n for n, entry in modules.items() if entry.get("tied_to") == name), None)
-    head = tied_head or next((n for n in modules if n != name and n.rsplit(".", 1)[-1] == "lm_head"), None)
+    head = modules[name].get("head")  # quantized with the embedding (absent: none, or the scheme quantized it)
+    tied_head = head if head and modules.get(head, {}).get("tied_to") == name else None
     stored = module.num_embeddings * module.embedding_dim + module.weight_scale.numel() * 4 + module.weight_zero_point.numel()
     return {"module": name, "head": head, "codes": "int8, one scale per row",
             "float_bytes": module.num_embeddings * module.embedding_dim * torch.finfo(module.dtype).bits // 8,
             "bytes": stored,
             "lm_head": ("tied: the same codes and scales (stored again for transformers, shared in memory on the cpu "
-                        "backend)" if tied_head else "int8 per output channel, its own codes" if head else "none")}
+                        "backend)" if tied_head else "int8 per output channel, its own codes" if head else
+                        "quantized by the scheme" if _head_in(model) else "none")}
 

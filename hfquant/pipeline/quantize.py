@@ -7,7 +7,7 @@ from typing import Tuple
 
 import torch
 
-from ..config import ConfigError, written_from
+from ..config import ConfigError, backend_problem, written_from
 from ..plugins import registries
 
 log = logging.getLogger("hfquant")
@@ -30,7 +30,7 @@ def resolve_backend(name: str, scheme, device: str, fmt: str = "auto") -> Tuple[
     order = [n for n in AUTO_PREFERENCE if n in backends] + [n for n in backends.names() if n not in AUTO_PREFERENCE]
     refusals = []
     for candidate in order:
-        reason = backends.get(candidate).supports(scheme, device)
+        reason = backend_problem(candidate, scheme, device)
         if reason is None and fmt != "auto" and backend_format(backends.get(candidate)) != written_from(fmt):
             reason = f"runs format {backend_format(backends.get(candidate))}, not {written_from(fmt)}"
         if reason is None:

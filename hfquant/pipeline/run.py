@@ -302,7 +302,8 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
                                                spec.calibration.seed)
         calibration_status = _calibration_status(spec, backend, own_format, calib_windows)
         with timer.stage("quantize"):
-            report_quant = {"modules": len(plan.modules), "ignore": list(spec.scheme.ignore)}
+            targets = len(plan.modules)  # the scheme's; an lm_head quantized with the embedding is reported with it
+            report_quant = {"modules": targets, "ignore": list(spec.scheme.ignore)}
             embedding = None
             if own_format:
                 round_scale = scale_rounding(backend, spec.format, _float_dtype(model), spec.scheme, spec.format_options)
@@ -315,7 +316,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
                 report_quant["embedding"] = embedding_mod.install(qmodel, embedding, backend)
             left = getattr(qmodel, "hfquant_left_unquantized", {})  # a backend's kernels could not run these
             if left:
-                report_quant.update(modules=len(plan.modules) - len(left), left_unquantized=left)
+                report_quant.update(modules=targets - len(left), left_unquantized=left)
         check_ids = eval_windows.input_ids[:1, : min(128, eval_windows.input_ids.shape[1])] if eval_windows is not None else None
         reload_check = _save_and_check(spec, backend, timer, ranks, qmodel, loaded.tokenizer, plan, own_format, check_ids)
     report_quant.update(quantized_weight_stats(qmodel, exclude=reported_apart(report_quant)))

@@ -30,6 +30,7 @@ def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: 
     `own_format=False`: the backend's model already carries its own `quantization_config` (bitsandbytes)."""
     if own_format:
         model.config.quantization_config = quantization_config(plan, backend)
+        untie_replaced(model)
     tmp = partial_dir(output_dir)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -45,6 +46,18 @@ def save_quantized(model, tokenizer, plan, backend: str, output_dir: str, card: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def untie_replaced(model) -> None:
+    """A tied input embedding / lm_head pair of which one was replaced by a quantized module is saved untied:
+    transformers ties by setting one module's `weight` to the other's, and quantized modules have none (the load
+    would fail). Both modules' tensors are in the folder; a tie hfquant keeps is recorded as `tied_to`."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embedding, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if head is not None and not (isinstance(embedding, torch.nn.Embedding) and isinstance(head, torch.nn.Linear)):
+        model.config.tie_word_embeddings = False
 
 
 def load_quantized(path: str, task: str = "causal-lm", **kwargs):

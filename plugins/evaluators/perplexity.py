@@ -28,12 +28,18 @@ class Perplexity:
     def evaluate(self, model, windows, reference=None, label="model"):
         return self.combine(self.evaluate_windows(model, windows, range(len(windows)), reference, label), reference)
 
-    def windows_per_forward(self, device) -> int:
+    LOGITS_BUDGET = 2 * 2**30  # bytes of float32 logits + log-probabilities held for one batch on an accelerator
+
+    def windows_per_forward(self, device, seq_len: int = 512, vocab_size: int = 0) -> int:
         """'auto': one window per forward on CPU — batches were measured slower there (a 512-token window already
-        keeps the GEMMs busy, docs/benchmarks.md) — and 8 on accelerators, where one window leaves them idle."""
+        keeps the GEMMs busy, docs/benchmarks.md) — and on accelerators, where one window leaves them idle, up to 8
+        while the batch's logits stay within LOGITS_BUDGET (2048 tokens × a 128k vocabulary: one window)."""
         if self.batch_size != "auto":
             return self.batch_size
-        return 1 if torch.device(device).type == "cpu" else 8
+        if torch.device(device).type == "cpu":
+            return 1
+        per_window = 2 * 4 * seq_len * max(vocab_size, 1)  # logits and their log-softmax, float32
+        return max(1, min(8, self.LOGITS_BUDGET // per_window))
 
     @torch.no_grad()
     def evaluate_windows(self, model, windows, indices, reference=None, label="model"):
@@ -42,7 +48,8 @@ class Perplexity:
         and each window's record comes from its own rows of the logits — the same numbers as one at a time."""
         device = next(model.parameters()).device
         indices = list(indices)
-        step = self.windows_per_forward(device)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+        step = self.windows_per_forward(device, windows.input_ids.shape[1], vocab)
         records = []
         with tqdm(total=len(indices), desc=f"evaluate {label}", unit="window", leave=False) as bar:
             for start in range(0, len(indices), step):

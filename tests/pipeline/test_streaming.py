@@ -113,7 +113,8 @@ def test_a_failure_mid_stream_leaves_no_folder_that_looks_complete(tiny_llm_dir,
 
 
 def test_reader_reads_one_tensor_at_a_time(tiny_llm_dir, tmp_path, monkeypatch):
-    """Memory is bounded by two tensors: the one being quantized and the one read ahead; every other tensor read
+    """Memory is bounded by three checkpoint tensors: one still being written (a tensor passed through), one being
+    quantized, and the one being read ahead — so at most two are alive when a read starts; every other tensor read
     is dropped before the next one is read."""
     import weakref
 

@@ -3,13 +3,17 @@ transformers without importing transformers itself (~1.5 s of a 2-core machine's
 is on every CLI call).
 
 A callback runs at once when its module is already imported; otherwise a meta-path finder wraps that module's
-loader so the callback runs when the module has finished executing, before the importer sees it.
+loader so the callback runs when the module has finished executing, before the importer sees it. The callbacks
+are taken (and the finder removed) only then: a spec that is looked up but never executed (`importlib.util.find_spec`
+from an IDE or a plugin scanner) leaves them in place. A failing callback becomes a warning, never a failed import
+of the library it watches.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from importlib import import_module
 from importlib.abc import MetaPathFinder
 from typing import Callable, Dict, List
@@ -26,7 +30,7 @@ class _AfterImportFinder(MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname not in self.callbacks:
             return None
-        for finder in sys.meta_path:
+        for finder in list(sys.meta_path):
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
@@ -36,17 +40,18 @@ class _AfterImportFinder(MetaPathFinder):
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        callbacks = self.callbacks.pop(fullname)
         exec_module = spec.loader.exec_module
 
         def exec_then_call(module):
             exec_module(module)
+            with _lock:
+                callbacks = self.callbacks.pop(fullname, [])
+                if not self.callbacks:
+                    _remove_finder()
             for callback in callbacks:
-                callback()
+                _call(callback, fullname)
 
         spec.loader.exec_module = exec_then_call  # loaders are made per spec, so this touches no other module
-        if not self.callbacks:
-            _remove_finder()
         return spec
 
 
@@ -55,18 +60,27 @@ _finder = _AfterImportFinder()
 
 def _remove_finder() -> None:
     if _finder in sys.meta_path:
-        sys.meta_path.remove(_finder)
+        sys.meta_path = [f for f in sys.meta_path if f is not _finder]  # a new list: others may be iterating the old
+
+
+def _call(callback: Callable[[], None], module_name: str) -> None:
+    try:
+        callback()
+    except Exception as exc:  # the watched library must still import
+        warnings.warn(f"hfquant could not register with {module_name} ({type(exc).__name__}: {exc}); hfquant folders "
+                      "will not load through transformers in this process — please report it", RuntimeWarning,
+                      stacklevel=2)
 
 
 def after_import(module_name: str, callback: Callable[[], None]) -> None:
     """Call `callback()` once `module_name` is imported: now if it already is, else right after its import."""
     with _lock:
-        if module_name in sys.modules:
-            callback()
+        if module_name not in sys.modules:
+            _finder.callbacks.setdefault(module_name, []).append(callback)
+            if _finder not in sys.meta_path:
+                sys.meta_path = [_finder, *sys.meta_path]
             return
-        _finder.callbacks.setdefault(module_name, []).append(callback)
-        if _finder not in sys.meta_path:
-            sys.meta_path.insert(0, _finder)
+    _call(callback, module_name)
 
 
 def import_registering(module_name: str) -> Callable[[], None]:
