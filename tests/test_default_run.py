@@ -102,3 +102,21 @@ def test_embedded_model_exports_to_compressed_tensors_and_loads_without_hfquant(
             "print(type(m.config.quantization_config).__name__, m.generate(ids, max_new_tokens=5, do_sample=False).shape[1] > ids.shape[1])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert result.stdout.split()[-2:] == ["CompressedTensorsConfig", "True"], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("overrides, kind", [
+    (["scheme=w8a8", "format=compressed-tensors"], "int-quantized"),
+    (["scheme.weights.group_size=32", "format=gguf", "format.embedding=q8_0"], "gguf"),
+], ids=["w8a8-compressed-tensors", "w4a16-gguf-q8-embedding"])
+def test_embedded_model_exports_are_checked_by_their_consumer(tmp_path, overrides, kind):
+    """The real model through each export the tiny models test: its consumer's logits (no hfquant) equal hfquant's
+    reference of the same codes — for w8a8 under transformers' own activation rounding."""
+    out = tmp_path / "run"
+    hfquant(*overrides, "algorithm=rtn", "calibration=none", "evaluation.max_windows=2", "evaluation.out_of_domain=none",
+            "evaluation.compare_rtn=false", f"output_dir={out}")
+    export = json.loads((out / "report.json").read_text())["export"]
+    assert export["check"]["ok"] and export["check"]["max_abs_logit_difference"] <= 1e-4
+    assert export.get("group_format", "gguf") == kind
+    if kind == "int-quantized":
+        assert "absmax/127.5" in export["check"]["against"]
+        assert "absmax/127" in (out / "model" / "README.md").read_text()
