@@ -106,7 +106,7 @@ def _rounded(x, scale, zero_point, args, dtype):
 
 # Weights are processed a few rows at a time (~1 MiB of float32): every temporary stays in cache, and no
 # full-size copy of the per-group scales is ever made. The numbers are the same as one whole-tensor pass.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 
 
 def _by_row_chunks(t, scale, zero_point, args, out_dtype, fn):

@@ -253,3 +253,16 @@ def test_write_behind_reports_a_failed_write_at_the_next_wait_and_drains_quietly
     finally:
         writes.close()
     assert writer.written == ["a", "d"]
+
+
+def test_read_ahead_leaves_large_tensors_to_be_read_when_asked(monkeypatch):
+    """An embedding-sized tensor is not read ahead (two of them in flight at once raised peak RSS to 2 GiB)."""
+    source = _Source({"a": torch.zeros(2), "big": torch.zeros(64), "c": torch.zeros(2)})
+    source.tensor_bytes = lambda name: source.tensors[name].numel() * 4
+    monkeypatch.setattr(streaming.ReadAhead, "max_bytes", 16)
+    reads = streaming.ReadAhead(source, ["a", "big", "c"])
+    try:
+        assert [reads.get(k).numel() for k in ("a", "big", "c")] == [2, 64, 2]
+    finally:
+        reads.close()
+    assert source.reads == [("a", True), ("big", False), ("c", True)]
