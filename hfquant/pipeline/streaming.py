@@ -361,12 +361,8 @@ class ReadAhead:
         self.pending = None
         if index < len(self.order):
             name = self.order[index]
-            if self._bytes(name) <= self.max_bytes:
+            if self.source.tensor_bytes(name) <= self.max_bytes:
                 self.pending = (name, self.pool.submit(self._read, name))
-
-    def _bytes(self, name: str) -> int:
-        size = getattr(self.source, "tensor_bytes", None)
-        return size(name) if size is not None else 0
 
     def get(self, name: str) -> torch.Tensor:
         if self.pending is not None and self.pending[0] == name:

@@ -11,7 +11,7 @@ import torch
 from hfquant import hookimpl
 from hfquant.algorithm import LayerContext
 from hfquant.pipeline.integrity import NonFiniteError
-from hfquant.quant import quantize, quantize_with_error
+from hfquant.quant import quantize_with_error
 
 
 class RoundToNearest:
@@ -35,12 +35,6 @@ class RoundToNearest:
             codes, error, energy = quantize_with_error(linear.weight.detach(), scale, zero_point, mp.weight_args,
                                                        checked=True)
             mp.weight_qparams, mp.weight_codes, mp.weight_error = (scale, zero_point), codes, (error, energy)
-
-
-def round_to_nearest(name: str, weight: torch.Tensor, args, ctx: LayerContext):
-    """((scale, zero point), codes) of `weight` from the run's observer, scales rounded as the backend stores them."""
-    scale, zero_point = observed_qparams(name, weight, args, ctx)
-    return (scale, zero_point), quantize(weight, scale, zero_point, args)
 
 
 def observed_qparams(name: str, weight: torch.Tensor, args, ctx: LayerContext):
