@@ -66,17 +66,30 @@ def quality(model, windows, reference):
 
 
 @torch.no_grad()
-def speed(model, stream, new_tokens):
-    prompt = stream[None, :32]
-    model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
-    t = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    decode = new_tokens / (time.perf_counter() - t)
-    ids = stream[None, 1000:1512]
+def speed(model, stream, new_tokens, repeats: int = 1):
+    """Decode and prefill tokens/s on the model's device, the median of `repeats` timings after a warm-up (CUDA
+    work is waited for before each clock read; on CUDA the warm-up is a whole decode, as lazy kernel loading and
+    clock ramp-up otherwise land in the first timing)."""
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prompt, ids = stream[None, :32].to(device), stream[None, 1000:1512].to(device)
+    warm = new_tokens if device.type == "cuda" else 8
+    model.generate(prompt, max_new_tokens=warm, min_new_tokens=warm, do_sample=False)
     model(input_ids=ids)
-    t = time.perf_counter()
-    model(input_ids=ids)
-    prefill = 512 / (time.perf_counter() - t)
+
+    def timed(step) -> float:
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    decode = new_tokens / timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                       do_sample=False))
+    prefill = 512 / timed(lambda: model(input_ids=ids))
     return {"decode_tok_s": decode, "prefill_tok_s": prefill}
 
 

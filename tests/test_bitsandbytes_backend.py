@@ -71,3 +71,14 @@ def test_bitsandbytes_on_cuda(tiny_llm_dir, tmp_path, scheme):
     assert report["reload_check"]["max_abs_logit_difference"] <= 1e-4
     model = hfquant.load_quantized(str(out / "model"), device_map={"": "cuda"})
     assert next(model.parameters()).is_cuda
+
+
+def test_a_bfloat16_model_stays_bfloat16(tiny_llm_dir, tmp_path):
+    """4-bit matmuls compute in the model's own dtype and its unquantized parts keep it (a bfloat16 model on CUDA
+    must not come back float32); the float32 CPU default is unchanged by the same rule."""
+    out = tmp_path / "bf16"
+    run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=nf4", "backend=bitsandbytes", "model.dtype=bfloat16")))
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+    model = hfquant.load_quantized(str(out / "model"), device_map={"": "cpu"})
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16

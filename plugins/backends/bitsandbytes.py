@@ -27,13 +27,13 @@ PRESETS = (
     QuantScheme(
         "nf4", weights=QuantArgs(num_bits=4, strategy="group", group_size=64), format="bitsandbytes",
         options={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                 "bnb_4bit_compute_dtype": "float32"},
+                 "bnb_4bit_compute_dtype": "auto"},
         description="4-bit NormalFloat in blocks of 64 with double quantization (QLoRA's format)",
     ),
     QuantScheme(
         "fp4", weights=QuantArgs(num_bits=4, strategy="group", group_size=64), format="bitsandbytes",
         options={"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
-                 "bnb_4bit_compute_dtype": "float32"},
+                 "bnb_4bit_compute_dtype": "auto"},
         description="4-bit float in blocks of 64",
     ),
 )
@@ -41,14 +41,22 @@ PRESETS = (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def bnb_config(scheme, skip):
+def float_dtype(model) -> torch.dtype:
+    """The model's floating dtype: what its unquantized parts keep and 4-bit matmuls compute in by default
+    (a bfloat16 model on CUDA stays bfloat16; the CPU pipeline's float32 model stays float32)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def bnb_config(scheme, skip, model_dtype: torch.dtype = torch.float32):
     """transformers converts every Linear except those in `llm_int8_skip_modules` (and, when that is None,
-    its own default list), so `skip` names each Linear hfquant does not quantize: an explicit list, even empty."""
+    its own default list), so `skip` names each Linear hfquant does not quantize: an explicit list, even empty.
+    A 4-bit compute dtype of "auto" is the model's own dtype."""
     from transformers import BitsAndBytesConfig
 
     opts = dict(scheme.options)
     if "bnb_4bit_compute_dtype" in opts:
-        opts["bnb_4bit_compute_dtype"] = DTYPES[opts["bnb_4bit_compute_dtype"]]
+        name = opts["bnb_4bit_compute_dtype"]
+        opts["bnb_4bit_compute_dtype"] = model_dtype if name == "auto" else DTYPES[name]
     return BitsAndBytesConfig(llm_int8_skip_modules=list(skip), **opts)
 
 
@@ -153,15 +161,15 @@ class BitsAndBytesBackend:
         `model.hfquant_left_unquantized` for the report); if that is every target, the run is refused."""
         from transformers import AutoModel, AutoModelForCausalLM
 
-        device = next(model.parameters()).device
+        device, dtype = next(model.parameters()).device, float_dtype(model)
         skips = runnable_check(model, plan.scheme, plan.modules)
-        config = bnb_config(plan.scheme, linears_to_skip(model, plan, skips))
+        config = bnb_config(plan.scheme, linears_to_skip(model, plan, skips), dtype)
         tmp = tempfile.mkdtemp(prefix="hfquant-bnb-")
         try:
             model.save_pretrained(tmp)
             auto = AutoModelForCausalLM if hasattr(model, "lm_head") or "ForCausalLM" in type(model).__name__ else AutoModel
             quantized = auto.from_pretrained(tmp, quantization_config=config,
-                                             device_map={"": str(device)}, dtype=torch.float32)
+                                             device_map={"": str(device)}, dtype=dtype)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         converted = converted_names(quantized)
