@@ -12,7 +12,9 @@ calibration) and `out_of_domain` (held-out chapters of Tom Sawyer, a domain no c
 The fp32 baseline is scored in the same run. Peer rows are read from `--peers` (written by
 `scripts/peers/peer_quantize.py` in each peer's own venv, from the same windows file; their token hashes are
 checked). Calibration: `pydoc` = the 32 seeded pydoc windows the peers calibrated on; `mix` = hfquant's default
-(16 of those pydoc windows' kind plus 16 windows the model writes itself, `conf/calibration/mix.yaml`).
+(16 of those pydoc windows' kind plus 16 windows the model writes itself, `conf/calibration/mix.yaml`, sampled in
+float32 as all rows before it measured; `mix-bf16` samples them under bfloat16 autocast, the default on CPUs with
+bf16 dot products).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ RECIPES = [
     Recipe("awq + rtn sym full-range", "w4a16", {"awq": {}}, full_range=True),
     Recipe("awq + gptq sym full-range", "w4a16", {"awq": {}, "gptq": {}}, full_range=True),
     Recipe("awq + gptq asym", "w4a16-asym", {"awq": {}, "gptq": {}}),
+    Recipe("awq + gptq sym full-range, model-written windows sampled under bf16 autocast", "w4a16",
+           {"awq": {}, "gptq": {}}, full_range=True, calibration="mix-bf16"),
     Recipe("awq + gptq sym full-range, half the calibration (8 + 8 windows)", "w4a16", {"awq": {}, "gptq": {}},
            full_range=True, calibration="mix-half"),
     Recipe("awq + rtn sym full-range, half the calibration (8 + 8 windows)", "w4a16", {"awq": {}},
@@ -231,8 +235,9 @@ def main() -> None:
 
     spec = DataSpec("pydoc", {}, 512, num_samples=16, seed=0)
     dataset = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec, evaluation=None), "calibration")
-    mix = with_generated(model, loaded.fingerprint, dataset, 16, 0)
-    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids,
+    mix = with_generated(model, loaded.fingerprint, dataset, 16, 0, "float32")  # the rows measured before bf16 sampling
+    mix_bf16 = with_generated(model, loaded.fingerprint, dataset, 16, 0, "bfloat16")
+    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids, "mix-bf16": mix_bf16.input_ids,
                    # half of each part: what calibration.num_samples=8 calibration.generated=8 would give
                    "mix-half": torch.cat([mix.input_ids[:8], mix.input_ids[16:24]])}
 
@@ -253,7 +258,7 @@ def main() -> None:
                     "cpu_flags": sorted({f for f in open("/proc/cpuinfo").read().split() if f in ("avx512_bf16", "amx_tile", "avx512f")})},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "windows": {k: {"token_sha256": w["token_sha256"], "shape": w["shape"], "source": w["source"]} for k, w in windows.items()},
-        "calibration": {"pydoc": saved["calibration"]["token_sha256"], "mix": mix.protocol["token_sha256"],
+        "calibration": {"pydoc": saved["calibration"]["token_sha256"], "mix": mix.protocol["token_sha256"], "mix-bf16": mix_bf16.protocol["token_sha256"],
                         "mix_protocol": mix.protocol},
         "baseline_ppl": baseline, "rows": rows, "peers": peer_rows(args.peers, windows),
         "seconds": time.perf_counter() - start,
