@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import gc
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -74,6 +75,22 @@ RECIPES = [
     Recipe("rtn asym g64, float zero", "w4a16-asym", {"rtn": {}}, group_size=64, float_zero=True),
     Recipe("awq + gptq asym, float zero", "w4a16-asym", {"awq": {}, "gptq": {}}, float_zero=True),
     Recipe("gptq asym, float zero", "w4a16-asym", {"gptq": {}}, float_zero=True),
+    Recipe("awq + gptq asym, float zero, double calibration (32 + 32 windows)", "w4a16-asym", {"awq": {}, "gptq": {}},
+           float_zero=True, calibration="mix-double"),
+    Recipe("awq + gptq asym, float zero, 16 pydoc + 48 model-written windows", "w4a16-asym", {"awq": {}, "gptq": {}},
+           float_zero=True, calibration="mix-gen48"),
+    Recipe("awq + gptq asym, float zero, dampening 0.1", "w4a16-asym", {"awq": {}, "gptq": {"dampening": 0.1}},
+           float_zero=True),
+    Recipe("awq + gptq asym, float zero, dampening 0.3", "w4a16-asym", {"awq": {}, "gptq": {"dampening": 0.3}},
+           float_zero=True),
+    Recipe("awq + gptq asym, float zero, dampening 0.1, 16 pydoc + 48 model-written windows", "w4a16-asym",
+           {"awq": {}, "gptq": {"dampening": 0.1}}, float_zero=True, calibration="mix-gen48"),
+    Recipe("awq + gptq asym, dampening 0.1", "w4a16-asym", {"awq": {}, "gptq": {"dampening": 0.1}}),
+    Recipe("gptq sym full-range, dampening 0.1", "w4a16", {"gptq": {"dampening": 0.1}}, full_range=True),
+    Recipe("awq + gptq sym full-range, dampening 0.1", "w4a16", {"awq": {}, "gptq": {"dampening": 0.1}},
+           full_range=True),
+    Recipe("awq + gptq sym full-range, dampening 0.1, 8 pydoc + 24 model-written windows", "w4a16",
+           {"awq": {}, "gptq": {"dampening": 0.1}}, full_range=True, calibration="mix-gen24"),
     Recipe("hqq sym full-range (data-free)", "w4a16", {"hqq": {}}, full_range=True),
     Recipe("gptq sym g64, pydoc calibration (llm-compressor's setting)", "w4a16", {"gptq": {}}, group_size=64,
            calibration="pydoc"),
@@ -237,7 +254,19 @@ def main() -> None:
     dataset = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec, evaluation=None), "calibration")
     mix = with_generated(model, loaded.fingerprint, dataset, 16, 0, "float32")  # the rows measured before bf16 sampling
     mix_bf16 = with_generated(model, loaded.fingerprint, dataset, 16, 0, "bfloat16")
-    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids, "mix-bf16": mix_bf16.input_ids,
+    wanted = {r.calibration for r in RECIPES if not args.only or any(r.name == o or (o.endswith("*") and
+                                                                     r.name.startswith(o[:-1])) for o in args.only)}
+    larger = {}  # more calibration: sampled (bf16) only when a recipe asks for it
+    if "mix-double" in wanted:
+        spec32 = DataSpec("pydoc", {}, 512, num_samples=32, seed=0)
+        pydoc32 = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec32, evaluation=None), "calibration")
+        larger["mix-double"] = with_generated(model, loaded.fingerprint, pydoc32, 32, 0, "bfloat16").input_ids
+    if "mix-gen24" in wanted:  # the default's 32 windows, a quarter of them pydoc
+        pydoc8 = data.Windows(dataset.input_ids[:8], dict(dataset.protocol), dataset.score_from)
+        larger["mix-gen24"] = with_generated(model, loaded.fingerprint, pydoc8, 24, 0, "bfloat16").input_ids
+    if "mix-gen48" in wanted:
+        larger["mix-gen48"] = with_generated(model, loaded.fingerprint, dataset, 48, 0, "bfloat16").input_ids
+    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids, "mix-bf16": mix_bf16.input_ids, **larger,
                    # half of each part: what calibration.num_samples=8 calibration.generated=8 would give
                    "mix-half": torch.cat([mix.input_ids[:8], mix.input_ids[16:24]])}
 
@@ -259,6 +288,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "windows": {k: {"token_sha256": w["token_sha256"], "shape": w["shape"], "source": w["source"]} for k, w in windows.items()},
         "calibration": {"pydoc": saved["calibration"]["token_sha256"], "mix": mix.protocol["token_sha256"], "mix-bf16": mix_bf16.protocol["token_sha256"],
+                        **{name: hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16] for name, ids in larger.items()},
                         "mix_protocol": mix.protocol},
         "baseline_ppl": baseline, "rows": rows, "peers": peer_rows(args.peers, windows),
         "seconds": time.perf_counter() - start,

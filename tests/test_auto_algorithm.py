@@ -88,3 +88,13 @@ def test_every_decoder_layer_is_checked_not_only_the_first():
     chain = make_chain({"awq": {}, "gptq": {}})
     dropped = check_layers(chain, model, drop_unsupported=True)
     assert chain.names == ["gptq"] and len(dropped) == 1 and "model.layers.1 " in dropped[0]
+
+
+def test_algorithm_options_reach_the_report_and_card(tiny_llm_dir, tmp_path):
+    out = tmp_path / "o"
+    report = run(compose(tiny_overrides(tiny_llm_dir, out, "algorithm=gptq", "algorithm.gptq.dampening=0.05",
+                                        "scheme.weights.group_size=32", "calibration.generated=0")))
+    assert report["run"]["algorithm_options"]["gptq"]["dampening"] == 0.05
+    assert "`gptq` (" in (card := (out / "model" / "README.md").read_text()) and "dampening=0.05" in card
+    plain = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "p", "scheme.weights.group_size=32")))
+    assert "algorithm_options" not in plain["run"]  # round-to-nearest, no options: nothing to say

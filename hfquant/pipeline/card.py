@@ -17,6 +17,14 @@ from .report import embedding_line, reported_apart, summary_rows, table
 PIPELINE_TAGS = {"causal-lm": "text-generation", "embedding": "feature-extraction"}
 
 
+
+def algorithm_list(report: dict) -> str:
+    """`awq`, `gptq` (dampening=0.1): the algorithms that ran, in order, each with the options it was given."""
+    options = report.get("run", {}).get("algorithm_options") or {}
+    names = report.get("quantization", {}).get("algorithms") or ["rtn"]
+    return ", ".join(f"`{a}`" + (" (" + ", ".join(f"{k}={v}" for k, v in options[a].items()) + ")" if options.get(a) else "")
+                     for a in names)
+
 def base_license(source: str) -> Optional[str]:
     """The base model's license from its own card, when the source folder has one."""
     readme = os.path.join(source, "README.md") if os.path.isdir(source) else None
@@ -168,7 +176,7 @@ against the unquantized model on the same text.
 - scheme: `{run['scheme']}` — {scheme.get('description') or ''}
 - weights: `{scheme.get('weights')}`
 - activations: `{scheme.get('input_activations')}`
-- algorithms: {', '.join(f'`{a}`' for a in (report.get('quantization', {}).get('algorithms') or ['rtn']))} (in order; the last chose the integer codes), layer inputs propagated {report.get('quantization', {}).get('propagate', 'quantized')}{'; chosen by algorithm=' + run['algorithm_reason'] if run.get('algorithm_reason') else ''}
+- algorithms: {algorithm_list(report)} (in order; the last chose the integer codes), layer inputs propagated {report.get('quantization', {}).get('propagate', 'quantized')}{'; chosen by algorithm=' + run['algorithm_reason'] if run.get('algorithm_reason') else ''}
 - observer: `{run['observer']}` {run.get('observer_options') or ''}; backend: `{run['backend']}` ({run['backend_reason']})
 - modules quantized: {q.get('modules')}; left unquantized: {', '.join([n for n in scheme.get('ignore') or [] if n not in reported_apart(q)] + list(q.get('left_unquantized') or {})) or 'none'}
 {embedding_line(q)}- bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}

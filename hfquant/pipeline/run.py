@@ -184,7 +184,9 @@ def _run_header(spec: RunSpec, source: str) -> dict:
     m = spec.model
     return {"model": m.get("name") or m["path"], "model_source": source, "task": m.get("task", "causal-lm"),
             "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
-            "algorithms": list(spec.algorithms), **({"algorithm_reason": f"auto: {spec.algorithm_reason}"}
+            "algorithms": list(spec.algorithms),
+            **({"algorithm_options": {n: o for n, o in spec.algorithms.items() if o}} if any(spec.algorithms.values()) else {}),
+            **({"algorithm_reason": f"auto: {spec.algorithm_reason}"}
                                                     if spec.algorithm_auto else {}),
             "output_dir": os.path.abspath(spec.output_dir), "resumed": spec.resume}
 
