@@ -31,8 +31,7 @@ if not OmegaConf.has_resolver("hfquant.if_path"):
     OmegaConf.register_new_resolver("hfquant.if_path", _if_path)
 
 PIPELINES = ("auto", "streaming", "in_memory")
-SAMPLING_DTYPES = ("auto", "float32", "bfloat16")
-DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size", "generated", "generated_dtype",
+DATASET_PROTOCOL_KEYS = {"name", "num_samples", "seq_len", "seed", "max_windows", "evaluators", "batch_size", "generated",
                          "out_of_domain", "compare_rtn"}
 
 
@@ -61,7 +60,6 @@ class DataSpec:
     max_windows: Optional[int] = None
     evaluators: List[str] = field(default_factory=list)
     generated: int = 0  # calibration: extra windows sampled from the model itself (pipeline/generated.py)
-    generated_dtype: str = "auto"  # calibration: what sampling computes in (auto | float32 | bfloat16)
     out_of_domain: Optional[str] = None  # evaluation: a second dataset outside the calibration domain (compare.py)
     compare_rtn: bool = False  # evaluation: also score round-to-nearest with the same scheme
     batch_size: Any = None  # evaluation: windows per forward (None: the evaluator's default, "auto")
@@ -155,10 +153,6 @@ def _data(node, key: str, need_samples: bool) -> Optional[DataSpec]:
         generated = raw.get("generated", 0)
         if generated != 0:
             spec.generated = _positive_int(generated, f"{key}.generated")
-        spec.generated_dtype = str(raw.get("generated_dtype", "auto"))
-        if spec.generated_dtype not in SAMPLING_DTYPES:
-            raise ConfigError(f"{key}.generated_dtype must be one of {', '.join(SAMPLING_DTYPES)} (auto: bfloat16 "
-                              f"autocast for a float32 model on a CPU with bf16 dot products), got {spec.generated_dtype!r}")
     else:
         spec.max_windows = _positive_int(raw.get("max_windows"), f"{key}.max_windows", allow_none=True)
         spec.evaluators = list(raw.get("evaluators") or [])

@@ -13,8 +13,8 @@ The fp32 baseline is scored in the same run. Peer rows are read from `--peers` (
 `scripts/peers/peer_quantize.py` in each peer's own venv, from the same windows file; their token hashes are
 checked). Calibration: `pydoc` = the 32 seeded pydoc windows the peers calibrated on; `mix` = hfquant's default
 (16 of those pydoc windows' kind plus 16 windows the model writes itself, `conf/calibration/mix.yaml`, sampled in
-float32 as all rows before it measured; `mix-bf16` samples them under bfloat16 autocast, the default on CPUs with
-bf16 dot products).
+float32). Other sets, their model-written part sampled under bfloat16 autocast: `mix-bf16` (the same 16 + 16),
+`mix-double` (32 + 32), `mix-gen24` (8 + 24), `mix-gen48` (16 + 48); `mix-half` is half of `mix`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import gc
 import glob
-import hashlib
 import json
 import os
 import platform
@@ -132,6 +131,11 @@ class Windows:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def selected(recipe: Recipe, only) -> bool:
+    """Whether `--only` (exact names, or 'prefix*') asks for this recipe; everything when it is empty."""
+    return not only or any(recipe.name == o or (o.endswith("*") and recipe.name.startswith(o[:-1])) for o in only)
 
 
 def scheme_for(recipe: Recipe):
@@ -252,21 +256,18 @@ def main() -> None:
 
     spec = DataSpec("pydoc", {}, 512, num_samples=16, seed=0)
     dataset = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec, evaluation=None), "calibration")
-    mix = with_generated(model, loaded.fingerprint, dataset, 16, 0, "float32")  # the rows measured before bf16 sampling
-    mix_bf16 = with_generated(model, loaded.fingerprint, dataset, 16, 0, "bfloat16")
-    wanted = {r.calibration for r in RECIPES if not args.only or any(r.name == o or (o.endswith("*") and
-                                                                     r.name.startswith(o[:-1])) for o in args.only)}
-    larger = {}  # more calibration: sampled (bf16) only when a recipe asks for it
-    if "mix-double" in wanted:
-        spec32 = DataSpec("pydoc", {}, 512, num_samples=32, seed=0)
-        pydoc32 = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec32, evaluation=None), "calibration")
-        larger["mix-double"] = with_generated(model, loaded.fingerprint, pydoc32, 32, 0, "bfloat16").input_ids
-    if "mix-gen24" in wanted:  # the default's 32 windows, a quarter of them pydoc
-        pydoc8 = data.Windows(dataset.input_ids[:8], dict(dataset.protocol), dataset.score_from)
-        larger["mix-gen24"] = with_generated(model, loaded.fingerprint, pydoc8, 24, 0, "bfloat16").input_ids
-    if "mix-gen48" in wanted:
-        larger["mix-gen48"] = with_generated(model, loaded.fingerprint, dataset, 48, 0, "bfloat16").input_ids
-    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids, "mix-bf16": mix_bf16.input_ids, **larger,
+    mix = with_generated(model, loaded.fingerprint, dataset, 16, 0)
+    wanted = {r.calibration for r in RECIPES if selected(r, args.only)}
+    pydoc32 = lambda: data.windows(loaded.tokenizer, types.SimpleNamespace(  # noqa: E731
+        calibration=DataSpec("pydoc", {}, 512, num_samples=32, seed=0), evaluation=None), "calibration")
+    pydoc8 = lambda: data.Windows(dataset.input_ids[:8], dict(dataset.protocol), dataset.score_from)  # noqa: E731
+    # more or other calibration, the model-written part sampled under bf16 autocast: built only when a recipe asks
+    other_sets = {"mix-bf16": (lambda: dataset, 16), "mix-double": (pydoc32, 32), "mix-gen24": (pydoc8, 24),
+                  "mix-gen48": (lambda: dataset, 48)}
+    larger = {name: with_generated(model, loaded.fingerprint, part(), count, 0, torch.bfloat16)
+              for name, (part, count) in other_sets.items() if name in wanted}
+    calibration = {"pydoc": saved["calibration"]["input_ids"], "mix": mix.input_ids,
+                   **{name: w.input_ids for name, w in larger.items()},
                    # half of each part: what calibration.num_samples=8 calibration.generated=8 would give
                    "mix-half": torch.cat([mix.input_ids[:8], mix.input_ids[16:24]])}
 
@@ -274,7 +275,7 @@ def main() -> None:
     baseline = {k: perplexity(model, w["input_ids"])["perplexity"] for k, w in windows.items()}
     rows = []
     for recipe in RECIPES:
-        if args.only and not any(recipe.name == o or (o.endswith("*") and recipe.name.startswith(o[:-1])) for o in args.only):
+        if not selected(recipe, args.only):
             continue
         print(f"… {recipe.name}", flush=True)
         row = run_recipe(model, recipe, calibration, windows)
@@ -287,9 +288,8 @@ def main() -> None:
                     "cpu_flags": sorted({f for f in open("/proc/cpuinfo").read().split() if f in ("avx512_bf16", "amx_tile", "avx512f")})},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "windows": {k: {"token_sha256": w["token_sha256"], "shape": w["shape"], "source": w["source"]} for k, w in windows.items()},
-        "calibration": {"pydoc": saved["calibration"]["token_sha256"], "mix": mix.protocol["token_sha256"], "mix-bf16": mix_bf16.protocol["token_sha256"],
-                        **{name: hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16] for name, ids in larger.items()},
-                        "mix_protocol": mix.protocol},
+        "calibration": {"pydoc": saved["calibration"]["token_sha256"], "mix": mix.protocol["token_sha256"],
+                        **{name: w.token_hash for name, w in larger.items()}, "mix_protocol": mix.protocol},
         "baseline_ppl": baseline, "rows": rows, "peers": peer_rows(args.peers, windows),
         "seconds": time.perf_counter() - start,
     }
@@ -298,6 +298,7 @@ def main() -> None:
             previous = json.load(f)
         names = {r["name"] for r in rows}
         result["rows"] = [r for r in previous.get("rows", []) if r["name"] not in names] + rows
+        result["calibration"] = {**previous.get("calibration", {}), **result["calibration"]}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, default=str)

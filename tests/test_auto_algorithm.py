@@ -94,7 +94,8 @@ def test_algorithm_options_reach_the_report_and_card(tiny_llm_dir, tmp_path):
     out = tmp_path / "o"
     report = run(compose(tiny_overrides(tiny_llm_dir, out, "algorithm=gptq", "algorithm.gptq.dampening=0.05",
                                         "scheme.weights.group_size=32", "calibration.generated=0")))
-    assert report["run"]["algorithm_options"]["gptq"]["dampening"] == 0.05
-    assert "`gptq` (" in (card := (out / "model" / "README.md").read_text()) and "dampening=0.05" in card
-    plain = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "p", "scheme.weights.group_size=32")))
-    assert "algorithm_options" not in plain["run"]  # round-to-nearest, no options: nothing to say
+    assert report["run"]["algorithm_options"] == {"gptq": {"dampening": 0.05}}  # only what differs from the defaults
+    assert "`gptq` (dampening=0.05)" in (out / "model" / "README.md").read_text()
+    plain = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "p", "algorithm=gptq", "scheme.weights.group_size=32",
+                                       "calibration.generated=0")))
+    assert "algorithm_options" not in plain["run"]  # every option at its default: nothing to name

@@ -17,13 +17,13 @@ from .report import embedding_line, reported_apart, summary_rows, table
 PIPELINE_TAGS = {"causal-lm": "text-generation", "embedding": "feature-extraction"}
 
 
-
 def algorithm_list(report: dict) -> str:
     """`awq`, `gptq` (dampening=0.1): the algorithms that ran, in order, each with the options it was given."""
     options = report.get("run", {}).get("algorithm_options") or {}
     names = report.get("quantization", {}).get("algorithms") or ["rtn"]
     return ", ".join(f"`{a}`" + (" (" + ", ".join(f"{k}={v}" for k, v in options[a].items()) + ")" if options.get(a) else "")
                      for a in names)
+
 
 def base_license(source: str) -> Optional[str]:
     """The base model's license from its own card, when the source folder has one."""

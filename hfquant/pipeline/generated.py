@@ -6,59 +6,53 @@ first token drawn from the dataset's own calibration windows) with the dataset's
 general. Sampling runs once per (model, seed, size): the windows are cached next to the baseline metrics, so a
 sweep and a re-run calibrate on the same tokens (whose hash the report and card record).
 
-Sampling is the largest one-time cost of a first run on CPU (a batch of windows, one token at a time). A float32
-model on a CPU with bf16 dot products (AVX512-BF16, AMX) samples under bfloat16 autocast by default: 113 → 81 ms
-per step at batch 16 on the embedded model. The text then differs from a float32 sampler's (as it would between
-any two numerics), so `generated_dtype=float32` is there for runs that must match across CPU kinds.
+Sampling under bfloat16 autocast (`autocast_dtype`) is a benchmark option only: on a CPU with bf16 dot products it
+is faster for the first 64 tokens but slower over a whole 512-token window (134.7 vs 123.1 ms per step at batch 16,
+docs/benchmarks.md), so runs sample in the model's own dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-
-import contextlib
+from typing import Optional
 
 import torch
 
 from .data import Windows
 from .evaluate import cache_dir
+from .load import float_dtype
 
 log = logging.getLogger("hfquant")
 
 
-def sampling_dtype(model, requested: str = "auto") -> torch.dtype:
-    """What sampling computes in: `requested`, or (auto) bfloat16 for a float32 model on a CPU with bf16 dot
-    products and the model's own dtype everywhere else."""
-    from hfquant.formats.kernels import bf16_gemm_is_fast
-
-    if requested != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
-    param = next(model.parameters())
-    if param.device.type == "cpu" and param.dtype == torch.float32 and bf16_gemm_is_fast():
-        return torch.bfloat16
-    return param.dtype
-
-
 def _cache_path(fingerprint: str, count: int, seq_len: int, seed: int, first_tokens: torch.Tensor,
-                dtype: torch.dtype) -> str:
-    blob = json.dumps([fingerprint, count, seq_len, seed, first_tokens.tolist(), "generated-v2"]
-                      + ([] if dtype == torch.float32 else [str(dtype)]))  # float32 keeps the caches already written
+                model_dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]) -> str:
+    """Keyed by the model's dtype and any autocast dtype too (the fingerprint names the checkpoint, not how it was
+    loaded); a float32 model without autocast keeps the key the caches already written have."""
+    extra = ([] if model_dtype == torch.float32 else [f"model {model_dtype}"]) + (
+        [] if autocast_dtype is None else [str(autocast_dtype)])
+    blob = json.dumps([fingerprint, count, seq_len, seed, first_tokens.tolist(), "generated-v2"] + extra)
     return os.path.join(cache_dir(), "generated-" + hashlib.sha256(blob.encode()).hexdigest()[:24] + ".pt")
 
 
 @torch.no_grad()
 def generate_windows(model, count: int, seq_len: int, seed: int, first_tokens: torch.Tensor,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(count, seq_len) token ids sampled from `model` (temperature 1, no top-k/top-p, end-of-text not allowed
-    to stop a window early), each sequence starting from one of `first_tokens`; seeded, global RNG untouched.
-    A `dtype` other than the model's runs the sampling under autocast to it."""
-    param = next(model.parameters())
-    device = param.device
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != param.dtype else contextlib.nullcontext())
-    with torch.random.fork_rng(devices=[]), autocast:
+    to stop a window early), each sequence starting from one of `first_tokens`; seeded, global RNG (CUDA's too)
+    untouched. `autocast_dtype` samples a float32 model under autocast to that lower precision."""
+    device = next(model.parameters()).device
+    autocast = contextlib.nullcontext()
+    if autocast_dtype is not None:
+        if float_dtype(model) != torch.float32 or autocast_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast samples a float32 model in bfloat16 or float16; this model is "
+                             f"{float_dtype(model)} and {autocast_dtype} was asked for")
+        autocast = torch.autocast(device.type, dtype=autocast_dtype)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         torch.manual_seed(seed)
         ids = model.generate(first_tokens[:count].reshape(count, 1).to(device), do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
@@ -67,15 +61,15 @@ def generate_windows(model, count: int, seq_len: int, seed: int, first_tokens: t
 
 
 def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int, seed: int,
-                   dtype: str = "auto") -> Windows:
+                   autocast_dtype: Optional[torch.dtype] = None) -> Windows:
     """`dataset_windows` followed by `count` windows sampled from `model` (cached), protocol updated."""
     if count <= 0:
         return dataset_windows
-    computes_in = sampling_dtype(model, dtype)
+    computes_in = autocast_dtype or float_dtype(model)
     seq_len = dataset_windows.input_ids.shape[1]
     pick = torch.randperm(dataset_windows.input_ids.numel(), generator=torch.Generator().manual_seed(seed))[:count]
     first_tokens = dataset_windows.input_ids.reshape(-1)[pick]
-    path = _cache_path(fingerprint, count, seq_len, seed, first_tokens, computes_in)
+    path = _cache_path(fingerprint, count, seq_len, seed, first_tokens, float_dtype(model), autocast_dtype)
     generated = None
     if os.path.isfile(path):
         try:
@@ -85,7 +79,7 @@ def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int
     if generated is None or tuple(generated.shape) != (count, seq_len):
         log.info("sampling %d calibration windows of %d tokens from the model in %s (cached for the next run)", count,
                  seq_len, str(computes_in).replace("torch.", ""))
-        generated = generate_windows(model, count, seq_len, seed, first_tokens, computes_in)
+        generated = generate_windows(model, count, seq_len, seed, first_tokens, autocast_dtype)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + f".tmp{os.getpid()}"
         torch.save(generated, tmp)

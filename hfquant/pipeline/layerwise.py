@@ -69,6 +69,22 @@ def make_chain(algorithms: Dict[str, dict], propagate: str = "quantized", regist
     return AlgorithmChain(steps, propagate)
 
 
+def changed_options(algorithms: dict) -> dict:
+    """{algorithm: its options that differ from the algorithm's own defaults}: what the card must name, the same
+    whether an option came from a named config group (which lists every default) or from algorithm=auto."""
+    import inspect
+
+    from ..plugins import registries
+
+    changed = {}
+    for name, options in algorithms.items():
+        defaults = {k: p.default for k, p in inspect.signature(registries().algorithms.get(name)).parameters.items()}
+        own = {k: v for k, v in options.items() if defaults.get(k, inspect.Parameter.empty) != v}
+        if own:
+            changed[name] = own
+    return changed
+
+
 def check_layers(chain: AlgorithmChain, model: torch.nn.Module, drop_unsupported: bool = False) -> List[str]:
     """Let each algorithm with a `check_layer(layer, prefix)` refuse the model from its decoder layers (all of them:
     a model may switch layouts, e.g. dense first layers then MoE) — before any evaluation or calibration, instead

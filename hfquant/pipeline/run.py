@@ -25,7 +25,7 @@ from . import data as data_mod
 from .calibrate import build_plan
 from .evaluate import evaluate_baseline, evaluate_quantized, make_evaluators, protocols, public
 from .distributed import Ranks, ranks_from_env
-from .load import check_model_source, checkpoint_folder, load_model, load_tokenizer
+from .load import check_model_source, checkpoint_folder, float_dtype, load_model, load_tokenizer
 from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .faults import fault_point
@@ -36,7 +36,7 @@ from .safety import claim_output, interruption_message, no_space_message, resume
 from .push import PushError, push
 from . import embedding as embedding_mod
 from .quantize import check_format_fits, check_model_fits, resolve_backend, scale_rounding
-from .layerwise import check_layers, make_chain, quantize_in_memory
+from .layerwise import changed_options, check_layers, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
 from .report import markdown, reported_apart, summary_rows, table, versions
@@ -185,7 +185,7 @@ def _run_header(spec: RunSpec, source: str) -> dict:
     return {"model": m.get("name") or m["path"], "model_source": source, "task": m.get("task", "causal-lm"),
             "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
             "algorithms": list(spec.algorithms),
-            **({"algorithm_options": {n: o for n, o in spec.algorithms.items() if o}} if any(spec.algorithms.values()) else {}),
+            **({"algorithm_options": options} if (options := changed_options(spec.algorithms)) else {}),
             **({"algorithm_reason": f"auto: {spec.algorithm_reason}"}
                                                     if spec.algorithm_auto else {}),
             "output_dir": os.path.abspath(spec.output_dir), "resumed": spec.resume}
@@ -301,14 +301,14 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         elif own_format and chain.requires_data and spec.calibration.generated:
             with timer.stage("sample calibration text"):  # algorithms also learn from text the model writes
                 calib_windows = with_generated(model, loaded.fingerprint, calib_windows, spec.calibration.generated,
-                                               spec.calibration.seed, spec.calibration.generated_dtype)
+                                               spec.calibration.seed)
         calibration_status = _calibration_status(spec, backend, own_format, calib_windows)
         with timer.stage("quantize"):
             targets = len(plan.modules)  # the scheme's; an lm_head quantized with the embedding is reported with it
             report_quant = {"modules": targets, "ignore": list(spec.scheme.ignore)}
             round_scale = None
             if own_format:
-                round_scale = scale_rounding(backend, spec.format, _float_dtype(model), spec.scheme, spec.format_options)
+                round_scale = scale_rounding(backend, spec.format, float_dtype(model), spec.scheme, spec.format_options)
                 make_observer = lambda args: obs_cls(args, **spec.observer_options)  # noqa: E731
                 report_quant.update(quantize_in_memory(model, plan, chain, make_observer, round_scale, calib_windows),
                                     algorithms=chain.names, propagate=spec.propagate)
@@ -344,10 +344,6 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
             **({"rtn": comparison["rtn"]} if "rtn" in comparison else {}),
         }
     return report
-
-
-def _float_dtype(model) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
 
 
 def _can_generate(model) -> bool:
@@ -565,7 +561,8 @@ def _resume_quantized(spec: RunSpec, timer: Timer):
         qmodel = load_quantized(out_model, spec.model.get("task", "causal-lm"))
     qcfg = qmodel.config.quantization_config
     qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
-    report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True}
+    report_quant = {"modules": len(qcfg.get("modules", {})), "ignore": qcfg.get("ignore", []), "resumed": True,
+                    "algorithms": list(spec.algorithms), "propagate": spec.propagate}  # the request it was checked against
     embedding = embedding_mod.entry_of_folder(qmodel, qcfg.get("modules", {}))
     if embedding:
         report_quant.update(modules=report_quant["modules"] - 1 - bool(embedding["head"]), embedding=embedding)

@@ -70,7 +70,23 @@ def resume_request(spec, backend: str) -> dict:
         "observer_options": dict(spec.observer_options or {}),
         "backend": backend,
         "calibration": calibration,
+        "codes_from": _codes_from(spec),
     }
+
+
+def _codes_from(spec) -> dict:
+    """The algorithms (auto, or each one with the options it changed), what they learned from and how layer inputs
+    were propagated: a resume with other settings would report codes these did not choose."""
+    from .layerwise import changed_options
+
+    changed = changed_options(spec.algorithms)
+    algorithms = "auto" if spec.algorithm_auto else [[n, changed.get(n, {})] for n in spec.algorithms]
+    out = {"algorithms": algorithms, "propagate": spec.propagate}
+    if spec.algorithms_need_data and spec.calibration is not None:
+        c = spec.calibration
+        out["calibration"] = {"name": c.name, "options": c.options, "seq_len": c.seq_len, "num_samples": c.num_samples,
+                              "seed": c.seed, "generated": c.generated}
+    return out
 
 
 def _differences(held, wanted, prefix: str = "") -> list:
@@ -106,6 +122,8 @@ def check_resume_matches(output_dir: str, wanted: dict) -> None:
     if held is None:
         raise OutputExistsError(f"resume=true, but {output_dir!r} does not record what its model/ was made from; "
                                 "run without resume=true (overwrite=true to replace it)")
+    if "codes_from" not in held:  # recorded before algorithms were: compare what it recorded
+        wanted = {k: v for k, v in wanted.items() if k != "codes_from"}
     diffs = _differences(held, wanted)
     if diffs:
         shown = first_few(diffs, 6)

@@ -41,12 +41,6 @@ PRESETS = (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def float_dtype(model) -> torch.dtype:
-    """The model's floating dtype: what its unquantized parts keep and 4-bit matmuls compute in by default
-    (a bfloat16 model on CUDA stays bfloat16; the CPU pipeline's float32 model stays float32)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def bnb_config(scheme, skip, model_dtype: torch.dtype = torch.float32):
     """transformers converts every Linear except those in `llm_int8_skip_modules` (and, when that is None,
     its own default list), so `skip` names each Linear hfquant does not quantize: an explicit list, even empty.
@@ -160,6 +154,8 @@ class BitsAndBytesBackend:
         On CPU, 4-bit Linears whose shape bitsandbytes' CPU kernel cannot run stay unquantized (listed in
         `model.hfquant_left_unquantized` for the report); if that is every target, the run is refused."""
         from transformers import AutoModel, AutoModelForCausalLM
+
+        from hfquant.pipeline.load import float_dtype
 
         device, dtype = next(model.parameters()).device, float_dtype(model)
         skips = runnable_check(model, plan.scheme, plan.modules)

@@ -1,14 +1,12 @@
-"""Calibration text the model writes itself: what it is sampled in, and that each choice is cached on its own."""
+"""Calibration text the model writes itself: sampled in the model's dtype unless a float32 model is autocast
+down, each way cached on its own, global random state left alone."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hfquant.config import ConfigError, validate
-from hfquant.formats import kernels
 from hfquant.pipeline.data import Windows
-from hfquant.pipeline.generated import sampling_dtype, with_generated
-from tests.conftest import compose
+from hfquant.pipeline.generated import generate_windows, with_generated
 
 
 @pytest.fixture(scope="module")
@@ -21,43 +19,40 @@ def dataset_windows(vocab: int) -> Windows:
     return Windows(ids, {"dataset": {"name": "test"}, "num_samples": 3}, 0)
 
 
-@pytest.mark.parametrize("fast_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_auto_samples_a_float32_model_in_bfloat16_only_where_the_cpu_has_bf16_dot_products(model, monkeypatch,
-                                                                                           fast_bf16, expected):
-    monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: fast_bf16)
-    assert sampling_dtype(model) == expected
-    assert sampling_dtype(model, "float32") == torch.float32 and sampling_dtype(model, "bfloat16") == torch.bfloat16
-
-
-def test_a_bfloat16_model_samples_in_its_own_dtype(tiny_llm_dir, monkeypatch):
-    monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: False)
-    bf16 = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.bfloat16)
-    assert sampling_dtype(bf16) == torch.bfloat16
-
-
-def test_each_sampling_dtype_computes_in_it_and_is_cached_on_its_own(model):
+def sampled(model, autocast=None, fingerprint="fp-test"):
+    """(windows, the dtypes lm_head computed in while they were made)."""
     seen = []
     handle = model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     try:
-        windows = dataset_windows(model.config.vocab_size)
-        as_float = with_generated(model, "fp-test", windows, 2, 0, "float32")
-        used_float = set(seen)
-        seen.clear()
-        as_bf16 = with_generated(model, "fp-test", windows, 2, 0, "bfloat16")
-        used_bf16 = set(seen)
-        seen.clear()
-        again = with_generated(model, "fp-test", windows, 2, 0, "float32")
+        return with_generated(model, fingerprint, dataset_windows(model.config.vocab_size), 2, 0, autocast), set(seen)
     finally:
         handle.remove()
-    assert used_float == {torch.float32} and used_bf16 == {torch.bfloat16}
-    assert not seen and torch.equal(again.input_ids, as_float.input_ids)  # read from the cache: no forward ran
+
+
+def test_autocast_and_model_dtypes_each_compute_in_it_and_are_cached_on_their_own(model, tiny_llm_dir):
+    as_float, used = sampled(model)
+    assert used == {torch.float32} and as_float.protocol["generated"]["computed_in"] == "float32"
+    as_bf16, used = sampled(model, torch.bfloat16)
+    assert used == {torch.bfloat16} and as_bf16.protocol["generated"]["computed_in"] == "bfloat16"
+    again, used = sampled(model)
+    assert not used and torch.equal(again.input_ids, as_float.input_ids)  # read from the cache: no forward ran
+    bf16_model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.bfloat16).eval()
+    native, used = sampled(bf16_model)  # same checkpoint (fingerprint), loaded in bf16: not the float32 cache
+    assert used == {torch.bfloat16} and native.protocol["generated"]["computed_in"] == "bfloat16"
     assert as_float.input_ids.shape == as_bf16.input_ids.shape == (5, 16)
-    assert torch.equal(as_float.input_ids[:3], windows.input_ids)
-    assert as_float.protocol["generated"]["computed_in"] == "float32"
-    assert as_bf16.protocol["generated"]["computed_in"] == "bfloat16"
+    assert torch.equal(as_float.input_ids[:3], dataset_windows(model.config.vocab_size).input_ids)
 
 
-def test_an_unknown_sampling_dtype_is_refused_at_config_time(tiny_llm_dir):
-    with pytest.raises(ConfigError, match=r"calibration.generated_dtype must be one of auto, float32, bfloat16"):
-        validate(compose(["model=hub", f"model.path={tiny_llm_dir}", "output_dir=/tmp/x", "algorithm=gptq",
-                          "calibration.generated_dtype=fp16"]))
+def test_autocast_only_lowers_a_float32_model(tiny_llm_dir):
+    bf16_model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.bfloat16).eval()
+    with pytest.raises(ValueError, match="autocast samples a float32 model in bfloat16 or float16; this model is "
+                                         "torch.bfloat16"):
+        generate_windows(bf16_model, 1, 4, 0, torch.tensor([5]), torch.float32)
+
+
+def test_sampling_leaves_the_global_random_state_alone(model):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_windows(model, 1, 4, 0, torch.tensor([5]))
+    assert torch.equal(torch.rand(3), expected)

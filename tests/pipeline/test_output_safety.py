@@ -213,3 +213,30 @@ def test_a_disk_filling_up_while_saving_is_named_and_cleaned_up(tiny_llm_dir, tm
     with pytest.raises(OutputFolderError, match=r"no space left on the device of output_dir .* during (save|stream quantize)"):
         run(compose(args(tiny_llm_dir, out, "scheme=w8a16", stream=stream)))
     assert visible(out) == []
+
+
+def test_resume_compares_the_algorithms_and_what_they_learned_from(tiny_llm_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["algorithm=gptq", "scheme.weights.group_size=32", "calibration.generated=0"]
+    run(compose(tiny_overrides(tiny_llm_dir, out, *common, "algorithm.gptq.dampening=0.05")))
+    with pytest.raises(OutputExistsError, match=r"codes_from.algorithms: .*'dampening': 0.05.* in the folder, "
+                                                r"\[\['gptq', \{\}\]\] now"):
+        run(compose(tiny_overrides(tiny_llm_dir, out, *common, "resume=true")))
+    with pytest.raises(OutputExistsError, match=r"codes_from.calibration.num_samples: 4 in the folder, 3 now"):
+        run(compose(tiny_overrides(tiny_llm_dir, out, *common, "algorithm.gptq.dampening=0.05", "resume=true",
+                                   "calibration.num_samples=3")))
+    resumed = run(compose(tiny_overrides(tiny_llm_dir, out, *common, "algorithm.gptq.dampening=0.05", "resume=true")))
+    assert resumed["quantization"]["algorithms"] == ["gptq"] and resumed["run"]["algorithm_options"] == {"gptq": {"dampening": 0.05}}
+    assert "`gptq` (dampening=0.05)" in (out / "model" / "README.md").read_text()
+
+
+def test_a_folder_recorded_before_algorithms_were_still_resumes(tiny_llm_dir, tmp_path):
+    from hfquant.pipeline.output import RESUME_RECORD
+
+    out = tmp_path / "run"
+    run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=w8a16")))
+    record_path = out / RESUME_RECORD
+    record = json.loads(record_path.read_text())
+    del record["request"]["codes_from"]
+    record_path.write_text(json.dumps(record))
+    assert run(compose(tiny_overrides(tiny_llm_dir, out, "scheme=w8a16", "resume=true")))["quantization"]["resumed"]
