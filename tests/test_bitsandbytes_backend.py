@@ -31,6 +31,7 @@ def test_bitsandbytes_folder_reloads_with_plain_transformers(tiny_llm_dir, tmp_p
     assert "own statistics" in report["calibration"]["status"]
     qcfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "bitsandbytes"
+    assert qcfg["bnb_4bit_compute_dtype"] == "float32"  # "auto" = the float32 model's own dtype
     # 4-bit: the fixture's down_proj (in_features=160) is a shape bitsandbytes' CPU kernel cannot run (see
     # tests/test_bitsandbytes_cpu_limits.py), so it stays unquantized on every CPU.
     cpu_skips = [] if scheme == "llm-int8" else ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
@@ -56,6 +57,8 @@ def test_auto_picks_bitsandbytes_for_its_formats_and_says_why(tiny_llm_dir, tmp_
 @pytest.mark.parametrize("overrides, message", [
     (["scheme=w8a8-static", "backend=bitsandbytes"], r"bitsandbytes cannot run scheme 'w8a8-static'.*scheme=llm-int8, nf4 or fp4.*Backends that can: fake"),
     (["scheme=nf4", "backend=cpu"], r"backend=cpu cannot run scheme 'nf4'.*Backends that can: bitsandbytes"),
+    (["scheme=nf4", "backend=bitsandbytes", "scheme.options.bnb_4bit_compute_dtype=fp16"],
+     r"bnb_4bit_compute_dtype must be auto, float32, float16, bfloat16; got 'fp16'"),
 ])
 def test_impossible_combinations_fail_at_config_time(overrides, message):
     with pytest.raises(ConfigError, match=message):

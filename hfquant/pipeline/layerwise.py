@@ -70,8 +70,8 @@ def make_chain(algorithms: Dict[str, dict], propagate: str = "quantized", regist
 
 
 def changed_options(algorithms: dict) -> dict:
-    """{algorithm: its options that differ from the algorithm's own defaults}: what the card must name, the same
-    whether an option came from a named config group (which lists every default) or from algorithm=auto."""
+    """{algorithm: its options that differ from the algorithm's own defaults}: what the card names and a resume must
+    match — the same whether an option came from a named config group (which lists every default) or from auto."""
     import inspect
 
     from ..plugins import registries

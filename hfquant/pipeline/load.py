@@ -32,10 +32,10 @@ class LoadedModel:
     load_seconds: float = 0.0
 
 
-
 def float_dtype(model) -> torch.dtype:
     """The model's floating dtype: what its unquantized parts keep (float32 for a model with no floating parameters)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
 
 def resolve_path(path: str) -> str:
     """`pkg://pkg_name/sub/dir` → the folder inside the installed package; anything else unchanged."""

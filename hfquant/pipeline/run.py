@@ -186,8 +186,7 @@ def _run_header(spec: RunSpec, source: str) -> dict:
             "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
             "algorithms": list(spec.algorithms),
             **({"algorithm_options": options} if (options := changed_options(spec.algorithms)) else {}),
-            **({"algorithm_reason": f"auto: {spec.algorithm_reason}"}
-                                                    if spec.algorithm_auto else {}),
+            **({"algorithm_reason": f"auto: {spec.algorithm_reason}"} if spec.algorithm_auto else {}),
             "output_dir": os.path.abspath(spec.output_dir), "resumed": spec.resume}
 
 

@@ -136,6 +136,9 @@ class BitsAndBytesBackend:
                     "scheme=llm-int8, nf4 or fp4")
         if scheme.embedding is not None:
             return "it keeps embeddings in floating point (set scheme.embedding=null)"
+        compute = scheme.options.get("bnb_4bit_compute_dtype", "auto")
+        if compute != "auto" and compute not in DTYPES:
+            return f"scheme.options.bnb_4bit_compute_dtype must be auto, {', '.join(DTYPES)}; got {compute!r}"
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
