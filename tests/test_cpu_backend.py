@@ -65,6 +65,41 @@ def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtyp
     assert sliced.shape == whole.shape and float((sliced - whole).abs().max()) <= 1e-2 * float(whole.abs().max())
 
 
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_w8a8_without_int8_dot_products_gives_the_integer_sums(rows, monkeypatch):
+    """A CPU without VNNI/AMX runs w8a8's int8 x int8 products as a float32 GEMM over the codes (`torch._int_mm`
+    is a scalar loop there): the sums are the same integers, so both paths give the same output; a large output
+    dimension is computed in slices of columns with the same result."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192)
+    w_args, a_args = QuantArgs(num_bits=8, strategy="channel"), QuantArgs(num_bits=8, strategy="token", dynamic=True)
+    s, z = compute_qparams(*min_max(lin.weight, w_args), w_args)
+    k = kernel_module_for(QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z, a_args))
+    x = torch.randn(rows, 576) * torch.linspace(0.1, 4.0, 576)
+    monkeypatch.setattr(kernels, "_INT8_FAST", True)
+    integer = k(x)
+    monkeypatch.setattr(kernels, "_INT8_FAST", False)
+    assert torch.equal(k(x), integer)
+    monkeypatch.setattr(kernels, "DENSE_CHUNK", 576 * 50)
+    assert torch.equal(k(x), integer)
+
+
+def test_w8a8_on_a_cpu_without_int8_dot_products_says_so(monkeypatch, caplog):
+    from hfquant.plan import ModulePlan, QuantPlan
+    from hfquant_builtins.backends.cpu import CpuBackend
+
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    w_args, a_args = QuantArgs(num_bits=8, strategy="channel"), QuantArgs(num_bits=8, strategy="token", dynamic=True)
+    s, z = compute_qparams(*min_max(lin[0].weight, w_args), w_args)
+    plan = QuantPlan(scheme=None, observer="minmax",
+                     modules={"0": ModulePlan("0", w_args, weight_qparams=(s, z), input_args=a_args)})
+    monkeypatch.setattr(kernels, "_INT8_FAST", False)
+    with caplog.at_level("WARNING", logger="hfquant"):
+        CpuBackend().convert(lin, plan)
+    assert "no int8 dot-product instructions" in caplog.text and "w8a16" in caplog.text
+    assert isinstance(lin[0], Int8DynamicLinear)
+
+
 def test_resident_weight_bytes_drop():
     torch.manual_seed(0)
     lin = torch.nn.Linear(1536, 576, bias=False)

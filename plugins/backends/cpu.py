@@ -4,16 +4,19 @@
 - w4a16: int4 group-wise weights on `torch._weight_int4pack_mm_for_cpu`, bf16 activations (a 128-column group
   is fed to the kernel as two 64-column groups with the same scale, so ragged shapes like 576 need no padding).
 - w8a8: int8 per-channel weights × int8 activations quantized per token at run time, on `torch._int_mm`
-  (int32 accumulation), rescaled by the token and channel scales.
+  (int32 accumulation), rescaled by the token and channel scales. On a CPU without int8 dot products (no VNNI or
+  AMX, e.g. AVX2 only) `_int_mm` is a scalar loop, so the same integer sums run as a float32 GEMM over the codes.
 
 Scales are rounded to bf16 *before* the codes are computed, so the saved folder (hfquant's format) holds
 exactly the numbers the kernels use, and a reload reproduces the logits bit for bit.
 """
 
+import logging
+
 import torch
 
 from hfquant import hookimpl
-from hfquant.formats.kernels import kernel_module_for
+from hfquant.formats.kernels import int8_matmul_fast, kernel_module_for
 from hfquant.formats.qlinear import integer_format_problem, quantize_into
 
 
@@ -50,6 +53,11 @@ class CpuBackend:
         return f"{w.num_bits}-bit weights have no CPU kernel (allowed: 8, 4)"
 
     def convert(self, model, plan):
+        if not int8_matmul_fast() and any(mp.input_args is not None for mp in plan.modules.values()):
+            logging.getLogger("hfquant").warning(
+                "this CPU has no int8 dot-product instructions (VNNI or AMX): w8a8's integer matmuls run as float32 "
+                "GEMMs over the int8 codes — the same numbers, but no faster than the unquantized model; w8a16 is "
+                "the faster scheme on this CPU")
         return quantize_into(model, plan, make=kernel_module_for, round_scale=self.round_scale, desc="quantize (cpu kernels)")
 
 
