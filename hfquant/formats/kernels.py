@@ -24,28 +24,39 @@ DENSE_CHUNK = 1 << 24  # weights dequantized at most this many elements at a tim
 FLOAT_SLICE = 1 << 19  # int8 weights over 2x this many elements are dequantized in float32 slices of this size
 
 
-def by_output_rows(out_features: int, in_features: int, gemm) -> torch.Tensor:
-    """`gemm(rows)` over slices of output rows, concatenated: the dequantized copy of a large weight (a 128k-row
-    lm_head) exists a slice at a time, never whole. One slice, no copy, for ordinary Linears."""
-    step = max(1, DENSE_CHUNK // max(1, in_features))
-    if step >= out_features:
+def by_output_rows(out_features: int, in_features: int, gemm, slice_elements: int = None,
+                   whole_up_to: int = None) -> torch.Tensor:
+    """`gemm(rows)` over slices of output rows of about `slice_elements` weights (default `DENSE_CHUNK`), written
+    into one output: the dequantized copy of a large weight (a 128k-row lm_head) exists a slice at a time, never
+    whole. One call, no copy, for weights of at most `whole_up_to` elements (default: one slice)."""
+    slice_elements = DENSE_CHUNK if slice_elements is None else slice_elements
+    whole_up_to = slice_elements if whole_up_to is None else whole_up_to
+    if out_features * in_features <= whole_up_to:
         return gemm(slice(None))
-    return torch.cat([gemm(slice(i, i + step)) for i in range(0, out_features, step)], dim=-1)
+    step = max(1, slice_elements // max(1, in_features))
+    first = gemm(slice(0, step))
+    out = first.new_empty(*first.shape[:-1], out_features)
+    out[..., :step] = first
+    for a in range(step, out_features, step):
+        out[..., a:a + step] = gemm(slice(a, a + step))
+    return out
+
+
+def _cpu_supports(*features: str) -> bool:
+    """Whether torch reports any of these CPU features (`torch.cpu._is_<feature>_supported`; False where absent)."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, f"_is_{feature}_supported", lambda: False)()) for feature in features)
 
 
 def bf16_gemm_is_fast() -> bool:
     """bf16 GEMM beats fp32 only with hardware bf16 dot products (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    cpu = getattr(torch, "cpu", None)
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return _cpu_supports("avx512_bf16", "amx_tile")
 
 
 def int8_matmul_is_fast() -> bool:
     """`torch._int_mm` is fast only with int8 dot-product instructions (VNNI or AMX); without them (e.g. an AVX2-only
     CPU) it is a scalar loop, ~50x slower than a float32 GEMM at 512 rows (measured: docs/benchmarks.md)."""
-    cpu = getattr(torch, "cpu", None)
-    return bool(getattr(cpu, "_is_vnni_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return _cpu_supports("vnni", "amx_tile")
 
 
 _BF16_FAST = None
@@ -138,17 +149,13 @@ class Int8WeightLinear(_KernelLinear):
             x2, self.weight_int8[rows].to(dtype)) * self._scale_bf16[rows].to(dtype))
 
     def _dense_float32(self, x2):
-        """codes · scale in one pass (int8 × float promotes to float32), then the GEMM; a large weight (a 49k-row
-        lm_head) in slices of `FLOAT_SLICE` elements written into one output: 2.1x faster than converting it in
-        64 MB pieces and scaling the output afterwards (and faster than its fp32 GEMM) on an AVX2 CPU."""
+        """codes · scale in one pass (int8 × float32 promotes), then the GEMM; a large weight (a 49k-row lm_head) in
+        slices of `FLOAT_SLICE` elements: 2.1x faster than 64 MB pieces scaled afterwards on an AVX2 CPU, and
+        faster than its fp32 GEMM."""
         scale = self._scale_bf16.float()[:, None]
-        if self.out_features * self.in_features <= 2 * FLOAT_SLICE:
-            return F.linear(x2, self.weight_int8 * scale)
-        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x2.device)
-        step = max(1, FLOAT_SLICE // self.in_features)
-        for a in range(0, self.out_features, step):
-            out[:, a:a + step] = F.linear(x2, self.weight_int8[a:a + step] * scale[a:a + step])
-        return out
+        return by_output_rows(self.out_features, self.in_features,
+                              lambda rows: F.linear(x2, self.weight_int8[rows] * scale[rows]),
+                              slice_elements=FLOAT_SLICE, whole_up_to=2 * FLOAT_SLICE)
 
 
 class Int4WeightLinear(_KernelLinear):
