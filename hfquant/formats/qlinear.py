@@ -64,7 +64,7 @@ class QuantLinear(torch.nn.Module):
                      dtype=w.dtype, device="meta").to_empty(device=w.device)
         if codes is None:
             codes = quantize(w, weight_scale, weight_zero_point, weight_args)
-        module.weight_packed.copy_(pack(codes, weight_args))
+        pack(codes, weight_args, out=module.weight_packed)
         module.weight_scale.copy_(weight_scale.reshape(module.weight_scale.shape).float())
         module.weight_zero_point.copy_(weight_zero_point.reshape(module.weight_zero_point.shape).to(module.weight_zero_point.dtype))
         if input_qparams is not None:

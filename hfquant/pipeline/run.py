@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..allocator import keep_freed_memory
 from ..config import ConfigError, RunSpec, validate, written_from
 from ..errors import HfquantError
 from ..redact import redact, redact_tokens
@@ -108,6 +109,7 @@ def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for one composed config; returns the report (also written to output_dir)."""
     spec: RunSpec = validate(cfg)  # fails fast: nothing loaded yet
+    keep_freed_memory()  # the quantizing loops' temporaries stay mapped (hfquant/allocator.py says why)
     data_mod.check_sources(spec)  # data files readable and text, before the model loads
     source = check_model_source(spec.model["path"], spec.model.get("gguf_file"), bool(spec.model.get("allow_pickle", False)))
     if os.path.isdir(source) and not spec.model.get("gguf_file"):

@@ -45,23 +45,26 @@ def quantize_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     NaN/Inf check when the caller's observer already saw this very tensor (min/max would have caught them)."""
     dtype = compute_dtype(x)
     scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
+    no_zero = not bool(zero_point.any())  # symmetric signed codes: adding and removing z would be two idle passes
     sums = [0.0, 0.0]
 
     def codes_and_error(xc, s, z):
-        xc = xc.to(dtype).contiguous()
+        xf = xc.to(dtype).contiguous()
         if not checked:
-            check_finite(xc)
-        y, q, s, z = _rounded(xc, s, z, args, dtype)
-        codes = q.to(code_dtype(args)).view(xc.shape)
-        d2 = q.sub_(z).sub_(y).pow_(2)  # Σ(x̂ − x)² = Σ s²·(q − z − x/s)², from the same x/s
-        if s.dim() == 0:
-            sums[0] += float(d2.sum()) * float(s) ** 2
-        elif s.shape[-1] == 1:  # one scale per (row, group) or per row: weight each slice's sum by its s²
-            sums[0] += float((d2.sum(-1, keepdim=True) * s * s).sum())
-        else:
-            sums[0] += float((d2 * s * s).sum())
-        flat = xc.reshape(-1)
+            check_finite(xf)
+        flat = xf.reshape(-1)
         sums[1] += float(torch.dot(flat, flat))
+        # a converted copy (bf16 → float32) is ours: x/s may overwrite it; the caller's own float32 rows may not
+        y, q, s, z = _rounded(xf, s, None if no_zero else z, args, dtype, in_place=xf.data_ptr() != xc.data_ptr())
+        codes = q.to(code_dtype(args)).view(xf.shape)
+        d = q.sub_(y) if z is None else q.sub_(z).sub_(y)  # x̂ − x = s·(q − z − x/s), from the same x/s
+        if s.dim() == 0:
+            sums[0] += float(torch.linalg.vecdot(d.reshape(-1), d.reshape(-1))) * float(s) ** 2
+        elif s.shape[-1] == 1:  # one scale per (row, group) or per row: weight each slice's sum by its s²
+            s = s.squeeze(-1)
+            sums[0] += float(torch.linalg.vecdot(d, d).mul_(s).mul_(s).sum())
+        else:
+            sums[0] += float((d * d * s * s).sum())
         return codes
 
     codes = _by_row_chunks(x, scale, zero_point, args, code_dtype(args), codes_and_error)
@@ -95,10 +98,14 @@ def _broadcast(x, scale, zero_point, args, dtype):
     return x, expand_qparam(scale, x, args).to(dtype), expand_qparam(zero_point, x, args).to(dtype)
 
 
-def _rounded(x, scale, zero_point, args, dtype):
-    """(x/s, clamp(round(x/s) + z) as floats, s, z), all broadcast-shaped by `_broadcast`."""
-    xv, s, z = _broadcast(x.to(dtype), scale, zero_point, args, dtype)
-    y = xv / s
+def _rounded(x, scale, zero_point, args, dtype, in_place=False):
+    """(x/s, clamp(round(x/s) + z) as floats, s, z), all broadcast-shaped by `_broadcast`; `zero_point=None`
+    means z = 0 (and comes back as None). `in_place=True` lets x/s overwrite x (a float copy the caller owns)."""
+    z_in = torch.zeros(()) if zero_point is None else zero_point
+    xv, s, z = _broadcast(x.to(dtype), scale, z_in, args, dtype)
+    y = xv.div_(s) if in_place else xv / s
+    if zero_point is None:
+        return y, torch.round(y).clamp_(args.qmin, args.qmax), s, None
     if args.float_zero_point:
         return y, torch.add(y, z).round_().clamp_(args.qmin, args.qmax), s, z
     return y, torch.round(y).add_(z).clamp_(args.qmin, args.qmax), s, z

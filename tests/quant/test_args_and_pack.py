@@ -1,5 +1,7 @@
 """QuantArgs validation and bit packing."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -68,3 +70,34 @@ def test_ragged_group_qparams_shape():
     assert scale.shape == (4, 5)  # 4 full groups + one of 64 columns
     q = quantize(w, scale, zp, args)
     assert q.shape == w.shape
+
+
+def _pack_by_definition(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Byte j holds codes j*per_byte … (j+1)*per_byte − 1, offset by −qmin, low bits first (the format's rule)."""
+    u = (q.to(torch.int16) - args.qmin).tolist()
+    per_byte = 8 // args.num_bits
+    rows = []
+    for row in u:
+        row = row + [0] * ((-len(row)) % per_byte)
+        rows.append([sum(c << (args.num_bits * i) for i, c in enumerate(row[j:j + per_byte]))
+                     for j in range(0, len(row), per_byte)])
+    return torch.tensor(rows, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("cols", [6, 7, 64])
+def test_pack_in_row_chunks_into_a_given_buffer_matches_the_definition(monkeypatch, bits, signed, cols):
+    """The row-chunked, word-wide packing (chunks forced small here) writes the same bytes as the format's rule,
+    into `out` when given, across chunk boundaries and odd lengths."""
+    pack_mod = importlib.import_module("hfquant.quant.pack")  # the module (the package exports the function)
+    monkeypatch.setattr(pack_mod, "CHUNK_CODES", 3 * cols)  # 3 rows per chunk: 11 rows cross three boundaries
+    args = QuantArgs(num_bits=bits, signed=signed, symmetric=False)
+    q = torch.randint(args.qmin, args.qmax + 1, (11, cols), generator=torch.Generator().manual_seed(bits + cols),
+                      dtype=torch.int16).to(torch.int8 if signed else torch.uint8)
+    expected = _pack_by_definition(q, args)
+    assert torch.equal(pack(q, args), expected)
+    out = torch.full(expected.shape, 0xAA, dtype=torch.uint8)
+    assert pack(q, args, out=out) is out and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="contiguous uint8 tensor of shape"):
+        pack(q, args, out=torch.empty(expected.shape[0], expected.shape[1] + 1, dtype=torch.uint8))
