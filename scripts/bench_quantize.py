@@ -3,7 +3,7 @@
 hfquant computed them before the scale work: float32 copy, per-group qparams expanded with
 `repeat_interleave`, error by a second quantize + dequantize), same weight, same run, same codes.
 
-    .venv/bin/python scripts/bench_quantize.py [--rows 11008] [--cols 4096] [--repeats 5]
+    .venv/bin/python scripts/bench_quantize.py [--rows 11008] [--cols 4096] [--repeats 5] [--threads N] [--glibc-malloc]
 
 The weight is bf16 (a Llama-2-7B MLP projection by default); times are the median of `--repeats`.
 """
@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from hfquant.allocator import keep_freed_memory  # noqa: E402
 from hfquant.plugins import registries  # noqa: E402
-from hfquant.quant import compute_qparams, quantize, quantize_with_error  # noqa: E402
+from hfquant.quant import compute_qparams, pack, quantize, quantize_with_error  # noqa: E402
 from hfquant.quant.primitives import code_dtype, expand_qparam  # noqa: E402
 from hfquant.quant.qparams import reduce_by_strategy  # noqa: E402
 
@@ -50,6 +51,21 @@ def reference_quantize_with_error(w, scale, zp, args):
     return codes, float((x_hat - x).pow(2).sum()), float(x.pow(2).sum())
 
 
+def reference_pack(q, args):
+    """Whole-tensor byte-wise packing (how hfquant packed before): code − qmin, then every i-th byte of each group
+    of 8 / bits shifted in."""
+    u = q.view(torch.uint8) if q.dtype == torch.int8 else q.to(torch.uint8)
+    u = u - (args.qmin & 0xFF) if args.qmin else u.clone()
+    per_byte = 8 // args.num_bits
+    if per_byte == 1:
+        return u
+    u = torch.nn.functional.pad(u, (0, (-u.shape[-1]) % per_byte)).reshape(*u.shape[:-1], -1, per_byte)
+    out = u[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= u[..., i] << (args.num_bits * i)
+    return out
+
+
 def median_ms(fn, repeats):
     fn()
     times = []
@@ -65,10 +81,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=11008)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (a streamed run quantizes on one)")
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="leave glibc's adaptive malloc thresholds alone (the hfquant command fixes them)")
     args_ns = ap.parse_args()
+    if args_ns.threads:
+        torch.set_num_threads(args_ns.threads)
+    malloc = "glibc default" if args_ns.glibc_malloc else f"hfquant's thresholds: {keep_freed_memory()}"
     w = (torch.randn(args_ns.rows, args_ns.cols, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     observer = registries().observers.get("minmax")
-    print(f"weight {args_ns.rows}×{args_ns.cols} bf16, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"weight {args_ns.rows}×{args_ns.cols} bf16, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {malloc}")
     print("| scheme | step | reference ms | hfquant ms | speed-up |\n|---|---|---|---|---|")
     for scheme in ("w8a16", "w4a16"):
         args = registries().schemes.get(scheme).weights
@@ -81,12 +103,15 @@ def main() -> None:
         scale, zp = observe()
         ref_scale, ref_zp = reference_observe(w, args)
         assert torch.equal(scale, ref_scale) and torch.equal(zp, ref_zp)
-        assert torch.equal(quantize(w, scale, zp, args), reference_quantize(w, scale, zp, args))
+        codes = quantize(w, scale, zp, args)
+        assert torch.equal(codes, reference_quantize(w, scale, zp, args))
+        assert torch.equal(pack(codes, args), reference_pack(codes, args))
         steps = [
             ("observe (min-max)", lambda: reference_observe(w, args), observe),
             ("quantize", lambda: reference_quantize(w, scale, zp, args), lambda: quantize(w, scale, zp, args)),
             ("quantize + weight error", lambda: reference_quantize_with_error(w, scale, zp, args),
              lambda: quantize_with_error(w, scale, zp, args, checked=True)),
+            ("pack codes", lambda: reference_pack(codes, args), lambda: pack(codes, args)),
         ]
         for name, ref, ours in steps:
             r, o = median_ms(ref, args_ns.repeats), median_ms(ours, args_ns.repeats)

@@ -101,3 +101,24 @@ def test_pack_in_row_chunks_into_a_given_buffer_matches_the_definition(monkeypat
     assert pack(q, args, out=out) is out and torch.equal(out, expected)
     with pytest.raises(ValueError, match="contiguous uint8 tensor of shape"):
         pack(q, args, out=torch.empty(expected.shape[0], expected.shape[1] + 1, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scheme", ["sym-full", "sym-restricted", "asym"])
+def test_quantize_with_error_leaves_the_weight_alone_and_matches_quantize(dtype, scheme):
+    """x/s is computed in place only in the float copy that quantize_with_error made itself: a float32 weight (no
+    copy needed) must come back unchanged; codes equal `quantize`'s and the error is that of the dequantized codes."""
+    from hfquant.quant import dequantize, quantize_with_error
+
+    args = {"sym-full": QuantArgs(num_bits=4, strategy="group", group_size=64, full_range=True),
+            "sym-restricted": QuantArgs(num_bits=8, strategy="channel"),
+            "asym": QuantArgs(num_bits=4, strategy="group", group_size=64, symmetric=False)}[scheme]
+    w = torch.randn(300, 1000, generator=torch.Generator().manual_seed(1)).to(dtype)  # > one row chunk, ragged groups
+    before = w.clone()
+    scale, zp = compute_qparams(*min_max(w, args), args)
+    codes, error, energy = quantize_with_error(w, scale, zp, args)
+    assert torch.equal(w, before)
+    assert torch.equal(codes, quantize(w, scale, zp, args))
+    x = w.double()
+    assert error == pytest.approx(float((dequantize(codes, scale, zp, args, torch.float64) - x).pow(2).sum()), rel=1e-4)
+    assert energy == pytest.approx(float(x.pow(2).sum()), rel=1e-5)
