@@ -59,7 +59,8 @@ def _packed_rows(q: torch.Tensor, args: QuantArgs, bits: int) -> torch.Tensor:
     """Rows of 2- or 4-bit codes packed, as a new tensor."""
     # code − qmin in uint8 arithmetic: wraps to the same bytes as the wide difference, without a wider copy
     u = q.view(torch.uint8) if q.dtype == torch.int8 else q.to(torch.uint8)
-    u = u - (args.qmin & 0xFF) if args.qmin else u.clone()
+    # contiguous: elementwise ops keep a transposed input's strides, and the int16 view below needs whole rows
+    u = (u - (args.qmin & 0xFF) if args.qmin else u).contiguous()
     n = u.shape[-1]
     if bits == 4 and n % 2 == 0 and sys.byteorder == "little":
         # two codes per int16 word (element 2i in the low byte): low nibble from the low byte, high nibble from

@@ -99,6 +99,8 @@ def test_pack_in_row_chunks_into_a_given_buffer_matches_the_definition(monkeypat
     assert torch.equal(pack(q, args), expected)
     out = torch.full(expected.shape, 0xAA, dtype=torch.uint8)
     assert pack(q, args, out=out) is out and torch.equal(out, expected)
+    transposed = q.t().contiguous().t()  # the same codes with column-major strides (how kernels hold some)
+    assert torch.equal(pack(transposed, args), expected)
     with pytest.raises(ValueError, match="contiguous uint8 tensor of shape"):
         pack(q, args, out=torch.empty(expected.shape[0], expected.shape[1] + 1, dtype=torch.uint8))
 
