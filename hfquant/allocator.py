@@ -3,8 +3,9 @@
 hfquant's quantizing loops allocate and free the same few megabytes over and over (a row chunk's float copy,
 its x/scale, its rounded codes). glibc adapts its thresholds to that only by chance: with a small trim threshold
 the freed top of the heap goes back to the kernel after every chunk and the next chunk faults its pages in
-again. On a 2-vCPU VM each 4 KiB fault costs ~2.5 µs, and round-to-nearest of one 11008×4096 bf16 weight took
-751 ms instead of 112 ms (`docs/benchmarks.md`, "Scale: streaming quantization"). Fixed thresholds — blocks up
+again. On a 2-vCPU VM each 4 KiB fault costs ~2.2 µs, and round-to-nearest (with its error) of one 11008×4096
+bf16 weight took 681 ms instead of 205 ms (`scripts/bench_quantize.py --threads 1 [--glibc-malloc]`;
+`docs/benchmarks.md`, "Scale: streaming quantization", Machine B pass). Fixed thresholds — blocks up
 to `MMAP_THRESHOLD` come from the heap, up to `TRIM_THRESHOLD` of free heap top is kept — are glibc's own
 upper limits for its dynamic adjustment, set up front. Elsewhere (musl, macOS, Windows) this does nothing.
 """

@@ -30,7 +30,7 @@ def pack(q: torch.Tensor, args: QuantArgs, out: Optional[torch.Tensor] = None) -
 
     `out` (uint8, the packed shape) receives the bytes directly, e.g. a module's buffer. Rows go a chunk at a
     time (~256 KiB of codes), so every temporary stays in cache: one 11008×4096 int4 weight packs in ~40 ms
-    instead of ~110–150 ms as whole-tensor passes (2 vCPU, one thread; docs/benchmarks.md)."""
+    instead of 136–200 ms as whole-tensor passes (2 vCPU, one thread; scripts/bench_quantize.py)."""
     bits = storage_bits(args.num_bits)
     n = q.shape[-1] if q.dim() else 1
     shape = (*q.shape[:-1], -(-n * bits // 8))
