@@ -7,6 +7,8 @@ a dequantized float copy.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -24,8 +26,8 @@ DENSE_CHUNK = 1 << 24  # weights dequantized at most this many elements at a tim
 FLOAT_SLICE = 1 << 19  # int8 weights over 2x this many elements are dequantized in float32 slices of this size
 
 
-def by_output_rows(out_features: int, in_features: int, gemm, slice_elements: int = None,
-                   whole_up_to: int = None) -> torch.Tensor:
+def by_output_rows(out_features: int, in_features: int, gemm, slice_elements: Optional[int] = None,
+                   whole_up_to: Optional[int] = None) -> torch.Tensor:
     """`gemm(rows)` over slices of output rows of about `slice_elements` weights (default `DENSE_CHUNK`), written
     into one output: the dequantized copy of a large weight (a 128k-row lm_head) exists a slice at a time, never
     whole. One call, no copy, for weights of at most `whole_up_to` elements (default: one slice)."""
@@ -320,7 +322,7 @@ def to_reference(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, _KernelLinear):
             q = QuantLinear(module.in_features, module.out_features, module.bias is not None, module.weight_args,
                             module.input_args, dtype=module.weight_scale.dtype if module.bias is None else module.bias.dtype)
-            q.weight_packed.copy_(pack(module.codes(), module.weight_args))
+            pack(module.codes(), module.weight_args, out=q.weight_packed)
             q.weight_scale.copy_(module.weight_scale)
             q.weight_zero_point.copy_(module.weight_zero_point)
             if module.bias is not None:
@@ -329,7 +331,7 @@ def to_reference(model: torch.nn.Module) -> torch.nn.Module:
         elif isinstance(module, Int8Embedding):
             q = QuantEmbedding(module.num_embeddings, module.embedding_dim, module.weight_args, module.padding_idx,
                                dtype=module.dtype)
-            q.weight_packed.copy_(pack(module.weight_int8, module.weight_args))
+            pack(module.weight_int8, module.weight_args, out=q.weight_packed)
             q.weight_scale.copy_(module.weight_scale)
             q.weight_zero_point.copy_(module.weight_zero_point)
             model.set_submodule(name, q)

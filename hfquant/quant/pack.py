@@ -39,8 +39,8 @@ def pack(q: torch.Tensor, args: QuantArgs, out: Optional[torch.Tensor] = None) -
     elif out.shape != shape or out.dtype != torch.uint8 or not out.is_contiguous():
         raise ValueError(f"pack: out must be a contiguous uint8 tensor of shape {tuple(shape)}, got {out.dtype} "
                          f"{tuple(out.shape)}")
-    if bits == 8:  # one byte per code: code − qmin straight into out (uint8 arithmetic wraps to the same bytes)
-        u = q.view(torch.uint8) if q.dtype == torch.int8 else q.to(torch.uint8)
+    if bits == 8:  # one byte per code: code − qmin straight into out
+        u = _code_bytes(q)
         return torch.sub(u, args.qmin & 0xFF, out=out) if args.qmin else out.copy_(u)
     if q.dim() < 2 or q.numel() <= CHUNK_CODES:
         out.copy_(_packed_rows(q, args, bits))
@@ -55,10 +55,15 @@ def pack(q: torch.Tensor, args: QuantArgs, out: Optional[torch.Tensor] = None) -
 CHUNK_CODES = 1 << 18
 
 
+def _code_bytes(q: torch.Tensor) -> torch.Tensor:
+    """The codes as uint8 (int8 reinterpreted): code − qmin in uint8 arithmetic then wraps to the same bytes as the
+    wide difference, without a wider copy."""
+    return q.view(torch.uint8) if q.dtype == torch.int8 else q.to(torch.uint8)
+
+
 def _packed_rows(q: torch.Tensor, args: QuantArgs, bits: int) -> torch.Tensor:
     """Rows of 2- or 4-bit codes packed, as a new tensor."""
-    # code − qmin in uint8 arithmetic: wraps to the same bytes as the wide difference, without a wider copy
-    u = q.view(torch.uint8) if q.dtype == torch.int8 else q.to(torch.uint8)
+    u = _code_bytes(q)
     # contiguous: elementwise ops keep a transposed input's strides, and the int16 view below needs whole rows
     u = (u - (args.qmin & 0xFF) if args.qmin else u).contiguous()
     n = u.shape[-1]
