@@ -56,8 +56,28 @@ def generate_windows(model, count: int, seq_len: int, seed: int, first_tokens: t
         torch.manual_seed(seed)
         ids = model.generate(first_tokens[:count].reshape(count, 1).to(device), do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                             attention_mask=torch.ones(count, 1, dtype=torch.long, device=device))
+                             attention_mask=torch.ones(count, 1, dtype=torch.long, device=device),
+                             streamer=StepProgress(seq_len - 1))
     return ids[:, :seq_len].cpu()
+
+
+class StepProgress:
+    """A progress bar over the sampled steps, fed by `generate` as a streamer (it reads no tokens, so sampling is
+    unchanged): a first run on a CPU samples for one to three minutes, which would otherwise pass in silence."""
+
+    def __init__(self, steps: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=steps, desc="sample calibration text", unit="token", leave=False)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:  # the prompt first, then the tokens of one step per call
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
 
 
 def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int, seed: int,

@@ -56,3 +56,23 @@ def test_sampling_leaves_the_global_random_state_alone(model):
     torch.manual_seed(123)
     generate_windows(model, 1, 4, 0, torch.tensor([5]))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_sampling_shows_its_progress_and_draws_the_same_tokens_as_without(model, monkeypatch):
+    from hfquant.pipeline import generated
+
+    bars = []
+
+    class Recorded(generated.StepProgress):
+        def __init__(self, steps):
+            super().__init__(steps)
+            bars.append(self.bar)
+
+    monkeypatch.setattr(generated, "StepProgress", Recorded)
+    shown = generate_windows(model, 2, 6, 0, torch.tensor([5, 6]))
+    assert [(bar.n, bar.total) for bar in bars] == [(5, 5)]  # one tick per sampled token, not for the prompt
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = model.generate(torch.tensor([[5], [6]]), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                               max_new_tokens=5, min_new_tokens=5, attention_mask=torch.ones(2, 1, dtype=torch.long))
+    assert torch.equal(shown, plain)
