@@ -6,6 +6,7 @@ Every error names the config key and the allowed values, so `hfquant observer=pe
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -237,6 +238,25 @@ def _recorded_reload_reference(output_dir: str) -> bool:
     return bool(record.get("reload_reference") or legacy.get("reference"))
 
 
+def scheme_label(scheme: QuantScheme) -> str:
+    """`'w4a16'`, or `'w4a16' with scheme.weights.num_bits=3` when the command line changed the preset: the name alone
+    would describe a scheme the user is not running."""
+    try:
+        preset = registries().schemes.get(scheme.name)
+    except UnknownNameError:
+        return repr(scheme.name)
+    changes = []
+    for part in ("weights", "input_activations"):
+        mine, theirs = getattr(scheme, part), getattr(preset, part)
+        if mine is None or theirs is None:
+            if (mine is None) != (theirs is None):
+                changes.append(f"scheme.{part}={'null' if mine is None else 'set'}")
+            continue
+        changes += [f"scheme.{part}.{f.name}={getattr(mine, f.name)}" for f in dataclasses.fields(mine)
+                    if f.name != "observer" and getattr(mine, f.name) != getattr(theirs, f.name)]
+    return f"{scheme.name!r}" + (f" with {', '.join(changes)}" if changes else "")
+
+
 def validate(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into a `RunSpec`, or raise `ConfigError` naming the bad key."""
     _require_set(cfg)
@@ -259,11 +279,11 @@ def validate(cfg: DictConfig) -> RunSpec:
         reason = backend_problem(backend, scheme, device)
         if reason:
             able = [n for n in registries().backends.names() if not backend_problem(n, scheme, device)]
-            raise ConfigError(f"backend={backend} cannot run scheme {scheme.name!r} on {device}: {reason}. "
-                              f"Backends that can: {', '.join(able) or 'none'}")
+            way_out = f"Backends that can: {', '.join(able)}" if able else "No backend can: change the scheme"
+            raise ConfigError(f"backend={backend} cannot run scheme {scheme_label(scheme)} on {device}: {reason}. {way_out}")
     elif not any(backend_problem(n, scheme, device) is None for n in registries().backends.names()):
         reasons = "; ".join(f"{n}: {backend_problem(n, scheme, device)}" for n in registries().backends.names())
-        raise ConfigError(f"no backend can run scheme {scheme.name!r} on {device} ({reasons})")
+        raise ConfigError(f"no backend can run scheme {scheme_label(scheme)} on {device} ({reasons})")
 
     model = _plain(cfg.model)
     if model.get("task", "causal-lm") not in ("causal-lm", "embedding"):

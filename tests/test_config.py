@@ -1,5 +1,6 @@
 """Bad values fail at config time — before the model is loaded — naming the key and the allowed values."""
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ MISSING_MODEL = ["model=hub", "model.path=/nonexistent/model", "output_dir=/tmp/
     [
         (["scheme.weights.group_size=0"], r"scheme.weights: group_size must be > 0"),
         (["scheme.weights.num_bits=3"], r"backend.*cannot run scheme 'w4a16'|no backend can run.*num_bits=3 has no packed storage format \(allowed: 2, 4, 8\)"),
-        (["scheme.weights.num_bits=3", "backend=fake"], r"backend=fake cannot run scheme 'w4a16'.*allowed: 2, 4, 8.*Backends that can: none"),
+        (["scheme.weights.num_bits=3", "backend=fake"], r"backend=fake cannot run scheme 'w4a16'.*allowed: 2, 4, 8.*No backend can: change the scheme"),
         (["scheme.weights.strategy=row"], r"scheme.weights: strategy='row' is unknown; allowed: tensor, channel, group, token"),
         (["backend.name=cuda-magic"], r"backend: unknown backend 'cuda-magic'; registered: bitsandbytes, cpu, fake"),
         (["+observer.options.upper_pct=99"], r"observer.options: unknown option\(s\) \['upper_pct'\]"),
@@ -75,3 +76,15 @@ def test_cli_missing_local_model_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hfquant", "model=hub", "model.path=/nonexistent/dir",
                              f"output_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "Hub id (org/name)" in result.stderr and "model=smollm2" in result.stderr  # the way out
+
+
+def test_a_refused_scheme_is_named_with_the_changes_made_to_its_preset():
+    """'w4a16' alone would name a scheme the user is not running once scheme.weights.num_bits=3 changed it."""
+    from hfquant.config import scheme_label
+    from hfquant.plugins import registries
+
+    preset = registries().schemes.get("w4a16")
+    assert scheme_label(preset.with_observer("mse")) == "'w4a16'"  # the observer is named on its own
+    changed = dataclasses.replace(preset, weights=preset.weights.replace(num_bits=3, group_size=64))
+    assert scheme_label(changed) == "'w4a16' with scheme.weights.num_bits=3, scheme.weights.group_size=64"

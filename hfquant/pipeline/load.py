@@ -61,7 +61,9 @@ def check_model_source(path: str, gguf_file: Optional[str], allow_pickle: bool =
     resolved = resolve_path(path)
     if is_local(resolved):
         if not os.path.isdir(resolved):
-            raise ModelNotFoundError(f"model.path={path!r}: folder {resolved!r} does not exist")
+            raise ModelNotFoundError(f"model.path={path!r}: folder {resolved!r} does not exist; point model.path at a "
+                                     "save_pretrained folder or give a Hub id (org/name); the embedded demo model is "
+                                     "model=smollm2 (the default, no model.path)")
         if gguf_file and not os.path.isfile(os.path.join(resolved, gguf_file)):
             have = [f for f in os.listdir(resolved) if f.endswith(".gguf")]
             raise ModelNotFoundError(f"model.gguf_file={gguf_file!r} is not in {resolved!r}; GGUF files there: {have or 'none'}")

@@ -27,29 +27,35 @@ def _fmt_bytes(n: Optional[float]) -> str:
     return str(n)
 
 
+def percent_change(new: float, base: float) -> str:
+    """`+1.23%`; a change that rounds to nothing reads `0.00%`, not `-0.00%`."""
+    change = (new / base - 1) * 100
+    return "0.00%" if abs(change) < 0.005 else f"{change:+.2f}%"
+
+
 def summary_rows(report: dict) -> List[List[str]]:
     """[metric, baseline, quantized, change] rows shared by the console table and report.md."""
     b, q = report["baseline"], report["quantized"]
     rows = []
     bp, qp = b.get("perplexity", {}).get("perplexity"), q.get("perplexity", {}).get("perplexity")
     if bp is not None and qp is not None:
-        rows.append(["perplexity", f"{bp:.4f}", f"{qp:.4f}", f"{(qp / bp - 1) * 100:+.2f}%"])
+        rows.append(["perplexity", f"{bp:.4f}", f"{qp:.4f}", percent_change(qp, bp)])
         rows.append(["KL divergence (nats/token)", "0", f"{q['perplexity']['kl_divergence']:.5f}", ""])
         rows.append(["top-1 agreement", "100%", f"{q['perplexity']['top1_agreement'] * 100:.2f}%", ""])
     cmp = report.get("comparison") or {}
     rtn = (cmp.get("rtn") or {}).get("perplexity", {}).get("perplexity")
     if bp is not None and rtn is not None:
-        rows.append(["perplexity, round-to-nearest instead", f"{bp:.4f}", f"{rtn:.4f}", f"{(rtn / bp - 1) * 100:+.2f}%"])
+        rows.append(["perplexity, round-to-nearest instead", f"{bp:.4f}", f"{rtn:.4f}", percent_change(rtn, bp)])
     ood = cmp.get("out_of_domain") or {}
     obp = (ood.get("baseline") or {}).get("perplexity", {}).get("perplexity")
     oqp = (ood.get("quantized") or {}).get("perplexity", {}).get("perplexity")
     if obp is not None and oqp is not None:
         rows.append([f"perplexity out of calibration domain ({ood.get('dataset')})", f"{obp:.4f}", f"{oqp:.4f}",
-                     f"{(oqp / obp - 1) * 100:+.2f}%"])
+                     percent_change(oqp, obp)])
         ortn = (ood.get("rtn") or {}).get("perplexity", {}).get("perplexity")
         if ortn is not None:
             rows.append([f"… round-to-nearest instead ({ood.get('dataset')})", f"{obp:.4f}", f"{ortn:.4f}",
-                         f"{(ortn / obp - 1) * 100:+.2f}%"])
+                         percent_change(ortn, obp)])
     emb = q.get("embedding-similarity")
     if emb:
         rows.append(["embedding cosine (mean / min)", "1 / 1", f"{emb['cosine_mean']:.5f} / {emb['cosine_min']:.5f}", ""])
@@ -73,7 +79,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# hfquant report: {run['model']} — {run['scheme']}",
         "",
-        f"Scheme `{run['scheme']}`, observer `{run['observer']}`, backend `{run['backend']}` ({run['backend_reason']}).",
+        f"Scheme `{run['scheme']}`, {algorithms_phrase(run)}observer `{run['observer']}`, backend `{run['backend']}` "
+        f"({run['backend_reason']}).",
         "",
         table(summary_rows(report)),
         "",
@@ -98,6 +105,15 @@ def markdown(report: dict) -> str:
     lines.append(f"- peak RSS: {_fmt_bytes(report.get('peak_memory', {}).get('rss_bytes'))}")
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()), ""]
     return "\n".join(lines)
+
+
+def algorithms_phrase(run: dict) -> str:
+    """"algorithm `awq, gptq` (auto: …), " — which algorithm chose the codes, as the card says too."""
+    names = run.get("algorithms")
+    if not names:
+        return ""
+    reason = f" ({run['algorithm_reason']})" if run.get("algorithm_reason") else ""
+    return f"algorithm `{', '.join(names)}`{reason}, "
 
 
 def reported_apart(report_quant: dict) -> set:

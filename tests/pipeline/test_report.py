@@ -1,0 +1,22 @@
+"""What a person reads after a run: the change column and report.md's header."""
+
+from hfquant.pipeline.report import markdown, percent_change, summary_rows
+
+
+def report(base: float, quantized: float) -> dict:
+    return {"run": {"model": "tiny", "scheme": "w4a16", "observer": "minmax", "backend": "cpu", "backend_reason": "auto",
+                    "algorithms": ["awq", "gptq"], "algorithm_reason": "auto: the best measured recipe"},
+            "baseline": {"perplexity": {"perplexity": base}},
+            "quantized": {"perplexity": {"perplexity": quantized, "kl_divergence": 0.001, "top1_agreement": 0.99}}}
+
+
+def test_a_change_that_rounds_to_nothing_has_no_sign():
+    assert percent_change(10.9607, 10.9611) == "0.00%"  # -0.004%: was printed as "-0.00%"
+    assert percent_change(11.7952, 11.7673) == "+0.24%"
+    assert percent_change(9.0, 10.0) == "-10.00%"
+    assert summary_rows(report(10.9611, 10.9607))[0] == ["perplexity", "10.9611", "10.9607", "0.00%"]
+
+
+def test_report_md_names_the_algorithm_that_chose_the_codes():
+    header = markdown(report(10.0, 11.0)).splitlines()[2]
+    assert header.startswith("Scheme `w4a16`, algorithm `awq, gptq` (auto: the best measured recipe), observer `minmax`")
