@@ -18,6 +18,7 @@ hfquant — quantize a Hugging Face model, evaluate it against the original, sav
 usage: hfquant [group=option ...] [key=value ...]        one run
        hfquant -m group=a,b [key=x,y ...]                a sweep: one job per combination, one summary table
        hfquant plugins [--json]                          every plugin, its version and what it registered
+       hfquant group=option --help                       the config with that option chosen: its settings
        hfquant --hydra-help                              Hydra's own flags (--cfg job, --info, ...)
        hfquant --verbose ...                             tracebacks instead of one-line errors
 
@@ -51,10 +52,11 @@ def help_text(overrides: List[str], config_name: str = "config", multirun: bool 
     from hydra.core.object_type import ObjectType
     from hydra.types import RunMode
 
-    from .precheck import _composition_errors
+    from .precheck import _composition_errors, check_bare_words
 
     with initialize_config_module(config_module="hfquant.conf", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
+        check_bare_words(loader, overrides)
         repo = loader.repository
         groups = sorted(g for g in repo.get_group_options("", ObjectType.GROUP) if g != "hydra")
         lines = [f"{g}: {', '.join(sorted(repo.get_group_options(g, ObjectType.CONFIG)))}" for g in groups]

@@ -66,6 +66,7 @@ def check_jobs(overrides: List[str], config_name: str = "config", multirun: bool
     with initialize_config_module(config_module="hfquant.conf", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         parser = OverridesParser.create(config_loader=loader)
+        check_bare_words(loader, overrides)
         parsed = _parse(parser, overrides)
         multirun = multirun or any(o.key_or_group == "hydra.mode" and str(o.value()) == "MULTIRUN" for o in parsed)
         _check_additions(loader, config_name, parsed)
@@ -95,6 +96,23 @@ def hydra_file_overrides(parsed) -> List[str]:
                   "${hydra.runtime.output_dir}/${hydra.output_subdir}/${hydra.job.name}.log",
                   "++hydra.job_logging.handlers.file.delay=true"]
     return extra
+
+
+def check_bare_words(loader, overrides: List[str]) -> None:
+    """A word without `=` (`hfquant scheme --help`) would be Hydra's "missing EQUAL" parse error: say what to write
+    instead — for a config group, its options and how to see one's settings. (`~key` deletes and has no `=`.)"""
+    from hydra.core.object_type import ObjectType
+
+    for word in overrides:
+        if "=" in word or word.startswith("~"):
+            continue
+        group = word.lstrip("+")
+        options = sorted(loader.repository.get_group_options(group, ObjectType.CONFIG)) if group else []
+        if options:
+            raise ConfigError(f"{word!r} needs an option: {group}=<option>, one of {', '.join(options)} "
+                              f"(`hfquant {group}=<option> --help` shows that option's settings)")
+        raise ConfigError(f"{word!r} is not an override: write key=value (e.g. output_dir=out/run); `hfquant --help` "
+                          "lists every config group and key")
 
 
 def _parse(parser, overrides: List[str]):

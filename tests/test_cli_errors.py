@@ -222,3 +222,15 @@ def test_an_allowlisted_plugin_that_is_not_installed_is_named_in_a_warning(tmp_p
     assert result.stderr.count("hfquant-sigam") == 1 and "sigma_plugin" not in result.stdout
     loaded = hfquant("plugins", cwd=tmp_path, env={"PYTHONPATH": str(site), "HFQUANT_LOAD_PLUGINS": "hfquant-sigma"})
     assert loaded.returncode == 0 and "sigma_plugin 0.1 [entry point]" in loaded.stdout and loaded.stderr == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["scheme", "--help"], "hfquant: error: 'scheme' needs an option: scheme=<option>, one of fp4, "),
+    (["scheme"], "hfquant: error: 'scheme' needs an option: scheme=<option>, one of fp4, "),
+    (["nonsense", "output_dir=x"], "hfquant: error: 'nonsense' is not an override: write key=value"),
+], ids=["group-then-help", "group", "word"])
+def test_a_word_without_a_value_says_what_to_write(args, message, tmp_path):
+    """Not Hydra's "missing EQUAL at '<EOF>'" parse error: the group's options, or the key=value form."""
+    line = one_error_line(hfquant(*args, cwd=tmp_path))
+    assert line.startswith(message) and ("w4a16" in line or "lists every config group" in line)
+    assert os.listdir(tmp_path) == []  # refused before Hydra wrote anything
