@@ -234,3 +234,15 @@ def test_a_word_without_a_value_says_what_to_write(args, message, tmp_path):
     line = one_error_line(hfquant(*args, cwd=tmp_path))
     assert line.startswith(message) and ("w4a16" in line or "lists every config group" in line)
     assert os.listdir(tmp_path) == []  # refused before Hydra wrote anything
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_behind(tmp_path):
+    """Retries of a failed load would otherwise pile up `.hydra/<time>/` folders in an output_dir holding nothing."""
+    missing = tmp_path / "no-such-model"
+    new = tmp_path / "new"
+    assert "does not exist" in one_error_line(hfquant("model=hub", f"model.path={missing}", f"output_dir={new}"))
+    assert not new.exists()
+    mine = tmp_path / "mine"  # a folder the user made is theirs: Hydra's record of the failed run stays in it
+    mine.mkdir()
+    one_error_line(hfquant("model=hub", f"model.path={missing}", f"output_dir={mine}"))
+    assert os.listdir(mine) == [".hydra"]

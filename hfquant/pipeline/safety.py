@@ -125,6 +125,8 @@ def check_resume_matches(output_dir: str, wanted: dict) -> None:
     if "codes_from" not in held:  # recorded before algorithms were: compare what it recorded
         wanted = {k: v for k, v in wanted.items() if k != "codes_from"}
     diffs = _differences(held, wanted)
+    # a scheme's description (paragraphs of prose) follows from its name: listed only if nothing else differs
+    diffs = [d for d in diffs if not d.startswith("scheme.description:")] or diffs
     if diffs:
         shown = first_few(diffs, 6)
         raise OutputExistsError(
