@@ -88,7 +88,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     for key, value in report.get("protocol", {}).items():
-        lines.append(f"- **{key}**: {value}")
+        lines.append(f"- **{key}**: {readable(value)}")
     q = report.get("quantization", {})
     lines += ["", "## Quantization", "",
               f"- modules quantized: {q.get('modules')}; ignored: "
@@ -105,6 +105,15 @@ def markdown(report: dict) -> str:
     lines.append(f"- peak RSS: {_fmt_bytes(report.get('peak_memory', {}).get('rss_bytes'))}")
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()), ""]
     return "\n".join(lines)
+
+
+def readable(value) -> str:
+    """A protocol value for people: `name pydoc, source …` rather than a Python dict's repr."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {readable(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(readable(v) for v in value)
+    return str(value)
 
 
 def algorithms_phrase(run: dict) -> str:

@@ -410,7 +410,7 @@ def _finish(report: dict, spec: RunSpec, timer: Timer) -> dict:
     write_atomic(os.path.join(out_model, "README.md"), render_card(report, spec.model, repo_id))
     write_atomic(os.path.join(spec.output_dir, "report.md"), markdown(report))
     write_json(os.path.join(spec.output_dir, "report.json"), report)  # marks the run complete
-    print(table(summary_rows(report)))
+    print("\n" + table(summary_rows(report)))  # its own line even where a progress bar's \r shares the file (2>&1)
     print(f"\nsaved to {out_model}; report in {os.path.join(spec.output_dir, 'report.md')}")
     if spec.hub.get("push"):
         if not reload_check.get("ok"):

@@ -20,3 +20,9 @@ def test_a_change_that_rounds_to_nothing_has_no_sign():
 def test_report_md_names_the_algorithm_that_chose_the_codes():
     header = markdown(report(10.0, 11.0)).splitlines()[2]
     assert header.startswith("Scheme `w4a16`, algorithm `awq, gptq` (auto: the best measured recipe), observer `minmax`")
+
+
+def test_protocol_values_read_as_text_not_python_reprs():
+    text = markdown({**report(10.0, 11.0), "protocol": {"dataset": {"name": "pydoc", "source": "CPython 3.11"},
+                                                         "windows": 14}})
+    assert "- **dataset**: name pydoc, source CPython 3.11" in text and "- **windows**: 14" in text
