@@ -132,11 +132,11 @@ def hydra_main() -> None:
                 print_help(sys.argv[1:])
                 sys.exit(0)
             # every job composed and validated before the first runs; Hydra's own files go under output_dir
-            placement = check_command_line(sys.argv[1:])
+            placement, output_dir = check_command_line(sys.argv[1:])
             sys.argv.extend(placement)
     except SystemExit as exc:
         exit_now(exc.code)
-    new_output_dir = _new_output_dir(sys.argv[1:]) if placement else None
+    new_output_dir = output_dir if output_dir and not os.path.exists(output_dir) else None  # this run creates it
     try:
         _main()
     except SystemExit as exc:
@@ -147,14 +147,6 @@ def hydra_main() -> None:
         from .sweep import raise_if_jobs_failed
 
         raise_if_jobs_failed()  # after a sweep: exit 2 if any job failed (the others were summarised)
-
-
-def _new_output_dir(argv) -> "str | None":
-    """The run's output_dir when this run will create it (a plain path that does not exist yet), else None."""
-    values = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("output_dir=")]
-    if not values or "${" in values[-1] or os.path.exists(values[-1]):
-        return None
-    return values[-1]
 
 
 def _remove_if_only_hydra_files(output_dir: str) -> None:

@@ -31,16 +31,22 @@ ADD_HELP = ("'+' adds only plugin options (observer.options.<name>, scheme.optio
             "evaluation.<option>) and hydra.<key>")
 
 
-def check_command_line(argv: List[str]) -> List[str]:
+def check_command_line(argv: List[str]) -> Tuple[List[str], Optional[str]]:
     """Refuse a bad `hfquant <argv>` now; return the overrides to append so Hydra's own files (.hydra/, the log)
-    go under the run's output_dir instead of ./outputs/<date>/<time>/."""
+    go under the run's output_dir instead of ./outputs/<date>/<time>/, and that output_dir (absolute) when they do."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
     check_secrets(args.overrides)
     if any(getattr(args, flag, None) for flag in NON_RUN_FLAGS) or args.config_path or args.config_dir:
-        return []  # help / --cfg / another config tree: Hydra's business
-    return check_jobs(list(args.overrides), args.config_name or "config", bool(args.multirun))
+        return [], None  # help / --cfg / another config tree: Hydra's business
+    extra, dirs = _checked_jobs(list(args.overrides), args.config_name or "config", bool(args.multirun))
+    return extra, (dirs[0][1] if extra else None)
+
+
+def check_jobs(overrides: List[str], config_name: str = "config", multirun: bool = False) -> List[str]:
+    """Compose and validate every job; returns the Hydra file placement overrides (single runs only)."""
+    return _checked_jobs(overrides, config_name, multirun)[0]
 
 
 def check_secrets(overrides: List[str]) -> None:
@@ -54,8 +60,8 @@ def check_secrets(overrides: List[str]) -> None:
                               "with the run); set HF_TOKEN or run `hf auth login`")
 
 
-def check_jobs(overrides: List[str], config_name: str = "config", multirun: bool = False) -> List[str]:
-    """Compose and validate every job; returns the Hydra file placement overrides (single runs only)."""
+def _checked_jobs(overrides: List[str], config_name: str, multirun: bool):
+    """(placement overrides, [(job label, its absolute output_dir)]) once every job is composed and validated."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -77,7 +83,7 @@ def check_jobs(overrides: List[str], config_name: str = "config", multirun: bool
         finally:
             HydraConfig.instance().cfg = None  # the real run sets its own
     _check_output_dirs(dirs)
-    return extra
+    return extra, dirs
 
 
 def hydra_file_overrides(parsed) -> List[str]:
@@ -101,13 +107,11 @@ def hydra_file_overrides(parsed) -> List[str]:
 def check_bare_words(loader, overrides: List[str]) -> None:
     """A word without `=` (`hfquant scheme --help`) would be Hydra's "missing EQUAL" parse error: say what to write
     instead — for a config group, its options and how to see one's settings. (`~key` deletes and has no `=`.)"""
-    from hydra.core.object_type import ObjectType
-
     for word in overrides:
         if "=" in word or word.startswith("~"):
             continue
         group = word.lstrip("+")
-        options = sorted(loader.repository.get_group_options(group, ObjectType.CONFIG)) if group else []
+        options = sorted(loader.get_group_options(group)) if group and _is_group(loader, group) else []
         if options:
             raise ConfigError(f"{word!r} needs an option: {group}=<option>, one of {', '.join(options)} "
                               f"(`hfquant {group}=<option> --help` shows that option's settings)")

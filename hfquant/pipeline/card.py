@@ -12,17 +12,9 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .report import embedding_line, reported_apart, summary_rows, table
+from .report import algorithm_list, embedding_line, readable, reported_apart, summary_rows, table
 
 PIPELINE_TAGS = {"causal-lm": "text-generation", "embedding": "feature-extraction"}
-
-
-def algorithm_list(report: dict) -> str:
-    """`awq`, `gptq` (dampening=0.1): the algorithms that ran, in order, each with the options it was given."""
-    options = report.get("run", {}).get("algorithm_options") or {}
-    names = report.get("quantization", {}).get("algorithms") or ["rtn"]
-    return ", ".join(f"`{a}`" + (" (" + ", ".join(f"{k}={v}" for k, v in options[a].items()) + ")" if options.get(a) else "")
-                     for a in names)
 
 
 def base_license(source: str) -> Optional[str]:
@@ -155,7 +147,7 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     cal = report.get("calibration", {})
     proto = report.get("protocol", {})
     windows = cal.get("windows")
-    cal_lines = (f"- dataset: {windows['dataset']}, {windows['num_samples']} samples × {windows['seq_len']} tokens "
+    cal_lines = (f"- dataset: {readable(windows['dataset'])}, {windows['num_samples']} samples × {windows['seq_len']} tokens "
                  f"(seed {windows['seed']}), token-id sha256 {windows['token_sha256']}" if windows else f"- {cal.get('status')}")
     if windows and isinstance(windows.get("generated"), dict):
         cal_lines += (f"\n- of which {windows['generated']['windows']} windows were written by the model itself "
@@ -187,7 +179,7 @@ against the unquantized model on the same text.
 
 ## Evaluation
 
-Protocol: {proto.get('dataset')}; {proto.get('windows')} windows × {proto.get('seq_len')} tokens, stride {proto.get('stride')};
+Protocol: {readable(proto.get('dataset'))}; {proto.get('windows')} windows × {proto.get('seq_len')} tokens, stride {proto.get('stride')};
 {proto.get('bos')}; {proto.get('level')}. {proto.get('kl', '')}
 Evaluation token-id sha256: {proto.get('token_sha256')}.
 

@@ -79,8 +79,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"# hfquant report: {run['model']} — {run['scheme']}",
         "",
-        f"Scheme `{run['scheme']}`, {algorithms_phrase(run)}observer `{run['observer']}`, backend `{run['backend']}` "
-        f"({run['backend_reason']}).",
+        f"Scheme `{run['scheme']}`, algorithms {algorithm_list(report)}"
+        f"{' (' + run['algorithm_reason'] + ')' if run.get('algorithm_reason') else ''}, observer `{run['observer']}`, "
+        f"backend `{run['backend']}` ({run['backend_reason']}).",
         "",
         table(summary_rows(report)),
         "",
@@ -116,13 +117,12 @@ def readable(value) -> str:
     return str(value)
 
 
-def algorithms_phrase(run: dict) -> str:
-    """"algorithm `awq, gptq` (auto: …), " — which algorithm chose the codes, as the card says too."""
-    names = run.get("algorithms")
-    if not names:
-        return ""
-    reason = f" ({run['algorithm_reason']})" if run.get("algorithm_reason") else ""
-    return f"algorithm `{', '.join(names)}`{reason}, "
+def algorithm_list(report: dict) -> str:
+    """`awq`, `gptq` (dampening=0.1): the algorithms that ran, in order, each with the options it was given."""
+    options = report.get("run", {}).get("algorithm_options") or {}
+    names = report.get("quantization", {}).get("algorithms") or ["rtn"]
+    return ", ".join(f"`{a}`" + (" (" + ", ".join(f"{k}={v}" for k, v in options[a].items()) + ")" if options.get(a) else "")
+                     for a in names)
 
 
 def reported_apart(report_quant: dict) -> set:

@@ -6,6 +6,7 @@ from hfquant.pipeline.report import markdown, percent_change, summary_rows
 def report(base: float, quantized: float) -> dict:
     return {"run": {"model": "tiny", "scheme": "w4a16", "observer": "minmax", "backend": "cpu", "backend_reason": "auto",
                     "algorithms": ["awq", "gptq"], "algorithm_reason": "auto: the best measured recipe"},
+            "quantization": {"algorithms": ["awq", "gptq"]},
             "baseline": {"perplexity": {"perplexity": base}},
             "quantized": {"perplexity": {"perplexity": quantized, "kl_divergence": 0.001, "top1_agreement": 0.99}}}
 
@@ -19,7 +20,7 @@ def test_a_change_that_rounds_to_nothing_has_no_sign():
 
 def test_report_md_names_the_algorithm_that_chose_the_codes():
     header = markdown(report(10.0, 11.0)).splitlines()[2]
-    assert header.startswith("Scheme `w4a16`, algorithm `awq, gptq` (auto: the best measured recipe), observer `minmax`")
+    assert header.startswith("Scheme `w4a16`, algorithms `awq`, `gptq` (auto: the best measured recipe), observer `minmax`")
 
 
 def test_protocol_values_read_as_text_not_python_reprs():
