@@ -31,7 +31,7 @@ Docs: docs/usage.md (options), docs/formats.md (what each format is read by), do
 def _args(argv: List[str]):
     from hydra._internal.utils import get_args_parser
 
-    return get_args_parser().parse_args(argv)
+    return get_args_parser().parse_intermixed_args(argv)  # overrides may follow --help (`hfquant x=1 --help y=2`)
 
 
 def wants_help(argv: List[str]) -> bool:

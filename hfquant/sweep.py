@@ -48,7 +48,7 @@ def collect(sweep_dir: str) -> List[dict]:
             "kl_divergence": ppl.get("kl_divergence"), "top1_agreement": ppl.get("top1_agreement"),
             "weight_sqnr_db": r["quantization"].get("weight_sqnr_db"),
             "size_mb": r["quantized"]["size"]["bytes_on_disk"] / 1e6,
-            "quantize_s": r["timings"].get("calibrate", 0) + r["timings"].get("quantize", 0),
+            "quantize_s": sum(r["timings"].get(stage, 0) for stage in ("plan", "calibrate", "quantize")),
             "output_dir": os.path.relpath(os.path.dirname(path), sweep_dir),
             "_baseline_perplexity": base,
         })

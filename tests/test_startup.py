@@ -99,3 +99,11 @@ def test_help_reads_the_command_line_as_a_run_does(argv):
     done = subprocess.run([sys.executable, "-m", "hfquant", *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "== Config groups (group=option) ==" in done.stdout
+
+
+def test_help_takes_overrides_on_both_sides_of_the_flag():
+    done = subprocess.run([sys.executable, "-m", "hfquant", "scheme=w8a16", "--help", "output_dir=after_the_flag"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # was argparse's "unrecognized arguments: output_dir=after_the_flag"
+    config = done.stdout.split("== Config (override anything: key=value) ==", 1)[1]
+    assert "name: w8a16" in config and "output_dir: after_the_flag" in config

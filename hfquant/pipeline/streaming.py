@@ -62,11 +62,11 @@ def streaming_problem(spec, backend_name: str) -> Optional[str]:
         able = [n for n in registries().backends.names() if getattr(registries().backends.get(n), "streaming", False)]
         return f"backend {backend_name!r} does not write tensor by tensor (backends that do: {', '.join(able) or 'none'})"
     if spec.evaluation is not None:
-        return "evaluation needs the model in memory (set evaluation=none to quantize and save only)"
+        return "evaluation needs the model in memory; evaluation=none quantizes and saves only"
     if spec.model.get("device_map") is not None:
         return "model.device_map places a loaded model; streaming never loads one"
     if spec.scheme.embedding is not None:
-        return f"scheme.embedding={spec.scheme.embedding} is quantized in memory (set it to null to stream)"
+        return f"scheme.embedding={spec.scheme.embedding} is quantized in memory; scheme.embedding=null streams"
     if spec.algorithms_need_data and spec.scheme.needs_calibration_data:
         return (f"algorithm {', '.join(spec.algorithms)} with static activation scales (scheme {spec.scheme.name}) "
                 "needs two layer-by-layer passes; streaming runs one")

@@ -89,7 +89,7 @@ def test_a_legacy_pickle_is_streamed_by_nobody_auto_loads_it_in_memory(tiny_llm_
     assert not (tmp_path / "refused").exists()  # decided from the files, before any output
     report = run(compose(_overrides(src, tmp_path / "auto", "model.allow_pickle=true")))
     assert report["run"]["pipeline"] == "in_memory"
-    assert report["run"]["pipeline_reason"].startswith("auto: cannot stream (the pickle checkpoint 'pytorch_model.bin' "
+    assert report["run"]["pipeline_reason"].startswith("auto: cannot stream: the pickle checkpoint 'pytorch_model.bin' "
                                                        "is in torch's legacy format")
     _same_folder(tmp_path / "auto" / "model", _streamed_safetensors(tiny_llm_dir, tmp_path))
 
