@@ -126,6 +126,12 @@ def test_cpu_backend_runs_saves_and_reloads_onto_the_kernels(tiny_llm_dir, tmp_p
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert type(model.model.layers[0].mlp.up_proj).__name__ in ("Int8WeightLinear", "Int4WeightLinear", "Int8DynamicLinear")
     assert report["quantized"]["perplexity"]["top1_agreement"] > 0.5
+    card = (out / "model" / "README.md").read_text()
+    snippet = card.split("## How to load it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert ("hfquant.compile_decoding(model)" in snippet) == (scheme != "w8a8")  # w8a8 measured slower compiled
+    scope = {}
+    exec(snippet.replace("path/to/this/folder", str(out / "model")), scope)  # the card's snippet runs as written
+    assert scope["model"].generation_config.cache_implementation == ("static" if scheme != "w8a8" else None)
 
 
 @pytest.mark.parametrize("overrides, message", [
