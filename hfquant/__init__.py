@@ -5,7 +5,7 @@ Public API for users and plugin authors; the tensor math lives in `hfquant.quant
 
 from .import_hooks import after_import, import_registering
 from .algorithm import Algorithm, AlgorithmError, LayerContext
-from .decoding import compile_decoding
+from .decoding import compile_decoding, eager_decoding
 from .format import Format
 from .hookspecs import hookimpl
 from .observer import Observer
@@ -44,6 +44,7 @@ __all__ = [
     "__version__",
     "compile_decoding",
     "compute_qparams",
+    "eager_decoding",
     "dequantize",
     "fake_quantize",
     "get_observer",

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_formats' llama.cpp helpers
 
-from hfquant.decoding import compile_decoding  # noqa: E402
+from hfquant.decoding import compile_decoding, eager_decoding  # noqa: E402
 from hfquant.pipeline import embedding as embedding_step  # noqa: E402
 from hfquant.pipeline.calibrate import build_plan  # noqa: E402
 from hfquant.pipeline.data import evaluation_windows, token_stream  # noqa: E402
@@ -99,17 +99,18 @@ def speed(model, stream, new_tokens, repeats: int = 1, compiled: bool = False):
 
 
 def same_tokens(row) -> str:
+    """The table's cell: whether compiled greedy decoding gave the eager tokens, and from where it did not."""
+    if row.get("compiled_same_tokens", True):
+        return "yes"
     first = row.get("compiled_first_different_token")
-    return "yes" if row.get("compiled_same_tokens", True) else f"no (from new token {first})" if first is not None else "no"
+    return "no" if first is None else f"no (from new token {first})"
 
 
 def compiled_decode(model, prompt, new_tokens, timed) -> dict:
     """Decode tokens/s with `hfquant.compile_decoding` (static cache, compiled steps), whether its greedy tokens
-    equal the eager ones, and how long the first (compiling) call took; the model's generation settings are put
-    back afterwards."""
+    equal the eager ones, and how long the first (compiling) call took; the model decodes eagerly again afterwards."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     eager_tokens = model.generate(prompt, **kwargs)
-    saved = copy.deepcopy(model.generation_config)
     torch._dynamo.reset()  # each variant compiles afresh (one class's forward: guards would pile up to the limit)
     try:
         compile_decoding(model, max_cache_len=prompt.shape[1] + new_tokens)
@@ -118,8 +119,7 @@ def compiled_decode(model, prompt, new_tokens, timed) -> dict:
         compile_s = time.perf_counter() - t
         decode = new_tokens / timed(lambda: model.generate(prompt, **kwargs))
     finally:
-        model.generation_config = saved
-        model.__dict__.pop("_compiled_call", None)  # copies made from this model later must not inherit it
+        eager_decoding(model)  # also drops the compiled call, which copies made from this model would inherit
         torch._dynamo.reset()
     differ = (tokens != eager_tokens)[0, prompt.shape[1]:].nonzero()
     return {"decode_compiled_tok_s": decode, "compile_s": compile_s,

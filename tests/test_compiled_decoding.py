@@ -1,7 +1,9 @@
 """`hfquant.compile_decoding`: transformers' static cache with compiled decode steps, on the CPU too — the same
-greedy tokens as eager decoding, one compilation reused across calls, and clear refusals."""
+greedy tokens as eager decoding for a folder hfquant saved, one compilation reused across calls, an undo that
+keeps saved folders clean, and clear refusals where transformers would silently not compile."""
 
 import copy
+import json
 import logging
 
 import pytest
@@ -11,21 +13,13 @@ from transformers import AutoModelForCausalLM
 
 import hfquant
 from hfquant.decoding import CompiledDecodingError, _compile_config_for
-from hfquant.formats import QuantLinear
+from hfquant.formats import QuantLinear, kernels
 from hfquant.formats.kernels import Int4WeightLinear, kernel_module_for
+from hfquant.pipeline.run import run
 from hfquant.quant import QuantArgs, compute_qparams, min_max
+from tests.conftest import compose, tiny_overrides
 
-W4_G32 = QuantArgs(num_bits=4, strategy="group", group_size=32)
-
-
-def on_cpu_kernels(model, w_args=W4_G32, a_args=None):
-    """Every decoder Linear replaced by the `cpu` backend's kernel module for round-to-nearest codes."""
-    for name, module in list(model.model.layers.named_modules()):
-        if isinstance(module, torch.nn.Linear):
-            s, z = compute_qparams(*min_max(module.weight, w_args), w_args)
-            q = QuantLinear.from_linear(module, w_args, s.bfloat16().float(), z, a_args)
-            model.model.layers.set_submodule(name, kernel_module_for(q))
-    return model
+GREEDY = dict(do_sample=False)
 
 
 @pytest.fixture()
@@ -36,29 +30,40 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_decoding_gives_the_eager_tokens_and_compiles_once(tiny_llm_dir, fresh_dynamo):
-    model = on_cpu_kernels(AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval())
-    assert isinstance(model.model.layers[0].mlp.up_proj, Int4WeightLinear)
+def saved_folder(tiny_llm_dir, out, *overrides) -> str:
+    run(compose(tiny_overrides(tiny_llm_dir, out, *overrides)))
+    return str(out / "model")
+
+
+def test_a_saved_cpu_folder_decodes_compiled_with_the_eager_tokens(tiny_llm_dir, tmp_path, fresh_dynamo):
+    folder = saved_folder(tiny_llm_dir, tmp_path / "run", "scheme=w4a16", "scheme.weights.group_size=32", "backend=cpu")
+    model = AutoModelForCausalLM.from_pretrained(folder)  # as the model card loads it: with hfquant's quantizer
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int4WeightLinear) and model.hf_quantizer.is_compileable
     prompt = torch.tensor([[5, 17, 42, 7, 99, 3]])
-    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    eager = model.generate(prompt, **greedy)
+    eager = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, **GREEDY)
     assert not counters["stats"]["unique_graphs"]  # eager decoding compiles nothing
 
     assert hfquant.compile_decoding(model, max_cache_len=32) is model
-    compiled = model.generate(prompt, **greedy)
+    compiled = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, **GREEDY)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0  # the decode steps were compiled (on a CPU, which transformers skips by default)
     assert torch.equal(compiled, eager)
-    shorter = model.generate(prompt[:, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    longer = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, **GREEDY)  # 26 positions ≤ 32
     assert counters["stats"]["unique_graphs"] == graphs  # the cache sized by max_cache_len: no recompilation
-    assert torch.equal(shorter, model.__class__.generate(model, prompt[:, :4], max_new_tokens=5, min_new_tokens=5,
-                                                         do_sample=False, disable_compile=True))
+    assert torch.equal(longer, model.generate(prompt, max_new_tokens=20, min_new_tokens=20, disable_compile=True,
+                                              **GREEDY))
+
+    hfquant.eager_decoding(model)
+    assert model.generation_config.cache_implementation is None and model.generation_config.max_cache_len is None
+    model.save_pretrained(tmp_path / "resaved")
+    saved = json.loads((tmp_path / "resaved" / "generation_config.json").read_text())
+    assert "cache_implementation" not in saved and "max_cache_len" not in saved  # loaders are not told to go static
 
 
 def test_a_copy_of_a_compiled_model_decodes_with_its_own_weights(tiny_llm_dir, fresh_dynamo):
     """transformers keeps the compiled call on the model; a deep copy inherits it, still bound to the original."""
     prompt = torch.tensor([[5, 17, 42, 7]])
-    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, **GREEDY)
     original = hfquant.compile_decoding(AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval())
     original_tokens = original.generate(prompt, **greedy)
     changed = copy.deepcopy(original)
@@ -69,29 +74,61 @@ def test_a_copy_of_a_compiled_model_decodes_with_its_own_weights(tiny_llm_dir, f
     assert torch.equal(hfquant.compile_decoding(changed).generate(prompt, **greedy), eager)
 
 
+def test_a_folder_transformers_will_not_compile_is_refused(tiny_llm_dir, tmp_path):
+    folder = saved_folder(tiny_llm_dir, tmp_path / "bnb", "scheme=llm-int8", "backend=bitsandbytes")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(CompiledDecodingError, match="does not compile models quantized by bitsandbytes: decode "
+                                                    "without compile_decoding"):
+        hfquant.compile_decoding(model)
+    assert model.generation_config.cache_implementation is None  # refused before anything changed
+
+
+def test_an_offloaded_model_is_refused(tiny_llm_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "disk"}  # what device_map offloading sets
+    with pytest.raises(CompiledDecodingError, match=r"offloaded to the CPU or disk .*load it on one device"):
+        hfquant.compile_decoding(model)
+
+
 def test_a_model_that_does_not_generate_is_refused():
     with pytest.raises(CompiledDecodingError, match="Linear does not generate text .*for causal language models"):
         hfquant.compile_decoding(torch.nn.Linear(4, 4))
 
 
-@pytest.mark.parametrize("bad", [0, 1, 2.5, "64"])
+@pytest.mark.parametrize("bad", [0, 1, 2.5, "64", True])
 def test_a_cache_length_that_cannot_hold_a_step_is_refused(tiny_llm_dir, bad):
     model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
     with pytest.raises(CompiledDecodingError, match=r"max_cache_len=.*the longest prompt \+ new tokens"):
         hfquant.compile_decoding(model, max_cache_len=bad)
-    assert model.generation_config.cache_implementation is None  # refused before anything changed
+    assert model.generation_config.cache_implementation is None
 
 
-def test_layers_measured_slower_compiled_are_named(tiny_llm_dir, caplog):
-    w8 = QuantArgs(num_bits=8, strategy="channel")
-    model = on_cpu_kernels(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), w8,
-                           QuantArgs(num_bits=8, strategy="token", dynamic=True))
+def on_cpu_kernels(model, w_args, a_args=None):
+    """Every decoder Linear replaced by the `cpu` backend's kernel module for round-to-nearest codes."""
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            s, z = compute_qparams(*min_max(module.weight, w_args), w_args)
+            model.model.layers.set_submodule(name, kernel_module_for(QuantLinear.from_linear(module, w_args, s, z, a_args)))
+    return model
+
+
+@pytest.mark.parametrize("int8_dot_products, warned", [(False, True), (True, False)], ids=["avx2", "vnni"])
+def test_layers_measured_slower_compiled_are_named_where_measured(tiny_llm_dir, caplog, monkeypatch,
+                                                                    int8_dot_products, warned):
+    monkeypatch.setattr(kernels, "int8_matmul_is_fast", lambda: int8_dot_products)
+    w8a8 = on_cpu_kernels(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), QuantArgs(num_bits=8, strategy="channel"),
+                          QuantArgs(num_bits=8, strategy="token", dynamic=True))
+    w4a16 = on_cpu_kernels(AutoModelForCausalLM.from_pretrained(tiny_llm_dir),
+                           QuantArgs(num_bits=4, strategy="group", group_size=32))
     with caplog.at_level(logging.WARNING, logger="hfquant"):
-        hfquant.compile_decoding(model)
-    assert "Int8DynamicLinear layers decoded slower compiled than eager on a CPU" in caplog.text
+        hfquant.compile_decoding(w4a16)
+        assert not caplog.text  # weight-only kernels measured faster compiled
+        hfquant.compile_decoding(w8a8)
+    assert ("Int8DynamicLinear layers decoded slower compiled than eager on a CPU without int8 dot products"
+            in caplog.text) == warned
 
 
 def test_accelerators_keep_transformers_own_compile_settings():
-    assert _compile_config_for("cuda") is None  # transformers compiles there by itself (CUDA graphs)
+    assert all(_compile_config_for(device) is None for device in ("cuda", "xpu", "neuron", "tpu"))
     cpu = _compile_config_for("cpu")
     assert cpu._compile_all_devices and cpu.mode == "default" and cpu.dynamic is False

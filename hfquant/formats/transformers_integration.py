@@ -116,6 +116,12 @@ class HfQuantQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """hfquant's modules are plain torch ops and aten kernels: `generate` may compile their decode steps
+        (`hfquant.compile_decoding`; transformers' default for a quantizer is no)."""
+        return True
+
 
 def replace_linears(model: torch.nn.Module, modules: Dict[str, Dict[str, Any]], device=None) -> None:
     """Replace each named Linear by an empty `QuantLinear` with the saved per-module args."""

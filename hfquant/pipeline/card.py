@@ -81,10 +81,11 @@ def needs_hfquant_notice(backend: str, exported: bool = False) -> str:
 
 def load_section(export: Optional[dict], load_path: str, cpu_weight_only: bool = False) -> str:
     """The card's loading snippet: hfquant's format, or the engines that read an exported folder. `cpu_weight_only`:
-    the folder runs on hfquant's CPU kernels, whose decoding compiled steps speed up (measured; w8a8's do not)."""
+    the folder runs on hfquant's weight-only CPU kernels, whose decode steps were measured faster compiled (w8a8's
+    were not, on a CPU without int8 dot products)."""
     if not export:
-        compiled = ("hfquant.compile_decoding(model)  # optional, on a CPU: generate's decode steps compiled "
-                    "(one-off compile, then faster decoding)\n" if cpu_weight_only else "")
+        compiled = ("hfquant.compile_decoding(model)  # optional: generate's decode steps compiled (the first call "
+                    "in a process compiles, later ones decode faster)\n" if cpu_weight_only else "")
         return f"""
 ```python
 import hfquant  # registers hfquant's format with transformers (not needed for bitsandbytes backends)

@@ -20,12 +20,15 @@ import torch
 from hfquant import hookimpl
 from hfquant.algorithm import AlgorithmError, LayerContext
 from hfquant.quant import fake_quantize
+from hfquant.quant.clipping import clip_by_output_error
 from hfquant.quant.smoothing import alpha_grid, awq_scales, error_basis, output_error, scaled_quant_delta
 from hfquant.smoothing import LayerGroups, SmoothGroup, fold
 from hfquant_builtins.algorithms.rtn import observed_qparams
 
 log = logging.getLogger("hfquant")
-OPTIONS = ("grid", "max_tokens", "linear_pairs")
+OPTIONS = ("grid", "max_tokens", "linear_pairs", "clip")
+# AWQ's rule: the query and key projections meet in a softmax, where a clipped outlier costs more than elsewhere
+NOT_CLIPPED = ("q_proj", "k_proj", "query", "key")
 
 
 class ActivationAwareScaling:
@@ -33,13 +36,14 @@ class ActivationAwareScaling:
     produces_codes = False
     rescales_inputs_only = True  # folds keep each Linear's function; consumers' inputs are divided by s
 
-    def __init__(self, *, grid: int = 20, max_tokens: int = 2048, linear_pairs: bool = True, **unknown) -> None:
+    def __init__(self, *, grid: int = 20, max_tokens: int = 2048, linear_pairs: bool = True, clip: bool = False,
+                 **unknown) -> None:
         if unknown:
             raise TypeError(f"awq got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
         for key, value in (("grid", grid), ("max_tokens", max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"awq: {key} must be a positive integer, got {value!r}")
-        self.grid, self.max_tokens, self.linear_pairs = grid, max_tokens, bool(linear_pairs)
+        self.grid, self.max_tokens, self.linear_pairs, self.clip = grid, max_tokens, bool(linear_pairs), bool(clip)
         self.chosen: Dict[str, float] = {}  # "model.layers.3.input_layernorm -> ..." → the α picked (for reports)
         self._layer = LayerGroups("awq", self.linear_pairs, _quantized, max_rows=max_tokens)
 
@@ -51,11 +55,16 @@ class ActivationAwareScaling:
 
     @torch.no_grad()
     def finish_layer(self, ctx: LayerContext) -> None:
+        searched = []
         for group, inputs in self._layer.walk(ctx):
             alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid)
             self.chosen[ctx.prefix + group.label] = alpha
             if alpha:
                 fold(group, s, ctx)
+            searched.append((group, inputs.rows / s.to(inputs.rows.device) if alpha else inputs.rows))
+        if self.clip:  # after every fold: each consumer's weights and inputs as the code producer will see them
+            for group, rows in searched:
+                clip_consumers(group, rows, ctx)
 
 def _quantized(group: SmoothGroup, ctx: LayerContext) -> bool:
     """Whether a consumer's weights are quantized (else scaling buys nothing)."""
@@ -89,6 +98,19 @@ def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tens
                              "calibration inputs for overflow")
     log.debug("awq %s%s: alpha=%.2f", ctx.prefix, group.label, best[1])
     return best[1], best[2]
+
+
+def clip_consumers(group: SmoothGroup, rows: torch.Tensor, ctx: LayerContext) -> None:
+    """Clip each quantized consumer's weight ranges where that lowers its quantized output error on `rows`."""
+    for local, linear in zip(group.consumer_names, group.consumers):
+        args = _weight_args(ctx, local)
+        if args is None or local.rsplit(".", 1)[-1] in NOT_CLIPPED:
+            continue
+        x = rows.to(linear.weight.device).float()
+        group_size = args.group_size if args.strategy == "group" else linear.in_features
+        clipped, _ = clip_by_output_error(linear.weight, x.T @ x, group_size,
+                                          weight_quantizer(ctx, args, ctx.prefix + local))
+        linear.weight.data.copy_(clipped)
 
 
 def weight_quantizer(ctx: LayerContext, args, name: str):

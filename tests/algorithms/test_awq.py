@@ -157,8 +157,27 @@ def test_targets_outside_layers_are_a_no_op():
     assert not ctx._handles and not awq.chosen
 
 
+def test_clipping_lowers_round_to_nearest_error_and_leaves_query_and_key_alone():
+    model, x = tiny_model("llama"), outlier_inputs()
+    plain = quantized_error(model, [ActivationAwareScaling(), RoundToNearest()], x)
+    clipped = quantized_error(model, [ActivationAwareScaling(clip=True), RoundToNearest()], x)
+    assert clipped < plain  # on these inputs: AWQ + RTN, ranges clipped or not
+    scaled, scaled_and_clipped = copy.deepcopy(model), copy.deepcopy(model)
+    simulate(scaled, [ActivationAwareScaling()], x)
+    simulate(scaled_and_clipped, [ActivationAwareScaling(clip=True)], x)
+    before, after = scaled.model.layers[0], scaled_and_clipped.model.layers[0]
+    for name in ("self_attn.q_proj", "self_attn.k_proj"):  # they meet in a softmax: AWQ never clips them
+        assert torch.equal(before.get_submodule(name).weight, after.get_submodule(name).weight)
+    changed = [n for n in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+               if not torch.equal(before.get_submodule(n).weight, after.get_submodule(n).weight)]
+    assert changed  # some range of another consumer was clipped
+    for name in changed:  # clipping only pulls weights in
+        w0, w1 = before.get_submodule(name).weight, after.get_submodule(name).weight
+        assert bool((w1.abs() <= w0.abs() + 1e-7).all())
+
+
 def test_options():
-    with pytest.raises(TypeError, match="alpha.*allowed: grid, max_tokens, linear_pairs"):
+    with pytest.raises(TypeError, match="alpha.*allowed: grid, max_tokens, linear_pairs, clip"):
         ActivationAwareScaling(alpha=0.5)
     with pytest.raises(ValueError, match="grid"):
         ActivationAwareScaling(grid=0)
