@@ -61,10 +61,14 @@ class ActivationAwareScaling:
             self.chosen[ctx.prefix + group.label] = alpha
             if alpha:
                 fold(group, s, ctx)
-            searched.append((group, inputs.rows / s.to(inputs.rows.device) if alpha else inputs.rows))
-        if self.clip:  # after every fold: each consumer's weights and inputs as the code producer will see them
-            for group, rows in searched:
-                clip_consumers(group, rows, ctx)
+            if self.clip and inputs.rows is not None:  # the consumers' inputs once divided by the folded scales
+                searched.append((group, inputs.rows / s.to(inputs.rows.device) if alpha else inputs.rows))
+        # After every fold: each consumer's weights and inputs as the code producer will see them. (A code producer
+        # sharing this calibration pass gathered its statistics before; clipping v_proj or up_proj changes the inputs
+        # of o_proj / down_proj slightly — measured a tie with gptq, docs/benchmarks.md "Sixth pass".)
+        for group, rows in searched:
+            clip_consumers(group, rows, ctx)
+
 
 def _quantized(group: SmoothGroup, ctx: LayerContext) -> bool:
     """Whether a consumer's weights are quantized (else scaling buys nothing)."""
