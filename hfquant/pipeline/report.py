@@ -117,6 +117,18 @@ def readable(value) -> str:
     return str(value)
 
 
+def windows_summary(protocol: dict) -> str:
+    """Calibration windows in one phrase for the status line (the full protocol is recorded beside it):
+    `32 windows × 512 tokens of pydoc (16 of them written by the model), token sha256 ff58…`."""
+    dataset = protocol.get("dataset")
+    name = dataset.get("name") if isinstance(dataset, dict) else dataset
+    generated = protocol.get("generated")
+    written = (f" ({generated['windows']} of them written by the model)"
+               if isinstance(generated, dict) and generated.get("windows") else "")
+    digest = f", token sha256 {protocol['token_sha256']}" if protocol.get("token_sha256") else ""
+    return f"{protocol.get('num_samples')} windows × {protocol.get('seq_len')} tokens of {name}{written}{digest}"
+
+
 def algorithm_list(report: dict) -> str:
     """`awq`, `gptq` (dampening=0.1): the algorithms that ran, in order, each with the options it was given."""
     options = report.get("run", {}).get("algorithm_options") or {}

@@ -40,7 +40,7 @@ from .quantize import check_format_fits, check_model_fits, resolve_backend, scal
 from .layerwise import changed_options, check_layers, make_chain, quantize_in_memory
 from .generated import with_generated
 from . import compare
-from .report import markdown, reported_apart, summary_rows, table, versions
+from .report import markdown, reported_apart, summary_rows, table, versions, windows_summary
 from .save import compare_with_reference, load_quantized, reload_check as check_reload, save_quantized
 from .streaming import StreamingError, stream_quantize, streaming_problem
 from .size import folder_bytes, quantized_weight_stats, state_bytes, unique_parameter_count
@@ -232,9 +232,9 @@ def _run_streaming(spec: RunSpec, backend: str, timer: Timer) -> dict:
         timer.kept = "model/ was saved; resume=true reuses it"
     spec = narrowed(spec, streamed["quantization"]["algorithms"], streamed["quantization"].get("algorithms_dropped"))
     if static:
-        status = f"static activations observed layer by layer on {calib_windows.protocol}"
+        status = f"static activations observed layer by layer on {windows_summary(calib_windows.protocol)}"
     elif learns:
-        status = f"algorithm {', '.join(spec.algorithms)} learned from layer inputs, layer by layer, on {calib_windows.protocol}"
+        status = f"algorithm {', '.join(spec.algorithms)} learned from layer inputs, layer by layer, on {windows_summary(calib_windows.protocol)}"
     else:
         status = "skipped: weights are quantized directly, tensor by tensor (streaming)"
     return _report(spec, _run_header(spec, source), status, calib_windows, streamed["baseline_bytes"],
@@ -361,7 +361,7 @@ def _calibration_status(spec: RunSpec, backend: str, own_format: bool, calib_win
                                       ("algorithm " + ", ".join(spec.algorithms) + " learned from layer inputs",
                                        spec.algorithms_need_data)) if needed]
     if uses:
-        return f"{' and '.join(uses)} on {calib_windows.protocol}"
+        return f"{' and '.join(uses)} on {windows_summary(calib_windows.protocol)}"
     return "skipped: the algorithms are data-free and activations are dynamic or not quantized"
 
 

@@ -143,13 +143,15 @@ def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, a
     mem = run(compose([f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory", *common]))
     streamed = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
     assert streamed["run"]["pipeline"] == "streaming" and "learned from layer inputs" in streamed["calibration"]["status"]
+    assert "{" not in streamed["calibration"]["status"]  # the windows in words, not a dict repr
     assert_same_folder(tmp_path / "mem" / "model", tmp_path / "str" / "model")
     assert not [p.name for p in (tmp_path / "str").iterdir() if p.name.startswith(".tmp-spill-")]  # layer spills removed
     assert streamed["quantization"]["weight_sqnr_db"] == pytest.approx(mem["quantization"]["weight_sqnr_db"], rel=1e-9)
     assert mem["quantization"]["algorithms"] == algorithm.strip("[]").split(",")
 
 
-def test_report_compares_with_round_to_nearest_in_and_out_of_domain(tiny_llm_dir, tmp_path):
+def test_report_compares_with_round_to_nearest_in_and_out_of_domain(tiny_llm_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))  # its own cache: another test may score the same RTN
     report = run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "r", "algorithm=gptq", "scheme.weights.group_size=32",
                                         "calibration.generated=2", "evaluation.out_of_domain=prose")))
     cmp = report["comparison"]

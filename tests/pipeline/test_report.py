@@ -1,6 +1,6 @@
 """What a person reads after a run: the change column and report.md's header."""
 
-from hfquant.pipeline.report import markdown, percent_change, summary_rows
+from hfquant.pipeline.report import markdown, percent_change, summary_rows, windows_summary
 
 
 def report(base: float, quantized: float) -> dict:
@@ -27,3 +27,11 @@ def test_protocol_values_read_as_text_not_python_reprs():
     text = markdown({**report(10.0, 11.0), "protocol": {"dataset": {"name": "pydoc", "source": "CPython 3.11"},
                                                          "windows": 14}})
     assert "- **dataset**: name pydoc, source CPython 3.11" in text and "- **windows**: 14" in text
+
+
+def test_the_calibration_status_names_the_windows_in_words():
+    protocol = {"num_samples": 32, "seq_len": 512, "seed": 0, "dataset": {"name": "pydoc", "source": "pydoc_data"},
+                "token_sha256": "ff58055f74e42e98", "generated": {"windows": 16, "seed": 0, "computed_in": "float32"}}
+    assert windows_summary(protocol) == ("32 windows × 512 tokens of pydoc (16 of them written by the model), "
+                                         "token sha256 ff58055f74e42e98")  # was the protocol dict's repr
+    assert windows_summary({"num_samples": 4, "seq_len": 64, "dataset": {"name": "text"}}) == "4 windows × 64 tokens of text"
