@@ -111,9 +111,7 @@ def clip_consumers(group: SmoothGroup, rows: torch.Tensor, ctx: LayerContext) ->
         if args is None or local.rsplit(".", 1)[-1] in NOT_CLIPPED:
             continue
         x = rows.to(linear.weight.device).float()
-        group_size = args.group_size if args.strategy == "group" else linear.in_features
-        clipped, _ = clip_by_output_error(linear.weight, x.T @ x, group_size,
-                                          weight_quantizer(ctx, args, ctx.prefix + local))
+        clipped, _ = clip_by_output_error(linear.weight, x.T @ x, args, weight_quantizer(ctx, args, ctx.prefix + local))
         linear.weight.data.copy_(clipped)
 
 

@@ -28,7 +28,7 @@ def test_clipping_lowers_the_output_error_and_never_raises_a_groups():
     w = torch.randn(24, 80)
     w[:, 5] *= 8  # an outlier column: min-max spends most levels of its groups on it
     x = torch.randn(256, 80)
-    clipped, ratio = clip_by_output_error(w, x.T @ x, 32, fake_quant)
+    clipped, ratio = clip_by_output_error(w, x.T @ x, ARGS, fake_quant)
     assert ratio.shape == (24, 3) and float(ratio.min()) >= 0.5 and float(ratio.max()) <= 1.0
     assert (ratio < 1).any()  # some ranges were clipped
     before, after = fake_quant(w) - w, fake_quant(clipped) - w
@@ -44,5 +44,5 @@ def test_unclipped_groups_keep_their_weights_exactly():
     torch.manual_seed(1)
     w = torch.randn(8, 64)
     zero_inputs = torch.zeros(64, 64)  # no input reaches any weight: every error is 0, ratio 1.0 wins the ties
-    clipped, ratio = clip_by_output_error(w, zero_inputs, 32, fake_quant)
+    clipped, ratio = clip_by_output_error(w, zero_inputs, ARGS, fake_quant)
     assert torch.equal(clipped, w) and bool((ratio == 1).all())
