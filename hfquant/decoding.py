@@ -14,17 +14,12 @@ it after moving the model to its device, and again on a copy.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 
 from .errors import HfquantError
 
-log = logging.getLogger("hfquant")
-
-# Kernels measured slower compiled than eager on a CPU without int8 dot products (docs/benchmarks.md).
-SLOWER_COMPILED_WITHOUT_INT8_DOT = ("Int8DynamicLinear",)
 # Devices where transformers compiles decode steps by itself, with its own settings (CUDA graphs on CUDA).
 ACCELERATORS = ("cuda", "xpu", "neuron", "tpu")
 # What a model remembers between `generate` calls: its compiled call (bound to *that* model, so a deep copy's would
@@ -56,8 +51,7 @@ def compile_decoding(model: torch.nn.Module, max_cache_len: Optional[int] = None
         raise CompiledDecodingError(f"max_cache_len={max_cache_len!r}: give the longest prompt + new tokens you "
                                     "will generate, an integer ≥ 2 (or None to size the cache by the calls)")
     _refuse_what_transformers_will_not_compile(model)
-    device = _device_type(model)
-    compile_config = _compile_config_for(device)
+    compile_config = _compile_config_for(_device_type(model))
     if _SAVED_EAGER not in model.__dict__:
         model.__dict__[_SAVED_EAGER] = {key: getattr(config, key, None)
                                         for key in ("cache_implementation", "max_cache_len", "compile_config")}
@@ -66,11 +60,6 @@ def compile_decoding(model: torch.nn.Module, max_cache_len: Optional[int] = None
     config.cache_implementation = "static"
     config.max_cache_len = max_cache_len
     config.compile_config = compile_config
-    slower = sorted({type(m).__name__ for m in model.modules()} & set(SLOWER_COMPILED_WITHOUT_INT8_DOT))
-    if slower and device == "cpu" and not _int8_dot_products():
-        log.warning("compiled decoding: %s layers decoded slower compiled than eager on a CPU without int8 dot "
-                    "products, like this one (docs/benchmarks.md, \"Compiled decoding\"); time both before you keep it",
-                    ", ".join(slower))
     return model
 
 
@@ -104,12 +93,6 @@ def _device_type(model: torch.nn.Module) -> str:
     if first is None:
         first = next(model.buffers(), None)
     return first.device.type if first is not None else "cpu"
-
-
-def _int8_dot_products() -> bool:
-    from .formats.kernels import int8_matmul_is_fast
-
-    return int8_matmul_is_fast()
 
 
 def _compile_config_for(device_type: str):

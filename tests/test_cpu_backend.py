@@ -19,7 +19,7 @@ CASES = [
     (QuantArgs(num_bits=4, strategy="group", group_size=128), None, Int4WeightLinear, 5e-3),
     (QuantArgs(num_bits=4, strategy="group", group_size=128, symmetric=False), None, Int4WeightLinear, 5e-3),
     (QuantArgs(num_bits=4, strategy="group", group_size=64, symmetric=False, signed=False), None, Int4WeightLinear, 5e-3),
-    (QuantArgs(num_bits=8, strategy="channel"), QuantArgs(num_bits=8, strategy="token", dynamic=True), Int8DynamicLinear, 1e-5),
+    (QuantArgs(num_bits=8, strategy="channel"), QuantArgs(num_bits=8, strategy="token", dynamic=True), Int8DynamicLinear, 4e-3),
     (QuantArgs(num_bits=4, strategy="group", group_size=64, symmetric=False, float_zero_point=True), None, Int4WeightLinear, 5e-3),
 ]
 
@@ -34,7 +34,8 @@ def test_kernels_match_the_reference_and_keep_the_format(w_args, a_args, cls, to
     assert isinstance(k, cls)
     x = torch.randn(7, 576)
     ref = q(x)
-    # bf16 activations (the "a16") cost ~2e-3 relative; the int8 x int8 path is exact up to float sums.
+    # bf16 activations (the "a16") cost ~2e-3 relative; w8a8's integer sums are exact with int8 dot products and
+    # rounded to bf16 at decode without them (test_w8a8_without_int8_dot_products_gives_the_integer_sums).
     assert float((k(x) - ref).norm() / ref.norm()) < tol
     sd_q, sd_k = q.state_dict(), k.state_dict()
     assert set(sd_q) == set(sd_k) and all(torch.equal(sd_q[n], sd_k[n]) for n in sd_q)
@@ -68,21 +69,32 @@ def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtyp
 
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_w8a8_without_int8_dot_products_gives_the_integer_sums(rows, monkeypatch):
-    """A CPU without VNNI/AMX runs w8a8's int8 x int8 products as a float32 GEMM over the codes (`torch._int_mm`
-    is a scalar loop there): the sums are the same integers, so both paths give the same output; a large output
-    dimension is computed in slices of columns with the same result."""
+    """A CPU without VNNI/AMX (where `torch._int_mm` is a scalar loop) sums w8a8's int8 x int8 products in float32:
+    decode rows on the int8-weight kernel, whose bf16 output rounds each sum by at most 2**-9 of it; prefill rows as a
+    float32 GEMM over the codes, the same integers exactly, also when a large output is computed in slices. Both
+    layouts save the same tensors."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(576, 192)
     w_args, a_args = QuantArgs(num_bits=8, strategy="channel"), QuantArgs(num_bits=8, strategy="token", dynamic=True)
     s, z = compute_qparams(*min_max(lin.weight, w_args), w_args)
-    k = kernel_module_for(QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z, a_args))
+    q = QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z, a_args)
     x = torch.randn(rows, 576) * torch.linspace(0.1, 4.0, 576)
     monkeypatch.setattr(kernels, "_INT8_FAST", True)
-    integer = k(x)
+    with_int_mm = kernel_module_for(q)
+    integer = with_int_mm(x) - lin.bias
     monkeypatch.setattr(kernels, "_INT8_FAST", False)
-    assert torch.equal(k(x), integer)
-    monkeypatch.setattr(kernels, "DENSE_CHUNK", 576 * 50)
-    assert torch.equal(k(x), integer)
+    without = kernel_module_for(q)
+    assert torch.equal(without.codes(), with_int_mm.codes())
+    sd_a, sd_b = with_int_mm.state_dict(), without.state_dict()
+    assert set(sd_a) == set(sd_b) and all(torch.equal(sd_a[n], sd_b[n]) for n in sd_a)
+    summed = without(x) - lin.bias
+    if rows < kernels.DENSE_FROM_ROWS:
+        assert not torch.equal(summed, integer)  # the bf16 rounding is there: the kernel path ran
+        assert bool(((summed - integer).abs() <= 2 ** -8 * integer.abs() + 1e-6).all())
+    else:
+        assert torch.equal(summed, integer)
+        monkeypatch.setattr(kernels, "DENSE_CHUNK", 576 * 50)
+        assert torch.equal(without(x) - lin.bias, integer)
 
 
 def test_w8a8_on_a_cpu_without_int8_dot_products_says_so(monkeypatch, caplog):
@@ -128,10 +140,10 @@ def test_cpu_backend_runs_saves_and_reloads_onto_the_kernels(tiny_llm_dir, tmp_p
     assert report["quantized"]["perplexity"]["top1_agreement"] > 0.5
     card = (out / "model" / "README.md").read_text()
     snippet = card.split("## How to load it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    assert ("hfquant.compile_decoding(model)" in snippet) == (scheme != "w8a8")  # w8a8 measured slower compiled
+    assert "hfquant.compile_decoding(model)" in snippet
     scope = {}
     exec(snippet.replace("path/to/this/folder", str(out / "model")), scope)  # the card's snippet runs as written
-    assert scope["model"].generation_config.cache_implementation == ("static" if scheme != "w8a8" else None)
+    assert scope["model"].generation_config.cache_implementation == "static"
 
 
 @pytest.mark.parametrize("overrides, message", [

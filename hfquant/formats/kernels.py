@@ -215,32 +215,49 @@ class Int4WeightLinear(_KernelLinear):
 
 
 class Int8DynamicLinear(_KernelLinear):
-    """w8a8: int8 activations quantized per token (symmetric) at run time × int8 weights on `torch._int_mm` (int32
-    sums), or, on a CPU without int8 dot products, a float32 GEMM over the same codes (see `int8_matmul_is_fast`)."""
+    """w8a8: int8 activations quantized per token (symmetric) at run time × int8 weights. With int8 dot products
+    (VNNI or AMX) on `torch._int_mm` (int32 sums) at every size. Without them (an AVX2-only CPU, where `_int_mm` is a
+    scalar loop) decode rows go through torch's int8-weight kernel with the activation codes as bf16 (exact: |c| ≤
+    127) and a unit scale — the same integer products summed in float32, the sum rounded to bf16 (2**-9 relative,
+    far below the per-token int8 step) — and prefill rows through a float32 GEMM over the codes (exact below
+    2**24). See `int8_matmul_is_fast` and docs/benchmarks.md."""
 
     def __init__(self, q: QuantLinear) -> None:
         super().__init__(q)
-        self.register_buffer("weight_int8_t", q.codes().to(torch.int8).t().contiguous(), persistent=False)  # (in, out)
+        self.integer_mm = int8_matmul_fast()
+        codes = q.codes().to(torch.int8)
+        # torch._int_mm takes the codes as (in, out); the int8-weight kernel and the float32 GEMM as (out, in)
+        self.register_buffer("weight_int8", (codes.t() if self.integer_mm else codes).contiguous(), persistent=False)
         self.register_buffer("_scale_row", q.weight_scale.reshape(1, -1).float(), persistent=False)
+        if not self.integer_mm:
+            self.register_buffer("_unit_scale", torch.ones(q.out_features, dtype=torch.bfloat16), persistent=False)
+        # with VNNI torch._int_mm stays ahead of a float GEMM at every size measured
+        self.dense_from_rows = float("inf") if self.integer_mm else DENSE_FROM_ROWS
 
     def codes(self):
-        return self.weight_int8_t.t()
-
-    dense_from_rows = float("inf")  # with VNNI torch._int_mm stays ahead of a float GEMM at every size measured
+        return self.weight_int8.t() if self.integer_mm else self.weight_int8
 
     def kernel(self, x2):
-        # The reference's per-token scale amax / 127 (raised to the smallest normal, like `_usable`) in as few
-        # ops as possible: at decode each costs ~1.5 µs against ~20 µs for the integer matmul itself. An
-        # all-zero token gets a tiny scale instead of 1; its codes and output are 0 either way.
-        x2 = x2.float()
-        s_x = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(_SMALLEST_AMAX) / 127.0
-        xq = torch.round(x2 / s_x).clamp_(-127, 127)
-        if int8_matmul_fast():
-            acc = torch._int_mm(xq.to(torch.int8), self.weight_int8_t)
-        else:  # no int8 dot products: the same integer sums as a float32 GEMM over the codes (exact below 2**24)
-            acc = by_output_rows(self.out_features, self.in_features,
-                                 lambda cols: xq @ self.weight_int8_t[:, cols].float())
+        xq, s_x = _quantize_per_token(x2)
+        if self.integer_mm:
+            acc = torch._int_mm(xq.to(torch.int8), self.weight_int8)
+        else:
+            acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.weight_int8, self._unit_scale).float()
         return acc * (s_x * self._scale_row)
+
+    def dense(self, x2):  # only without int8 dot products (dense_from_rows is infinite with them)
+        xq, s_x = _quantize_per_token(x2)
+        acc = by_output_rows(self.out_features, self.in_features, lambda rows: F.linear(xq, self.weight_int8[rows].float()))
+        return acc * (s_x * self._scale_row)
+
+
+def _quantize_per_token(x2: torch.Tensor):
+    """The reference's per-token codes and scale amax / 127 (raised to the smallest normal, like `_usable`) in as
+    few ops as possible: at decode each costs ~1.5 µs against ~20 µs for the integer matmul itself. An all-zero
+    token gets a tiny scale instead of 1; its codes and output are 0 either way."""
+    x2 = x2.float()
+    s_x = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(_SMALLEST_AMAX) / 127.0
+    return torch.round(x2 / s_x).clamp_(-127, 127), s_x
 
 
 _SMALLEST_AMAX = 127.0 * torch.finfo(torch.float32).tiny

@@ -79,13 +79,12 @@ def needs_hfquant_notice(backend: str, exported: bool = False) -> str:
             "`from_pretrained`. Without it, transformers refuses the folder (its integer codes are hfquant's format).\n")
 
 
-def load_section(export: Optional[dict], load_path: str, cpu_weight_only: bool = False) -> str:
-    """The card's loading snippet: hfquant's format, or the engines that read an exported folder. `cpu_weight_only`:
-    the folder runs on hfquant's weight-only CPU kernels, whose decode steps were measured faster compiled (w8a8's
-    were not, on a CPU without int8 dot products)."""
+def load_section(export: Optional[dict], load_path: str, cpu_kernels: bool = False) -> str:
+    """The card's loading snippet: hfquant's format, or the engines that read an exported folder. `cpu_kernels`:
+    the folder runs on hfquant's CPU kernels, whose decode steps were measured faster compiled."""
     if not export:
         compiled = ("hfquant.compile_decoding(model)  # optional: generate's decode steps compiled (the first call "
-                    "in a process compiles, later ones decode faster)\n" if cpu_weight_only else "")
+                    "in a process compiles, later ones decode faster)\n" if cpu_kernels else "")
         return f"""
 ```python
 import hfquant  # registers hfquant's format with transformers (not needed for bitsandbytes backends)
@@ -190,7 +189,7 @@ Evaluation token-id sha256: {proto.get('token_sha256')}.
 {table(summary_rows(report))}
 
 ## How to load it
-{load_section(export, load_path, run['backend'] == 'cpu' and not scheme.get('input_activations'))}
+{load_section(export, load_path, run['backend'] == 'cpu')}
 ## Reproduce
 
 ```

@@ -55,9 +55,10 @@ class CpuBackend:
     def convert(self, model, plan):
         if not int8_matmul_fast() and any(mp.input_args is not None for mp in plan.modules.values()):
             logging.getLogger("hfquant").warning(
-                "this CPU has no int8 dot-product instructions (VNNI or AMX): w8a8's integer matmuls run as float32 "
-                "GEMMs over the int8 codes — the same numbers, but no faster than the unquantized model; w8a16 is "
-                "the faster scheme on this CPU")
+                "this CPU has no int8 dot-product instructions (VNNI or AMX): w8a8 sums its int8 products in float32 "
+                "(prompts as float32 GEMMs over the codes, no faster than the unquantized model; decoding on torch's "
+                "int8-weight kernel, fast with hfquant.compile_decoding) — w8a16 decodes as fast on this CPU and "
+                "stays closer to the unquantized model")
         return quantize_into(model, plan, make=kernel_module_for, round_scale=self.round_scale, desc="quantize (cpu kernels)")
 
 
