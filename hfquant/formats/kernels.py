@@ -218,7 +218,7 @@ class Int8DynamicLinear(_KernelLinear):
     """w8a8: int8 activations quantized per token (symmetric) at run time × int8 weights. With int8 dot products
     (VNNI or AMX) on `torch._int_mm` (int32 sums) at every size. Without them (an AVX2-only CPU, where `_int_mm` is a
     scalar loop) decode rows go through torch's int8-weight kernel with the activation codes as bf16 (exact: |c| ≤
-    127) and a unit scale — the same integer products summed in float32, the sum rounded to bf16 (2**-9 relative,
+    127) and a unit scale — the same integer products summed in float32, the sum rounded to bf16 (≤ 2**-8 relative,
     far below the per-token int8 step) — and prefill rows through a float32 GEMM over the codes (exact below
     2**24). See `int8_matmul_is_fast` and docs/benchmarks.md."""
 
@@ -231,7 +231,8 @@ class Int8DynamicLinear(_KernelLinear):
         self.register_buffer("_scale_row", q.weight_scale.reshape(1, -1).float(), persistent=False)
         if not self.integer_mm:
             self.register_buffer("_unit_scale", torch.ones(q.out_features, dtype=torch.bfloat16), persistent=False)
-        # with VNNI torch._int_mm stays ahead of a float GEMM at every size measured
+        # per instance (the class default is DENSE_FROM_ROWS): with VNNI torch._int_mm stays ahead of a float GEMM at
+        # every size measured
         self.dense_from_rows = float("inf") if self.integer_mm else DENSE_FROM_ROWS
 
     def codes(self):
@@ -245,7 +246,9 @@ class Int8DynamicLinear(_KernelLinear):
             acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.weight_int8, self._unit_scale).float()
         return acc * (s_x * self._scale_row)
 
-    def dense(self, x2):  # only without int8 dot products (dense_from_rows is infinite with them)
+    def dense(self, x2):  # forward comes here only without int8 dot products (dense_from_rows is infinite with them)
+        if self.integer_mm:
+            return self.kernel(x2)  # the codes are laid out (in, out) for _int_mm, which stays ahead at every size
         xq, s_x = _quantize_per_token(x2)
         acc = by_output_rows(self.out_features, self.in_features, lambda rows: F.linear(xq, self.weight_int8[rows].float()))
         return acc * (s_x * self._scale_row)

@@ -81,7 +81,8 @@ def needs_hfquant_notice(backend: str, exported: bool = False) -> str:
 
 def load_section(export: Optional[dict], load_path: str, cpu_kernels: bool = False) -> str:
     """The card's loading snippet: hfquant's format, or the engines that read an exported folder. `cpu_kernels`:
-    the folder runs on hfquant's CPU kernels, whose decode steps were measured faster compiled."""
+    the folder runs on hfquant's CPU kernels, whose decode steps were measured faster compiled (every cpu scheme on an
+    AVX2 CPU; w8a8 with int8 dot products not measured)."""
     if not export:
         compiled = ("hfquant.compile_decoding(model)  # optional: generate's decode steps compiled (the first call "
                     "in a process compiles, later ones decode faster)\n" if cpu_kernels else "")
