@@ -43,6 +43,28 @@ def test_kernels_match_the_reference_and_keep_the_format(w_args, a_args, cls, to
     assert set(sd_q) == set(sd_k) and all(torch.equal(sd_q[n], sd_k[n]) for n in sd_q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("w_args, a_args, cls, tol", CASES, ids=["w8a16", "w4a16", "w4a16-asym", "w4-unsigned-g64", "w8a8", "w4-float-zero"])
+def test_a_cast_keeps_the_kernels_running_and_the_saved_scales_exact(w_args, a_args, cls, tol, dtype):
+    """`model.half()` / `.to(dtype)` used to cast the kernels' bf16 scales (every kernel then failed) and the
+    float32 scales a save writes; now buffers keep their dtypes and outputs follow the input's."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192)
+    s, z = compute_qparams(*min_max(lin.weight, w_args), w_args)
+    k = kernel_module_for(QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z, a_args))
+    x = torch.randn(7, 576)
+    with torch.no_grad():
+        before = k(x)
+    saved = {n: t.clone() for n, t in k.state_dict().items()}
+    buffer_dtypes = {n: b.dtype for n, b in k.named_buffers()}
+    assert k.to(dtype) is k
+    assert {n: b.dtype for n, b in k.named_buffers()} == buffer_dtypes
+    with torch.no_grad():
+        after = k(x.to(dtype))
+    assert after.dtype == dtype and float((after.double() - before).norm() / before.norm()) < 1e-2
+    assert all(torch.equal(saved[n], t) for n, t in k.state_dict().items() if n != "bias")  # the bias is a Parameter
+
+
 @pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32], ids=["bf16-dot-products", "no-bf16-hardware"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] is None], ids=["w8a16", "w4a16", "w4a16-asym", "w4-unsigned-g64", "w4-float-zero"])
 def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtype, monkeypatch):
@@ -147,6 +169,9 @@ def test_cpu_backend_runs_saves_and_reloads_onto_the_kernels(tiny_llm_dir, tmp_p
     scope = {}
     exec(snippet.replace("path/to/this/folder", str(out / "model")), scope)  # the card's snippet runs as written
     assert scope["model"].generation_config.cache_implementation == "static"
+    half = scope["model"].to(torch.float16)  # transformers allows this cast (not .half()); the kernels keep running
+    logits = half(torch.tensor([[1, 2, 3, 4]]), use_cache=False).logits
+    assert logits.dtype == torch.float16 and bool(torch.isfinite(logits).all())
 
 
 @pytest.mark.parametrize("overrides, message", [

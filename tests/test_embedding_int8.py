@@ -67,6 +67,10 @@ def test_untied_lm_head_gets_its_own_codes(untied_llm_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert isinstance(model.model.embed_tokens, Int8Embedding) and isinstance(model.lm_head, Int8WeightLinear)
     assert not torch.equal(model.lm_head.codes(), model.model.embed_tokens.codes())
+    model.to(torch.float16)  # the looked-up rows follow the cast; the int8 table and its scales stay as they are
+    assert model.model.embed_tokens(torch.tensor([[1, 2]])).dtype == torch.float16
+    assert model.model.embed_tokens.weight_scale.dtype == torch.float32
+    assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.float16
 
 
 def test_resident_bytes_of_embedding_and_tied_head_are_one_int8_table():

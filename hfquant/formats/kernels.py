@@ -90,7 +90,23 @@ def kernel_group_size(group_size: int, in_features: int):
     return None
 
 
-class _KernelLinear(torch.nn.Module):
+class _KernelDtypes(torch.nn.Module):
+    """Buffers keep their dtypes through `.half()`, `.double()`, `.to(dtype)` (device moves still apply): the
+    kernels need their codes and bf16 scales as built, and a saved folder its exact float32 scales. Without this a
+    `model.half()` made every kernel fail ("expected scalar type BFloat16") and a cast and back rounded the saved
+    scales. Inputs of any float dtype are accepted; outputs come back in the input's dtype."""
+
+    def _apply(self, fn, *args, **kwargs):
+        kept = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+
+class _KernelLinear(_KernelDtypes):
     """Common parts: keeps the `QuantLinear` args and writes hfquant-format keys on save."""
 
     def __init__(self, q: QuantLinear) -> None:
@@ -280,7 +296,7 @@ def kernel_module_for(q: QuantLinear) -> torch.nn.Module:
     raise ValueError(f"no CPU kernel for {w.num_bits}-bit weights")
 
 
-class Int8Embedding(torch.nn.Module):
+class Int8Embedding(_KernelDtypes):
     """`scheme.embedding=int8` on the cpu backend: int8 codes resident (shared with a tied lm_head's kernel),
     per-row scales; saves hfquant's `QuantEmbedding` keys."""
 
@@ -294,6 +310,10 @@ class Int8Embedding(torch.nn.Module):
 
     def codes(self) -> torch.Tensor:
         return self.weight_int8
+
+    def _apply(self, fn, *args, **kwargs):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # `model.half()` makes the looked-up rows float16
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, input_ids):
         rows = self.weight_int8[input_ids].to(torch.float32) - self.weight_zero_point[input_ids].to(torch.float32)
