@@ -91,10 +91,10 @@ def kernel_group_size(group_size: int, in_features: int):
 
 
 class _KernelDtypes(torch.nn.Module):
-    """Buffers keep their dtypes through `.half()`, `.double()`, `.to(dtype)` (device moves still apply): the
+    """Buffers keep their dtypes through `.to(dtype)`, `.half()`, `.double()` (device moves still apply): the
     kernels need their codes and bf16 scales as built, and a saved folder its exact float32 scales. Without this a
-    `model.half()` made every kernel fail ("expected scalar type BFloat16") and a cast and back rounded the saved
-    scales. Inputs of any float dtype are accepted; outputs come back in the input's dtype."""
+    loaded folder's `model.to(torch.float16)` (which transformers allows) made every kernel fail ("expected scalar
+    type BFloat16") and a cast and back rounded the saved scales. Outputs come back in the input's dtype."""
 
     def _apply(self, fn, *args, **kwargs):
         kept = {name: b for name, b in self._buffers.items() if b is not None}
