@@ -75,8 +75,23 @@ def needs_hfquant_notice(backend: str, exported: bool = False) -> str:
 
     if exported or getattr(registries().backends.get(backend), "format", "hfquant") != "hfquant":
         return ""
-    return ("\n> **Loading this model needs hfquant**: `pip install hfquant`, then `import hfquant` before "
-            "`from_pretrained`. Without it, transformers refuses the folder (its integer codes are hfquant's format).\n")
+    from .. import __version__
+
+    return (f"\n> **Loading this model needs hfquant** {__version__} or later (the tool that wrote it): `pip install "
+            "hfquant` (or `pip install .` in hfquant's source tree where your package index does not carry it), then "
+            "`import hfquant` before `from_pretrained`. Without it, transformers refuses the folder (its integer codes "
+            "are hfquant's format).\n")
+
+
+UNQUANTIZED_EMBEDDING = ("- input embedding (and an lm_head tied to it): floating point — `scheme.embedding=int8` "
+                         "quantizes them on the cpu and fake backends\n")
+
+
+def gguf_source(model_cfg: dict) -> str:
+    """Where the unquantized baseline came from when the model was read from a GGUF file: its dequantized weights."""
+    gguf = model_cfg.get("gguf_file")
+    return (f" (read from its GGUF file `{gguf}`, dequantized to float32 on load: that float32 model is the "
+            "unquantized baseline below)") if gguf else ""
 
 
 def load_section(export: Optional[dict], load_path: str, cpu_kernels: bool = False) -> str:
@@ -84,8 +99,9 @@ def load_section(export: Optional[dict], load_path: str, cpu_kernels: bool = Fal
     the folder runs on hfquant's CPU kernels, whose decode steps were measured faster compiled (every cpu scheme on an
     AVX2 CPU; w8a8 with int8 dot products not measured)."""
     if not export:
-        compiled = ("hfquant.compile_decoding(model)  # optional: generate's decode steps compiled (the first call "
-                    "in a process compiles, later ones decode faster)\n" if cpu_kernels else "")
+        compiled = ("hfquant.compile_decoding(model)  # optional, for long generations: the first generate in a "
+                    "process compiles\n# (1-2 minutes on a 2-core CPU, silently), later ones decode faster; see "
+                    "max_cache_len in hfquant's docs/usage.md\n" if cpu_kernels else "")
         return f"""
 ```python
 import hfquant  # registers hfquant's format with transformers (not needed for bitsandbytes backends)
@@ -164,7 +180,7 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     body = f"""
 # {run['model']} — {run['scheme']} (hfquant)
 {needs_hfquant_notice(run['backend'], bool(export))}
-Quantized from `{model_cfg.get('base_model') or run['model']}` with hfquant {versions.get('hfquant')}, evaluated
+Quantized from `{model_cfg.get('base_model') or run['model']}`{gguf_source(model_cfg)} with hfquant {versions.get('hfquant')}, evaluated
 against the unquantized model on the same text.
 
 ## What was done
@@ -175,7 +191,7 @@ against the unquantized model on the same text.
 - algorithms: {algorithm_list(report)} (in order; the last chose the integer codes), layer inputs propagated {report.get('quantization', {}).get('propagate', 'quantized')}{'; chosen by algorithm=' + run['algorithm_reason'] if run.get('algorithm_reason') else ''}
 - observer: `{run['observer']}` {run.get('observer_options') or ''}; backend: `{run['backend']}` ({run['backend_reason']})
 - modules quantized: {q.get('modules')}; left unquantized: {', '.join([n for n in scheme.get('ignore') or [] if n not in reported_apart(q)] + list(q.get('left_unquantized') or {})) or 'none'}
-{embedding_line(q)}- bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}
+{embedding_line(q) or UNQUANTIZED_EMBEDDING}- bits per parameter (size on disk / parameters): {report['quantized']['size']['bits_per_parameter']:.2f}
 
 ## Calibration data
 
@@ -184,7 +200,7 @@ against the unquantized model on the same text.
 ## Evaluation
 
 Protocol: {readable(proto.get('dataset'))}; {proto.get('windows')} windows × {proto.get('seq_len')} tokens, stride {proto.get('stride')};
-{proto.get('bos')}; {proto.get('level')}. {proto.get('kl', '')}
+BOS token: {proto.get('bos')}; scored per {proto.get('level')}. {proto.get('kl', '')}
 Evaluation token-id sha256: {proto.get('token_sha256')}.
 
 {table(summary_rows(report))}

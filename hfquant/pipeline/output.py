@@ -142,7 +142,10 @@ def partial_dir(output_dir: str) -> str:
 
 
 def publish(partial: str, output_dir: str) -> str:
-    """Move a fully written folder into place as `model/`, replacing an old one only after the new one exists."""
+    """Move a fully written folder into place as `model/`, replacing an old one only after the new one exists.
+    Its files get the permissions a normal `open` would give: safetensors' `save_file` makes them private (0600),
+    which left `model.safetensors` unreadable to the other users of a shared folder while the rest was not."""
+    _normal_file_permissions(partial)
     final = model_dir(output_dir)
     old = None
     if os.path.exists(final):
@@ -152,6 +155,13 @@ def publish(partial: str, output_dir: str) -> str:
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _normal_file_permissions(folder: str) -> None:
+    mode = 0o666 & ~_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
 
 
 def write_atomic(path: str, text: str) -> None:

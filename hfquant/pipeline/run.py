@@ -103,7 +103,8 @@ def choose_pipeline(spec: RunSpec, backend: str) -> Tuple[str, str]:
         return "in_memory", f"auto: cannot stream: {problem}"
     if spec.scheme.needs_calibration_data:
         return "streaming", "auto: nothing to evaluate; static activations are calibrated one layer at a time"
-    return "streaming", "auto: weight-only scheme and nothing to evaluate, so the model is never loaded"
+    return "streaming", ("auto: nothing to evaluate and no calibration data needed (weights only, or activations "
+                         "quantized at run time), so the model is never loaded whole")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -287,7 +288,8 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         calibration_status = "reused from the finished run (resume=true)"
     else:
         own_format = getattr(registries().backends.get(backend), "format", "hfquant") == "hfquant"
-        with timer.stage("calibrate" if calib_windows is not None else "plan"):  # "plan": weight ranges only
+        # "plan": weight ranges only — algorithms that learn from the calibration windows do it in "quantize"
+        with timer.stage("calibrate" if calib_windows is not None and spec.scheme.needs_calibration_data else "plan"):
             obs_cls = registries().observers.get(spec.observer)
             plan = build_plan(model, spec.scheme, spec.observer, obs_cls, spec.observer_options, calib_windows,
                               observe=own_format)
