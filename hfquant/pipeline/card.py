@@ -69,15 +69,14 @@ def _reproducible(override: str, config: Optional[dict]) -> bool:
     return True
 
 
-def needs_hfquant_notice(backend: str, exported: bool = False) -> str:
+def needs_hfquant_notice(backend: str, exported: bool = False, version: Optional[str] = None) -> str:
     """First thing a reader sees when the folder is in hfquant's own format (bitsandbytes and exported folders are not)."""
     from ..plugins import registries
 
     if exported or getattr(registries().backends.get(backend), "format", "hfquant") != "hfquant":
         return ""
-    from .. import __version__
-
-    return (f"\n> **Loading this model needs hfquant** {__version__} or later (the tool that wrote it): `pip install "
+    needed = f" {version} or later" if version else ""
+    return (f"\n> **Loading this model needs hfquant**{needed} (the tool that wrote it): `pip install "
             "hfquant` (or `pip install .` in hfquant's source tree where your package index does not carry it), then "
             "`import hfquant` before `from_pretrained`. Without it, transformers refuses the folder (its integer codes "
             "are hfquant's format).\n")
@@ -179,7 +178,7 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     versions = report.get("versions", {})
     body = f"""
 # {run['model']} — {run['scheme']} (hfquant)
-{needs_hfquant_notice(run['backend'], bool(export))}
+{needs_hfquant_notice(run['backend'], bool(export), versions.get('hfquant'))}
 Quantized from `{model_cfg.get('base_model') or run['model']}`{gguf_source(model_cfg)} with hfquant {versions.get('hfquant')}, evaluated
 against the unquantized model on the same text.
 

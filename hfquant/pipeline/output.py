@@ -157,8 +157,13 @@ def publish(partial: str, output_dir: str) -> str:
     return final
 
 
+def _file_mode() -> int:
+    """What a plain `open` gives a new file under the process's umask."""
+    return 0o666 & ~_umask()
+
+
 def _normal_file_permissions(folder: str) -> None:
-    mode = 0o666 & ~_umask()
+    mode = _file_mode()
     for root, _, files in os.walk(folder):
         for name in files:
             os.chmod(os.path.join(root, name), mode)
@@ -168,7 +173,7 @@ def write_atomic(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, _file_mode())
     os.replace(tmp, path)
 
 
