@@ -3,15 +3,30 @@
 Public API for users and plugin authors; the tensor math lives in `hfquant.quant`.
 """
 
+from typing import TYPE_CHECKING
+
 from .import_hooks import after_import, import_registering
-from .algorithm import Algorithm, AlgorithmError, LayerContext
-from .decoding import compile_decoding, eager_decoding
-from .format import Format
 from .hookspecs import hookimpl
-from .observer import Observer
-from .quant import QuantArgs, QuantArgsError, compute_qparams, dequantize, fake_quantize, quantize
+from .lazy_exports import lazy_exports
 from .registry import PluginError, UnknownNameError
 from .scheme import QuantScheme, SchemeError
+
+# Names whose modules import torch load on first use, so `hfquant --help` can answer without torch.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["Algorithm", "AlgorithmError", "LayerContext"], ".algorithm"),
+    **dict.fromkeys(["compile_decoding", "eager_decoding"], ".decoding"),
+    "Format": ".format",
+    "Observer": ".observer",
+    **dict.fromkeys(["QuantArgs", "QuantArgsError", "compute_qparams", "dequantize", "fake_quantize", "quantize"],
+                    ".quant"),
+})
+
+if TYPE_CHECKING:  # what IDEs and type checkers see
+    from .algorithm import Algorithm, AlgorithmError, LayerContext
+    from .decoding import compile_decoding, eager_decoding
+    from .format import Format
+    from .observer import Observer
+    from .quant import QuantArgs, QuantArgsError, compute_qparams, dequantize, fake_quantize, quantize
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,8 @@
-"""The Hydra entry point. Scheme, observer and backend options are generated from the plugin registries, so
-a plugin's names work on the command line (`observer=sigma`) with no YAML; `register_configs` adds more."""
+"""The Hydra entry point. Scheme, observer and backend options are generated from the plugin registries
+(`config_nodes.py`), so a plugin's names work on the command line (`observer=sigma`) with no YAML."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -11,47 +10,12 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from .auto_algorithm import AUTO
+from .config_nodes import register_config_nodes, register_saved_config_nodes
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, HfquantError
-from .plugins import get_plugin_manager, registries
-from .registry import PluginError
 
 log = logging.getLogger("hfquant")
-
-
-def constructor_defaults(cls) -> dict:
-    """The constructor's keyword defaults (after `self` and an observer's `args`): what a plugin's options in the
-    config start from."""
-    sig = inspect.signature(cls.__init__)
-    return {p.name: p.default for p in sig.parameters.values() if p.name not in ("self", "args")
-            and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-
-
-def register_config_nodes(cs: ConfigStore | None = None) -> None:
-    """Store a node for every registered scheme, observer, algorithm and backend, then call `register_configs`."""
-    cs = cs or ConfigStore.instance()
-    regs = registries()
-    for name in regs.schemes.names():
-        d = regs.schemes.get(name).to_dict()
-        d.setdefault("embedding", None)  # settable on the command line: scheme.embedding=int8
-        cs.store(group="scheme", name=name, node=d)
-    for name in regs.observers.names():
-        cs.store(group="observer", name=name, node={"name": name, "options": constructor_defaults(regs.observers.get(name))})
-    for name in regs.algorithms.names():
-        cs.store(group="algorithm", name=name, node={name: constructor_defaults(regs.algorithms.get(name))})
-    if AUTO in regs.algorithms.names():
-        raise PluginError(f"algorithm name {AUTO!r} is reserved (algorithm=auto picks a recipe); rename the plugin's "
-                          f"algorithm registered by {regs.algorithms.entry(AUTO).plugin}")
-    cs.store(group="algorithm", name=AUTO, node={AUTO: {}})  # the recipe chosen for the scheme (auto_algorithm.py)
-    for name in regs.formats.names():
-        cs.store(group="format", name=name, node={"name": name, **constructor_defaults(regs.formats.get(name))})
-    cs.store(group="format", name="auto", node={"name": "auto"})
-    for name in regs.backends.names() + ["auto"]:
-        cs.store(group="backend", name=name, node={"name": name})
-    get_plugin_manager().hook.register_configs(config_store=cs)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://hfquant.conf", config_name="config")
@@ -127,10 +91,14 @@ def hydra_main() -> None:
     take_verbose_flag()
     try:
         with reported_errors():
-            register_config_nodes()
-            if wants_help(sys.argv[1:]):
+            if wants_help(sys.argv[1:]):  # from the nodes an earlier invocation saved: no plugins, no torch
+                if not register_saved_config_nodes():
+                    register_config_nodes()
                 print_help(sys.argv[1:])
                 sys.exit(0)
+            if register_saved_config_nodes():  # a typo in an option or key is refused before plugins (and torch) load
+                check_command_line(sys.argv[1:], compose_only=True)
+            register_config_nodes()
             # every job composed and validated before the first runs; Hydra's own files go under output_dir
             placement, output_dir = check_command_line(sys.argv[1:])
             sys.argv.extend(placement)

@@ -17,7 +17,6 @@ from typing import List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from .config import ConfigError, validate
-from .pipeline.data import DataError, check_sources
 from .redact import is_secret_key
 
 # `+key=value` may only add options that a plugin accepts (validate() checks them against the plugin) or Hydra's own.
@@ -31,17 +30,19 @@ ADD_HELP = ("'+' adds only plugin options (observer.options.<name>, scheme.optio
             "evaluation.<option>) and hydra.<key>")
 
 
-def check_command_line(argv: List[str]) -> Tuple[List[str], Optional[str]]:
+def check_command_line(argv: List[str], compose_only: bool = False) -> Tuple[List[str], Optional[str]]:
     """Refuse a bad `hfquant <argv>` now; return the overrides to append so Hydra's own files (.hydra/, the log)
-    go under the run's output_dir instead of ./outputs/<date>/<time>/, and that output_dir (absolute) when they do."""
+    go under the run's output_dir instead of ./outputs/<date>/<time>/, and that output_dir (absolute) when they do.
+    `compose_only`: only what composing the jobs finds (unknown options and keys, bad syntax), which needs no
+    plugin loaded; the full check (values, data files, output folders) needs them."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
     check_secrets(args.overrides)
     if any(getattr(args, flag, None) for flag in NON_RUN_FLAGS) or args.config_path or args.config_dir:
         return [], None  # help / --cfg / another config tree: Hydra's business
-    extra, dirs = _checked_jobs(list(args.overrides), args.config_name or "config", bool(args.multirun))
-    return extra, (dirs[0][1] if extra else None)
+    extra, dirs = _checked_jobs(list(args.overrides), args.config_name or "config", bool(args.multirun), compose_only)
+    return extra, (dirs[0][1] if extra and dirs else None)
 
 
 def check_jobs(overrides: List[str], config_name: str = "config", multirun: bool = False) -> List[str]:
@@ -60,8 +61,9 @@ def check_secrets(overrides: List[str]) -> None:
                               "with the run); set HF_TOKEN or run `hf auth login`")
 
 
-def _checked_jobs(overrides: List[str], config_name: str, multirun: bool):
-    """(placement overrides, [(job label, its absolute output_dir)]) once every job is composed and validated."""
+def _checked_jobs(overrides: List[str], config_name: str, multirun: bool, compose_only: bool = False):
+    """(placement overrides, [(job label, its absolute output_dir)]) once every job is composed and validated
+    (composed only: no folders)."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -78,8 +80,12 @@ def _checked_jobs(overrides: List[str], config_name: str, multirun: bool):
         _check_additions(loader, config_name, parsed)
         extra = [] if multirun else hydra_file_overrides(parsed)
         try:
-            dirs = [(label, _validated(cfg, label)) for label, cfg in
-                    _jobs(loader, parser, config_name, overrides + extra, parsed, multirun)]
+            jobs = _jobs(loader, parser, config_name, overrides + extra, parsed, multirun)
+            if compose_only:
+                for _ in jobs:
+                    pass
+                return extra, []
+            dirs = [(label, _validated(cfg, label)) for label, cfg in jobs]
         finally:
             HydraConfig.instance().cfg = None  # the real run sets its own
     _check_output_dirs(dirs)
@@ -225,14 +231,11 @@ def _explain(exc, loader, config_name: str, parsed) -> str:
 
 
 def _unknown_option(loader, group: str, name: str, options) -> str:
-    if group in REGISTRY_GROUPS:
-        from .plugins import registries
-        from .registry import UnknownNameError
+    if group in REGISTRY_GROUPS:  # its options are the registered names (and `auto`): no plugin needs loading
+        from .registry import unknown_name_message
 
-        try:
-            getattr(registries(), REGISTRY_GROUPS[group]).entry(name)
-        except UnknownNameError as exc:
-            return f"{group}: {exc}"
+        registered = [o for o in loader.get_group_options(group) if o != "auto"]
+        return f"{group}: {unknown_name_message(REGISTRY_GROUPS[group][:-1], name, registered)}"
     options = sorted(options or loader.get_group_options(group))
     close = difflib.get_close_matches(name, options, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -288,6 +291,8 @@ def _validated(cfg: DictConfig, label: Optional[str]) -> str:
     """hfquant's own validation of one job, with Hydra's runtime values set as its launcher sets them."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import OmegaConfBaseException
+
+    from .pipeline.data import DataError, check_sources  # torch: not for `--help`
 
     try:
         folder = str(OmegaConf.select(cfg, "hydra.sweep.dir" if label else "hydra.run.dir"))

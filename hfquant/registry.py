@@ -24,6 +24,14 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+def unknown_name_message(kind: str, name: str, names) -> str:
+    """`unknown scheme 'w4'; registered: ... Did you mean 'w4a16'?` — for a registry, or a config group it fills."""
+    names = sorted(names)
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}; registered: {', '.join(names) or '(none)'}.{hint}"
+
+
 @dataclass(frozen=True)
 class Entry(Generic[T]):
     name: str
@@ -67,12 +75,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            names = sorted(self._entries)
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UnknownNameError(
-                f"unknown {self.kind[:-1]} {name!r}; registered: {', '.join(names) or '(none)'}.{hint}"
-            ) from None
+            raise UnknownNameError(unknown_name_message(self.kind[:-1], name, self._entries)) from None
 
     def names(self) -> List[str]:
         return sorted(self._entries)

@@ -92,7 +92,7 @@ def compose(overrides):
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from hfquant.cli import register_config_nodes
+    from hfquant.config_nodes import register_config_nodes
 
     register_config_nodes()
     GlobalHydra.instance().clear()

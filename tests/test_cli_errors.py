@@ -104,7 +104,7 @@ def test_a_sweep_with_a_bad_value_in_its_second_job_fails_before_any_job_runs(ti
 
 
 def test_every_job_of_a_choice_or_range_sweep_is_composed_and_validated(tiny_llm_dir, tmp_path):
-    from hfquant.cli import register_config_nodes
+    from hfquant.config_nodes import register_config_nodes
 
     register_config_nodes()  # what the CLI does before checking
     base = [*tiny_overrides(tiny_llm_dir, tmp_path / "x"), f"hydra.sweep.dir={tmp_path / 's'}"]
@@ -162,7 +162,7 @@ def test_hydra_files_go_under_output_dir_and_a_refused_run_keeps_them(tiny_llm_d
 
 def test_an_explicit_hydra_run_dir_is_kept(tiny_llm_dir, tmp_path):
     """The placement is only a default: `hydra.run.dir=` (as the other tests use) still decides."""
-    from hfquant.cli import register_config_nodes
+    from hfquant.config_nodes import register_config_nodes
 
     register_config_nodes()
     assert check_jobs([f"output_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'h'}"]) == []

@@ -14,15 +14,13 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..cache import cache_root
 from ..plugins import registries
 from .integrity import check_baseline_finite
 
 
 def cache_dir() -> str:
-    base = os.environ.get("HFQUANT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hfquant"
-    )
-    return os.path.join(base, "baseline")
+    return os.path.join(cache_root(), "baseline")
 
 
 def public(metrics: dict) -> dict:

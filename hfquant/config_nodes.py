@@ -1,0 +1,178 @@
+"""The config nodes the command line composes from: one per registered scheme, observer, algorithm, format and
+backend, plus whatever plugins store with `register_configs`.
+
+Making them loads every plugin, and with the plugins torch (2–3 s of a 2-core machine's start-up). So each time
+they are made, a copy is saved in the cache, and `hfquant --help` reads that copy instead of loading the plugins.
+The copy is keyed by everything that can change the nodes: this Python environment, hfquant's own modules and
+config files, and each installed plugin's name, version and source files (sizes and modification times), and the
+plugin allowlist. Runs always make the nodes from the plugins themselves; only help reads the copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import sys
+import tempfile
+from importlib import metadata
+from typing import Dict, List, Optional, Tuple
+
+from hydra.core.config_store import ConfigNode, ConfigStore
+from omegaconf import OmegaConf
+
+from .auto_algorithm import AUTO
+from .cache import cache_root
+from .plugins import ALLOWLIST_ENV, ENTRY_POINT_GROUP, get_plugin_manager, registries
+from .registry import PluginError
+
+log = logging.getLogger("hfquant")
+FORMAT_VERSION = 1  # of the saved copy: bump when its layout changes
+KEEP_COPIES = 8  # one per environment / plugin set recently used; older ones are deleted
+OWN_PACKAGES = ("hfquant", "hfquant_builtins")  # hfquant.conf (the YAML files) is found through hfquant's spec
+
+
+def constructor_defaults(cls) -> dict:
+    """The constructor's keyword defaults (after `self` and an observer's `args`): what a plugin's options in the
+    config start from."""
+    sig = inspect.signature(cls.__init__)
+    return {p.name: p.default for p in sig.parameters.values() if p.name not in ("self", "args")
+            and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+
+
+def register_config_nodes(cs: Optional[ConfigStore] = None) -> None:
+    """Store a node for every registered scheme, observer, algorithm and backend, then call `register_configs`;
+    save a copy for `hfquant --help` if this installation has none yet."""
+    cs = cs or ConfigStore.instance()
+    before = _entries(cs)
+    regs = registries()
+    for name in regs.schemes.names():
+        d = regs.schemes.get(name).to_dict()
+        d.setdefault("embedding", None)  # settable on the command line: scheme.embedding=int8
+        cs.store(group="scheme", name=name, node=d)
+    for name in regs.observers.names():
+        cs.store(group="observer", name=name, node={"name": name, "options": constructor_defaults(regs.observers.get(name))})
+    for name in regs.algorithms.names():
+        cs.store(group="algorithm", name=name, node={name: constructor_defaults(regs.algorithms.get(name))})
+    if AUTO in regs.algorithms.names():
+        raise PluginError(f"algorithm name {AUTO!r} is reserved (algorithm=auto picks a recipe); rename the plugin's "
+                          f"algorithm registered by {regs.algorithms.entry(AUTO).plugin}")
+    cs.store(group="algorithm", name=AUTO, node={AUTO: {}})  # the recipe chosen for the scheme (auto_algorithm.py)
+    for name in regs.formats.names():
+        cs.store(group="format", name=name, node={"name": name, **constructor_defaults(regs.formats.get(name))})
+    cs.store(group="format", name="auto", node={"name": "auto"})
+    for name in regs.backends.names() + ["auto"]:
+        cs.store(group="backend", name=name, node={"name": name})
+    get_plugin_manager().hook.register_configs(config_store=cs)
+    _save_copy([node for key, node in _entries(cs).items() if before.get(key) is not node])
+
+
+def register_saved_config_nodes(cs: Optional[ConfigStore] = None) -> bool:
+    """Store the nodes saved by an earlier invocation in this same installation, without loading any plugin;
+    False (nothing stored) when there is no such copy."""
+    path = _copy_path(_fingerprint())
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        nodes = [(n["name"], OmegaConf.create(n["yaml"]), n["group"], n["package"], n["provider"]) for n in saved["nodes"]]
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged: made again (and saved) from the plugins
+        log.debug("ignoring the saved config nodes %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return False
+    cs = cs or ConfigStore.instance()
+    for name, node, group, package, provider in nodes:
+        cs.store(name=name, node=node, group=group, package=package, provider=provider)
+    return True
+
+
+def _entries(cs: ConfigStore) -> Dict[Tuple[str, ...], ConfigNode]:
+    """Every node in the store by its path (group folders, then the file name)."""
+    found: Dict[Tuple[str, ...], ConfigNode] = {}
+
+    def walk(tree: dict, path: Tuple[str, ...]) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, path + (key,))
+            else:
+                found[path + (key,)] = value
+
+    walk(cs.repo, ())
+    return found
+
+
+def _save_copy(nodes: List[ConfigNode]) -> None:
+    """Best effort (a read-only cache only costs the next `--help` its speed); written whole or not at all."""
+    path = _copy_path(_fingerprint())
+    if os.path.exists(path):
+        return
+    data = {"format": FORMAT_VERSION, "nodes": [
+        {"name": n.name, "group": n.group, "package": n.package, "provider": n.provider, "yaml": OmegaConf.to_yaml(n.node)}
+        for n in nodes]}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+        _prune(os.path.dirname(path))
+    except OSError as exc:
+        log.debug("could not save the config nodes for --help in %s: %s", path, exc)
+
+
+def _prune(folder: str) -> None:
+    copies = sorted((e for e in os.scandir(folder) if e.name.endswith(".json")), key=lambda e: e.stat().st_mtime)
+    for old in copies[:-KEEP_COPIES]:
+        os.unlink(old.path)
+
+
+def _copy_path(fingerprint: str) -> str:
+    return os.path.join(cache_root(), "config-nodes", f"{fingerprint}.json")
+
+
+def _fingerprint() -> str:
+    """What the nodes depend on, hashed: finding the modules' files does not import them (nor torch)."""
+    h = hashlib.sha256(repr((FORMAT_VERSION, sys.prefix, sys.version, os.environ.get(ALLOWLIST_ENV))).encode())
+    for name in OWN_PACKAGES + ("hfquant.conf",):
+        _hash_sources(h, name)
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        dist = ep.dist
+        h.update(repr((ep.name, ep.value, dist and dist.name, dist and dist.version)).encode())
+        _hash_sources(h, ep.value.split(":")[0].split(".")[0])
+    return h.hexdigest()[:24]
+
+
+def _hash_sources(h, module: str) -> None:
+    """Each .py / .yaml file of `module` (a package: all of it) by path, size and modification time."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        h.update(f"{module}: {exc}".encode())
+        return
+    if spec is None:
+        h.update(f"{module}: missing".encode())
+        return
+    roots = list(spec.submodule_search_locations or []) or [spec.origin or ""]
+    for root in roots:
+        for path in _source_files(root):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+
+
+def _source_files(root: str) -> List[str]:
+    if os.path.isfile(root):
+        return [root]
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        found += [os.path.join(folder, f) for f in sorted(files) if f.endswith((".py", ".yaml"))]
+    return found

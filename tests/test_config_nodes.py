@@ -1,0 +1,145 @@
+"""`hfquant --help` and typo'd command lines answer from the config nodes an earlier command saved, without
+loading plugins or torch — and never from a copy that an installed, edited or filtered plugin has made stale."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from hfquant import config_nodes, plugins
+
+
+def hfquant(*args, cache, env=None):
+    """`python -X importtime -m hfquant ...`: stderr also lists every module the command imported."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", HFQUANT_CACHE=str(cache), **(env or {}))
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", "hfquant", *args], capture_output=True,
+                          text=True, timeout=300, env=full_env)
+
+
+def imported(result) -> set:
+    return {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+def messages(result) -> str:
+    return "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+
+
+def saved_copies(cache) -> list:
+    folder = cache / "config-nodes"
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def test_help_and_typos_answer_without_torch_once_the_nodes_are_saved(tmp_path):
+    cache = tmp_path / "cache"
+    first = hfquant("--help", "scheme=w8a8", cache=cache)
+    assert first.returncode == 0, messages(first)
+    assert "torch" in imported(first) and len(saved_copies(cache)) == 1  # made from the plugins, then saved
+    again = hfquant("--help", "scheme=w8a8", cache=cache)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert not {m for m in imported(again) if m.split(".")[0] in ("torch", "hfquant_builtins", "transformers")}
+
+    cold_typo = hfquant("scheme=w4a61", f"output_dir={tmp_path / 'o'}", cache=tmp_path / "empty-cache")
+    warm_typo = hfquant("scheme=w4a61", f"output_dir={tmp_path / 'o'}", cache=cache)
+    assert warm_typo.returncode == cold_typo.returncode == 2
+    assert messages(warm_typo) == messages(cold_typo) == (
+        "hfquant: error: scheme: unknown scheme 'w4a61'; registered: fp4, int8-tensor, llm-int8, nf4, w4a16, "
+        "w4a16-asym, w8a16, w8a8, w8a8-static. Did you mean 'w4a16'?")
+    assert "torch" not in imported(warm_typo) and not (tmp_path / "o").exists()
+    for bad in (["sceme=w8a16"], ["-m", "observer=minmax,percentil"]):  # a key, and the second job of a sweep
+        warm = hfquant(*bad, cache=cache)
+        assert warm.returncode == 2 and "torch" not in imported(warm), messages(warm)
+
+
+def test_a_command_line_that_composes_still_gets_the_full_check(tmp_path):
+    """Composing with the saved nodes only finds typos; a value no backend runs still needs the plugins."""
+    cache = tmp_path / "cache"
+    hfquant("--help", cache=cache)
+    result = hfquant("scheme.weights.num_bits=3", f"output_dir={tmp_path / 'o'}", cache=cache)
+    assert result.returncode == 2 and "num_bits" in messages(result) and "torch" in imported(result)
+
+
+def _plugin(site, module: str, observer: str) -> None:
+    (site / f"{module}.py").write_text(textwrap.dedent(f"""
+        from hfquant import hookimpl
+        from hfquant_builtins.observers.minmax import MinMaxObserver
+
+        @hookimpl
+        def register_observers(register):
+            register({observer!r}, MinMaxObserver)
+    """))
+
+
+def test_a_plugin_installed_edited_or_filtered_out_after_the_copy_was_saved_shows_as_it_is(tmp_path):
+    cache, site = tmp_path / "cache", tmp_path / "site"
+    site.mkdir()
+    env = {"PYTHONPATH": str(site)}
+    hfquant("--help", cache=cache, env=env)
+    info = site / "hfquant_sigma-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hfquant-sigma\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[hfquant]\nsigma_plugin = sigma_plugin\n")
+    _plugin(site, "sigma_plugin", "sigma")
+
+    def observers(extra_env=None) -> str:
+        out = hfquant("--help", cache=cache, env={**env, **(extra_env or {})})
+        assert out.returncode == 0, messages(out)
+        return next(line for line in out.stdout.splitlines() if line.startswith("observer: "))
+
+    assert observers().endswith(", sigma")  # installed after the copy was saved
+    _plugin(site, "sigma_plugin", "sigma2")
+    os.utime(site / "sigma_plugin.py", ns=(0, os.stat(site / "sigma_plugin.py").st_mtime_ns + 10**9))
+    assert observers().endswith(", sigma2")  # edited in place, same version
+    assert "sigma" not in observers({"HFQUANT_LOAD_PLUGINS": ""})  # loaded by none
+    assert len(saved_copies(cache)) == 4
+
+
+def test_a_damaged_copy_is_made_again(tmp_path):
+    cache = tmp_path / "cache"
+    hfquant("--help", cache=cache)
+    [name] = saved_copies(cache)
+    (cache / "config-nodes" / name).write_text('{"format": 1, "nodes": [{"name": ')
+    result = hfquant("--help", cache=cache)
+    assert result.returncode == 0 and "== Config groups" in result.stdout
+    assert json.loads((cache / "config-nodes" / name).read_text())["nodes"]  # saved whole again
+
+
+@dataclasses.dataclass
+class ToyOptions:
+    strength: float = 0.5
+    layers: tuple = (1, 2)
+
+
+def test_saved_nodes_compose_to_the_same_config_plugin_dataclasses_included(tmp_path, monkeypatch):
+    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))
+
+    class Toy:
+        @plugins.hookspecs.hookimpl
+        def register_configs(self, config_store):
+            config_store.store(group="toy", name="default", node=ToyOptions)
+
+    plugins.reset()
+    try:
+        plugins.get_plugin_manager().register(Toy(), name="toy")
+        store = ConfigStore.instance()
+        config_nodes.register_config_nodes(store)
+        made = {k: OmegaConf.to_yaml(n.node) for k, n in config_nodes._entries(store).items()}
+        assert config_nodes.register_saved_config_nodes(store)
+        read = {k: OmegaConf.to_yaml(n.node) for k, n in config_nodes._entries(store).items()}
+        assert read == made and read[("toy", "default.yaml")] == "strength: 0.5\nlayers:\n- 1\n- 2\n"
+    finally:
+        plugins.reset()
+        store.repo.pop("toy", None)
+
+
+def test_import_hfquant_imports_no_torch_and_every_public_name_still_resolves():
+    code = ("import sys, hfquant\nassert 'torch' not in sys.modules\n"
+            "missing = [n for n in hfquant.__all__ if getattr(hfquant, n, None) is None]\n"
+            "import hfquant.quant as q\nmissing += [n for n in q.__all__ if getattr(q, n, None) is None]\n"
+            "assert set(hfquant.__all__) <= set(dir(hfquant)), 'dir() lists the lazy names'\nprint(missing)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
