@@ -93,12 +93,12 @@ def hydra_main() -> None:
         with reported_errors():
             if wants_help(sys.argv[1:]):  # from the nodes an earlier invocation saved: no plugins, no torch
                 if not register_saved_config_nodes():
-                    register_config_nodes()
+                    register_config_nodes(save=True)
                 print_help(sys.argv[1:])
                 sys.exit(0)
             if register_saved_config_nodes():  # a typo in an option or key is refused before plugins (and torch) load
                 check_command_line(sys.argv[1:], compose_only=True)
-            register_config_nodes()
+            register_config_nodes(save=True)
             # every job composed and validated before the first runs; Hydra's own files go under output_dir
             placement, output_dir = check_command_line(sys.argv[1:])
             sys.argv.extend(placement)

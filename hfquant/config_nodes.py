@@ -1,11 +1,15 @@
 """The config nodes the command line composes from: one per registered scheme, observer, algorithm, format and
 backend, plus whatever plugins store with `register_configs`.
 
-Making them loads every plugin, and with the plugins torch (2–3 s of a 2-core machine's start-up). So each time
-they are made, a copy is saved in the cache, and `hfquant --help` reads that copy instead of loading the plugins.
-The copy is keyed by everything that can change the nodes: this Python environment, hfquant's own modules and
-config files, and each installed plugin's name, version and source files (sizes and modification times), and the
-plugin allowlist. Runs always make the nodes from the plugins themselves; only help reads the copy.
+Making them loads every plugin, and with the plugins torch (2–3 s of a 2-core machine's start-up). So the CLI saves
+a copy in the cache each time it makes them, and `hfquant --help` reads that copy instead of loading the plugins;
+a run composes its jobs against the copy first, to refuse a misspelled key at once. The copy is keyed by what the
+installed code is and where it runs: this Python environment, hfquant's own modules and config files, each
+installed plugin's name, version and top-level package files (sizes and modification times), the plugin allowlist,
+the modification times of the folders on `sys.path` (any install or uninstall changes one), and the host name (a
+plugin may register a GPU backend only where there is a GPU; a cache in a shared home folder serves several
+machines). Registrations that depend on anything else (environment variables, the date) break the contract in
+docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 from importlib import metadata
@@ -44,10 +49,15 @@ def constructor_defaults(cls) -> dict:
             and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
 
 
-def register_config_nodes(cs: Optional[ConfigStore] = None) -> None:
+def register_config_nodes(cs: Optional[ConfigStore] = None, save: bool = False) -> None:
     """Store a node for every registered scheme, observer, algorithm and backend, then call `register_configs`;
-    save a copy for `hfquant --help` if this installation has none yet."""
+    `save` (the CLI): keep a copy for `hfquant --help` if this installation has none yet. Nodes a saved copy
+    stored earlier in this process are removed first, so only what the plugins register now remains."""
     cs = cs or ConfigStore.instance()
+    fingerprint = _fingerprint() if save else None  # of the code about to be loaded
+    for key in _LOADED_FROM_COPY:
+        _remove(cs, key)
+    _LOADED_FROM_COPY.clear()
     before = _entries(cs)
     regs = registries()
     for name in regs.schemes.names():
@@ -68,7 +78,11 @@ def register_config_nodes(cs: Optional[ConfigStore] = None) -> None:
     for name in regs.backends.names() + ["auto"]:
         cs.store(group="backend", name=name, node={"name": name})
     get_plugin_manager().hook.register_configs(config_store=cs)
-    _save_copy([node for key, node in _entries(cs).items() if before.get(key) is not node])
+    if fingerprint:
+        _save_copy(fingerprint, [node for key, node in _entries(cs).items() if before.get(key) is not node])
+
+
+_LOADED_FROM_COPY: List[Tuple[str, ...]] = []  # store keys the saved copy filled in this process
 
 
 def register_saved_config_nodes(cs: Optional[ConfigStore] = None) -> bool:
@@ -81,7 +95,10 @@ def register_saved_config_nodes(cs: Optional[ConfigStore] = None) -> bool:
         nodes = [(n["name"], OmegaConf.create(n["yaml"]), n["group"], n["package"], n["provider"]) for n in saved["nodes"]]
     except FileNotFoundError:
         return False
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged: made again (and saved) from the plugins
+    except PermissionError as exc:  # another user's cache: use the plugins, leave their file alone
+        log.debug("cannot read the saved config nodes %s: %s", path, exc)
+        return False
+    except Exception as exc:  # damaged (or a value YAML cannot read back): made again, and saved, from the plugins
         log.debug("ignoring the saved config nodes %s: %s", path, exc)
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -89,7 +106,19 @@ def register_saved_config_nodes(cs: Optional[ConfigStore] = None) -> bool:
     cs = cs or ConfigStore.instance()
     for name, node, group, package, provider in nodes:
         cs.store(name=name, node=node, group=group, package=package, provider=provider)
+        _LOADED_FROM_COPY.append(tuple((group.split("/") if group else [])) + (_yaml_name(name),))
     return True
+
+
+def _yaml_name(name: str) -> str:
+    return name if name.endswith(".yaml") else f"{name}.yaml"
+
+
+def _remove(cs: ConfigStore, key: Tuple[str, ...]) -> None:
+    tree = cs.repo
+    for part in key[:-1]:
+        tree = tree.get(part, {})
+    tree.pop(key[-1], None)
 
 
 def _entries(cs: ConfigStore) -> Dict[Tuple[str, ...], ConfigNode]:
@@ -107,29 +136,56 @@ def _entries(cs: ConfigStore) -> Dict[Tuple[str, ...], ConfigNode]:
     return found
 
 
-def _save_copy(nodes: List[ConfigNode]) -> None:
-    """Best effort (a read-only cache only costs the next `--help` its speed); written whole or not at all."""
-    path = _copy_path(_fingerprint())
+def _save_copy(fingerprint: str, nodes: List[ConfigNode]) -> None:
+    """Best effort (a read-only cache only costs the next `--help` its speed); written whole or not at all, and not
+    at all when a node would not read back the same (a value YAML cannot carry, e.g. a `Path`)."""
+    path = _copy_path(fingerprint)
     if os.path.exists(path):
         return
-    data = {"format": FORMAT_VERSION, "nodes": [
-        {"name": n.name, "group": n.group, "package": n.package, "provider": n.provider, "yaml": OmegaConf.to_yaml(n.node)}
-        for n in nodes]}
+    try:
+        entries = [{"name": n.name, "group": n.group, "package": n.package, "provider": n.provider,
+                    "yaml": OmegaConf.to_yaml(n.node)} for n in nodes]
+        for entry, node in zip(entries, nodes):
+            if OmegaConf.to_container(OmegaConf.create(entry["yaml"])) != OmegaConf.to_container(node.node):
+                raise ValueError(f"{entry['group']}/{entry['name']} does not read back the same")
+    except Exception as exc:
+        log.debug("not saving the config nodes for --help: %s", exc)
+        return
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
+            json.dump({"format": FORMAT_VERSION, "nodes": entries}, f)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
+        tmp = None
         _prune(os.path.dirname(path))
     except OSError as exc:
         log.debug("could not save the config nodes for --help in %s: %s", path, exc)
+    finally:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _umask_mode() -> int:
+    """What `open()` would give a new file (mkstemp's files are private to their owner)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _prune(folder: str) -> None:
-    copies = sorted((e for e in os.scandir(folder) if e.name.endswith(".json")), key=lambda e: e.stat().st_mtime)
-    for old in copies[:-KEEP_COPIES]:
-        os.unlink(old.path)
+    """The newest KEEP_COPIES copies stay (another process may be pruning too: a file already gone is fine)."""
+    copies = []
+    for entry in os.scandir(folder):
+        with contextlib.suppress(OSError):
+            if entry.name.endswith(".json"):
+                copies.append((entry.stat().st_mtime, entry.path))
+    for _, old in sorted(copies)[:-KEEP_COPIES]:
+        with contextlib.suppress(OSError):
+            os.unlink(old)
 
 
 def _copy_path(fingerprint: str) -> str:
@@ -138,7 +194,13 @@ def _copy_path(fingerprint: str) -> str:
 
 def _fingerprint() -> str:
     """What the nodes depend on, hashed: finding the modules' files does not import them (nor torch)."""
-    h = hashlib.sha256(repr((FORMAT_VERSION, sys.prefix, sys.version, os.environ.get(ALLOWLIST_ENV))).encode())
+    h = hashlib.sha256(repr((FORMAT_VERSION, socket.gethostname(), sys.prefix, sys.version,
+                             os.environ.get(ALLOWLIST_ENV))).encode())
+    here = os.path.realpath(os.getcwd())
+    for folder in sys.path:  # an install or uninstall (a plugin's optional dependency, say) touches its folder
+        if folder and os.path.realpath(folder) != here:  # not the working folder (`python -m`), which runs write to
+            with contextlib.suppress(OSError):
+                h.update(f"{folder}:{os.stat(folder).st_mtime_ns}\n".encode())
     for name in OWN_PACKAGES + ("hfquant.conf",):
         _hash_sources(h, name)
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):

@@ -2,6 +2,7 @@
 loading plugins or torch — and never from a copy that an installed, edited or filtered plugin has made stale."""
 
 import dataclasses
+import enum
 import json
 import os
 import subprocess
@@ -39,6 +40,10 @@ def test_help_and_typos_answer_without_torch_once_the_nodes_are_saved(tmp_path):
     first = hfquant("--help", "scheme=w8a8", cache=cache)
     assert first.returncode == 0, messages(first)
     assert "torch" in imported(first) and len(saved_copies(cache)) == 1  # made from the plugins, then saved
+    mask = os.umask(0)
+    os.umask(mask)
+    [copy] = (cache / "config-nodes").iterdir()
+    assert copy.stat().st_mode & 0o777 == 0o666 & ~mask  # readable by whoever shares the cache, as `open()` makes
     again = hfquant("--help", "scheme=w8a8", cache=cache)
     assert again.returncode == 0 and again.stdout == first.stdout
     assert not {m for m in imported(again) if m.split(".")[0] in ("torch", "hfquant_builtins", "transformers")}
@@ -50,15 +55,21 @@ def test_help_and_typos_answer_without_torch_once_the_nodes_are_saved(tmp_path):
         "hfquant: error: scheme: unknown scheme 'w4a61'; registered: fp4, int8-tensor, llm-int8, nf4, w4a16, "
         "w4a16-asym, w8a16, w8a8, w8a8-static. Did you mean 'w4a16'?")
     assert "torch" not in imported(warm_typo) and not (tmp_path / "o").exists()
-    for bad in (["sceme=w8a16"], ["-m", "observer=minmax,percentil"]):  # a key, and the second job of a sweep
-        warm = hfquant(*bad, cache=cache)
-        assert warm.returncode == 2 and "torch" not in imported(warm), messages(warm)
+    for bad, message in [  # a key, and the second job of a sweep: the same line as from the plugins
+        (["sceme=w8a16"], "hfquant: error: unknown key 'sceme'; did you mean 'scheme'?"),
+        (["-m", "observer=minmax,percentil"], "hfquant: error: sweep job #1 (observer=percentil): observer: unknown "
+         "observer 'percentil'; registered: minmax, moving-average, mse, percentile. Did you mean 'percentile'? "
+         "(no job was run)"),
+    ]:
+        warm, cold = hfquant(*bad, cache=cache), hfquant(*bad, cache=tmp_path / "empty-cache")
+        assert warm.returncode == cold.returncode == 2 and "torch" not in imported(warm)
+        assert messages(warm) == messages(cold) == message
 
 
 def test_a_command_line_that_composes_still_gets_the_full_check(tmp_path):
     """Composing with the saved nodes only finds typos; a value no backend runs still needs the plugins."""
     cache = tmp_path / "cache"
-    hfquant("--help", cache=cache)
+    assert hfquant("--help", cache=cache).returncode == 0 and saved_copies(cache)
     result = hfquant("scheme.weights.num_bits=3", f"output_dir={tmp_path / 'o'}", cache=cache)
     assert result.returncode == 2 and "num_bits" in messages(result) and "torch" in imported(result)
 
@@ -78,7 +89,7 @@ def test_a_plugin_installed_edited_or_filtered_out_after_the_copy_was_saved_show
     cache, site = tmp_path / "cache", tmp_path / "site"
     site.mkdir()
     env = {"PYTHONPATH": str(site)}
-    hfquant("--help", cache=cache, env=env)
+    assert hfquant("--help", cache=cache, env=env).returncode == 0 and saved_copies(cache)
     info = site / "hfquant_sigma-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hfquant-sigma\nVersion: 0.1\n")
@@ -100,7 +111,7 @@ def test_a_plugin_installed_edited_or_filtered_out_after_the_copy_was_saved_show
 
 def test_a_damaged_copy_is_made_again(tmp_path):
     cache = tmp_path / "cache"
-    hfquant("--help", cache=cache)
+    assert hfquant("--help", cache=cache).returncode == 0
     [name] = saved_copies(cache)
     (cache / "config-nodes" / name).write_text('{"format": 1, "nodes": [{"name": ')
     result = hfquant("--help", cache=cache)
@@ -114,23 +125,85 @@ class ToyOptions:
     layers: tuple = (1, 2)
 
 
-def test_saved_nodes_compose_to_the_same_config_plugin_dataclasses_included(tmp_path, monkeypatch):
-    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))
+def _with_plugin_configs(nodes: dict):
+    """A plugin whose `register_configs` stores `nodes` ({(group, name): node}), registered in a fresh manager."""
 
-    class Toy:
+    class Presets:
         @plugins.hookspecs.hookimpl
         def register_configs(self, config_store):
-            config_store.store(group="toy", name="default", node=ToyOptions)
+            for (group, name), node in nodes.items():
+                config_store.store(group=group, name=name, node=node)
 
     plugins.reset()
+    plugins.get_plugin_manager().register(Presets(), name="presets")
+
+
+def _composed(overrides) -> str:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="hfquant.conf", version_base="1.3"):
+        return OmegaConf.to_yaml(compose(config_name="config", overrides=overrides))
+
+
+def test_saved_nodes_compose_to_the_same_config_plugin_dataclasses_included(tmp_path, monkeypatch):
+    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))
+    store = ConfigStore.instance()
+    overrides = ["+toy=default", "observer=sigma-3", "algorithm=[awq,gptq]", "scheme=w8a8"]
     try:
-        plugins.get_plugin_manager().register(Toy(), name="toy")
-        store = ConfigStore.instance()
-        config_nodes.register_config_nodes(store)
+        _with_plugin_configs({("toy", "default"): ToyOptions,
+                              ("observer", "sigma-3"): {"name": "percentile", "options": {"percentile": 99.0}}})
+        config_nodes.register_config_nodes(store, save=True)
         made = {k: OmegaConf.to_yaml(n.node) for k, n in config_nodes._entries(store).items()}
+        made_config = _composed(overrides)
+        assert len(saved_copies(tmp_path / "cache")) == 1
         assert config_nodes.register_saved_config_nodes(store)
-        read = {k: OmegaConf.to_yaml(n.node) for k, n in config_nodes._entries(store).items()}
+        read = {k: OmegaConf.to_yaml(n.node) for k, n in config_nodes._entries(store).items() if k in made}
         assert read == made and read[("toy", "default.yaml")] == "strength: 0.5\nlayers:\n- 1\n- 2\n"
+        assert _composed(overrides) == made_config and "sigma-3" not in made_config  # the preset's values
+        assert "percentile: 99.0" in made_config
+    finally:
+        plugins.reset()
+        store.repo.pop("toy", None)
+        store.repo["observer"].pop("sigma-3.yaml", None)
+
+
+class Mode(enum.Enum):
+    FAST = 1
+
+
+def test_nodes_that_would_not_read_back_the_same_are_not_saved(tmp_path, monkeypatch):
+    """An Enum value in a plain node is written as its name and would read back as a string: no copy is saved, so
+    help makes the nodes from the plugins each time rather than show (or compose) something else."""
+    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))
+    store = ConfigStore.instance()
+    try:
+        _with_plugin_configs({("toy", "modes"): {"mode": Mode.FAST}})
+        config_nodes.register_config_nodes(store, save=True)
+        assert store.repo["toy"]["modes.yaml"].node.mode == Mode.FAST
+        assert saved_copies(tmp_path / "cache") == []
+        assert not config_nodes.register_saved_config_nodes(store)
+    finally:
+        plugins.reset()
+        store.repo.pop("toy", None)
+
+
+def test_only_the_cli_saves_and_a_run_drops_the_copys_nodes(tmp_path, monkeypatch):
+    """A library or a plugin's own test calling `register_config_nodes()` leaves the shared cache alone; nodes a
+    saved copy stored are removed before the plugins' own are made (an option the copy had and the plugins no
+    longer register does not stay choosable)."""
+    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))
+    store = ConfigStore.instance()
+    try:
+        _with_plugin_configs({("toy", "old"): {"x": 1}})
+        config_nodes.register_config_nodes(store)
+        assert saved_copies(tmp_path / "cache") == []
+        config_nodes.register_config_nodes(store, save=True)
+        assert config_nodes.register_saved_config_nodes(store) and "old.yaml" in store.repo["toy"]
+        _with_plugin_configs({("toy", "new"): {"x": 2}})
+        config_nodes.register_config_nodes(store)
+        assert sorted(store.repo["toy"]) == ["new.yaml"]
     finally:
         plugins.reset()
         store.repo.pop("toy", None)

@@ -7,7 +7,7 @@ from .args import STRATEGIES, QuantArgs, QuantArgsError  # torch-free: the confi
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["max_abs_error", "mse", "sqnr_db"], ".metrics"),
-    **dict.fromkeys(["PACKABLE_BITS", "pack", "storage_bits", "unpack"], ".pack"),
+    **dict.fromkeys(["PACKABLE_BITS", "pack", "storage_bits", "unpack"], ".packing"),
     **dict.fromkeys(["code_dtype", "dequantize", "expand_qparam", "fake_quantize", "quantize", "quantize_with_error",
                      "zero_point_dtype"], ".primitives"),
     **dict.fromkeys(["check_finite", "compute_qparams", "dynamic_qparams", "min_max", "reduce_by_strategy",
@@ -16,7 +16,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 
 if TYPE_CHECKING:
     from .metrics import max_abs_error, mse, sqnr_db
-    from .pack import PACKABLE_BITS, pack, storage_bits, unpack
+    from .packing import PACKABLE_BITS, pack, storage_bits, unpack
     from .primitives import (code_dtype, dequantize, expand_qparam, fake_quantize, quantize, quantize_with_error,
                              zero_point_dtype)
     from .qparams import check_finite, compute_qparams, dynamic_qparams, min_max, reduce_by_strategy, stored_zero_point

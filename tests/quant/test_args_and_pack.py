@@ -90,7 +90,7 @@ def _pack_by_definition(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 def test_pack_in_row_chunks_into_a_given_buffer_matches_the_definition(monkeypatch, bits, signed, cols):
     """The row-chunked, word-wide packing (chunks forced small here) writes the same bytes as the format's rule,
     into `out` when given, across chunk boundaries and odd lengths."""
-    pack_mod = importlib.import_module("hfquant.quant.pack")  # the module (the package exports the function)
+    pack_mod = importlib.import_module("hfquant.quant.packing")  # the module
     monkeypatch.setattr(pack_mod, "CHUNK_CODES", 3 * cols)  # 3 rows per chunk: 11 rows cross three boundaries
     args = QuantArgs(num_bits=bits, signed=signed, symmetric=False)
     q = torch.randint(args.qmin, args.qmax + 1, (11, cols), generator=torch.Generator().manual_seed(bits + cols),
