@@ -59,6 +59,7 @@ class Recipe:
     backend: str = "fake"
     observer: str = "minmax"
     float_zero: bool = False
+    propagate: str = "quantized"  # each layer's calibration inputs: the quantized previous layers' outputs, or float
 
 
 RECIPES = [
@@ -98,6 +99,10 @@ RECIPES = [
     Recipe("gptq asym", "w4a16-asym", {"gptq": {}}),
     Recipe("awq + rtn sym full-range", "w4a16", {"awq": {}}, full_range=True),
     Recipe("awq + gptq sym full-range", "w4a16", {"awq": {}, "gptq": {}}, full_range=True),
+    Recipe("awq + gptq sym full-range, float propagation", "w4a16", {"awq": {}, "gptq": {}}, full_range=True,
+           propagate="float"),
+    Recipe("awq + gptq asym, float zero, float propagation", "w4a16-asym", {"awq": {}, "gptq": {}}, float_zero=True,
+           propagate="float"),
     Recipe("awq (ranges clipped by output error) + gptq sym full-range", "w4a16", {"awq": {"clip": True}, "gptq": {}},
            full_range=True),
     Recipe("awq (ranges clipped by output error) + gptq asym, float zero", "w4a16-asym",
@@ -170,7 +175,7 @@ def run_recipe(model, recipe: Recipe, calibration: dict, windows: dict) -> dict:
     obs_cls = registries().observers.get(recipe.observer)
     backend = registries().backends.get(recipe.backend)
     plan = build_plan(work, scheme, recipe.observer, obs_cls, {})
-    chain = make_chain(recipe.algorithms)
+    chain = make_chain(recipe.algorithms, propagate=recipe.propagate)
     start = time.perf_counter()
     stats = quantize_in_memory(work, plan, chain, lambda args: obs_cls(args), getattr(backend, "round_scale", None),
                                Windows(calibration[recipe.calibration]) if chain.requires_data else None)
