@@ -59,15 +59,17 @@ def help_text(overrides: List[str], config_name: str = "config", multirun: bool 
         check_bare_words(loader, overrides)
         repo = loader.repository
         groups = sorted(g for g in repo.get_group_options("", ObjectType.GROUP) if g != "hydra")
-        lines = [f"{g}: {', '.join(sorted(repo.get_group_options(g, ObjectType.CONFIG)))}" for g in groups]
         with _composition_errors(loader, config_name, [], None):
             cfg = loader.load_configuration(config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN,
                                             from_shell=True)
+        chosen = cfg.hydra.runtime.choices
+        lines = [f"{g}: " + ", ".join(o + ("*" if chosen.get(g) == o else "")
+                                      for o in sorted(repo.get_group_options(g, ObjectType.CONFIG))) for g in groups]
     with open_dict(cfg):
         del cfg["hydra"]
     return "\n".join([
         USAGE,
-        "== Config groups (group=option) ==",
+        "== Config groups (group=option; * = this command line's choice, the default unless you chose) ==",
         *lines,
         "",
         "== Config (override anything: key=value) ==",

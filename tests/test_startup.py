@@ -66,7 +66,8 @@ def test_help_lists_groups_and_the_composed_config():
     assert done.returncode == 0, done.stderr
     assert "usage: hfquant" in done.stdout
     assert "\nscheme: " in done.stdout and "w4a16-asym" in done.stdout  # a group and its options
-    assert "format: auto, bitsandbytes, compressed-tensors, gguf, hfquant" in done.stdout
+    assert "format: auto*, bitsandbytes, compressed-tensors, gguf, hfquant" in done.stdout  # * = the choice
+    assert "w8a8*," in done.stdout and "w4a16*" not in done.stdout and "calibration: hub, mix*," in done.stdout
     config = done.stdout.split("== Config (override anything: key=value) ==", 1)[1]
     assert "name: w8a8" in config and "\nhydra:" not in config  # Hydra's own settings: --hydra-help
 
@@ -98,7 +99,7 @@ print(json.tool.__name__, [str(w.message) for w in caught])
 def test_help_reads_the_command_line_as_a_run_does(argv):
     done = subprocess.run([sys.executable, "-m", "hfquant", *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "== Config groups (group=option) ==" in done.stdout
+    assert "== Config groups (group=option; * = this command line's choice" in done.stdout
 
 
 def test_help_takes_overrides_on_both_sides_of_the_flag():

@@ -12,7 +12,7 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .report import algorithm_list, embedding_line, readable, reported_apart, summary_rows, table
+from .report import algorithm_list, embedding_line, gguf_source, readable, reported_apart, summary_rows, table
 
 PIPELINE_TAGS = {"causal-lm": "text-generation", "embedding": "feature-extraction"}
 
@@ -84,13 +84,6 @@ def needs_hfquant_notice(backend: str, exported: bool = False, version: Optional
 
 UNQUANTIZED_EMBEDDING = ("- input embedding (and an lm_head tied to it): floating point — `scheme.embedding=int8` "
                          "quantizes them on the cpu and fake backends\n")
-
-
-def gguf_source(model_cfg: dict) -> str:
-    """Where the unquantized baseline came from when the model was read from a GGUF file: its dequantized weights."""
-    gguf = model_cfg.get("gguf_file")
-    return (f" (read from its GGUF file `{gguf}`, dequantized to float32 on load: that float32 model is the "
-            "unquantized baseline below)") if gguf else ""
 
 
 def load_section(export: Optional[dict], load_path: str, cpu_kernels: bool = False) -> str:

@@ -74,10 +74,19 @@ def table(rows: List[List[str]], header=("metric", "baseline", "quantized", "cha
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
+def gguf_source(model_cfg: dict) -> str:
+    """Where the unquantized baseline came from when the model was read from a GGUF file: its dequantized weights."""
+    gguf = model_cfg.get("gguf_file")
+    return (f" (read from its GGUF file `{gguf}`, dequantized to float32 on load: that float32 model is the "
+            "unquantized baseline below)") if gguf else ""
+
+
 def markdown(report: dict) -> str:
     run = report["run"]
     lines = [
         f"# hfquant report: {run['model']} — {run['scheme']}",
+        "",
+        f"Model `{run['model']}`{gguf_source(run)}.",
         "",
         f"Scheme `{run['scheme']}`, algorithms {algorithm_list(report)}"
         f"{' (' + run['algorithm_reason'] + ')' if run.get('algorithm_reason') else ''}, observer `{run['observer']}`, "
@@ -87,9 +96,15 @@ def markdown(report: dict) -> str:
         "",
         "## Protocol",
         "",
+        "Evaluation (the table's first rows):",
+        "",
     ]
     for key, value in report.get("protocol", {}).items():
         lines.append(f"- **{key}**: {readable(value)}")
+    ood = (report.get("comparison") or {}).get("out_of_domain") or {}
+    if ood.get("protocol"):
+        lines += ["", f"Out of the calibration domain (`{ood.get('dataset')}`, the rows that name it):", ""]
+        lines += [f"- **{key}**: {readable(value)}" for key, value in ood["protocol"].items()]
     q = report.get("quantization", {})
     lines += ["", "## Quantization", "",
               f"- modules quantized: {q.get('modules')}; ignored: "

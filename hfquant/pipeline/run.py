@@ -185,7 +185,8 @@ def narrowed(spec: RunSpec, names, dropped) -> RunSpec:
 
 def _run_header(spec: RunSpec, source: str) -> dict:
     m = spec.model
-    return {"model": m.get("name") or m["path"], "model_source": source, "task": m.get("task", "causal-lm"),
+    return {"model": m.get("name") or m["path"], "model_source": source,
+            **({"gguf_file": m["gguf_file"]} if m.get("gguf_file") else {}), "task": m.get("task", "causal-lm"),
             "scheme": spec.scheme.name, "observer": spec.observer, "observer_options": spec.observer_options,
             "algorithms": list(spec.algorithms),
             **({"algorithm_options": options} if (options := changed_options(spec.algorithms)) else {}),
