@@ -12,7 +12,7 @@ from typing import NoReturn
 import hydra
 from omegaconf import DictConfig
 
-from .config_nodes import register_config_nodes, register_saved_config_nodes
+from .config_nodes import installation_key, register_config_nodes, register_saved_config_nodes
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, HfquantError
 
 log = logging.getLogger("hfquant")
@@ -91,14 +91,15 @@ def hydra_main() -> None:
     take_verbose_flag()
     try:
         with reported_errors():
+            key = installation_key()  # before any plugin loads
             if wants_help(sys.argv[1:]):  # from the nodes an earlier invocation saved: no plugins, no torch
-                if not register_saved_config_nodes():
-                    register_config_nodes(save=True)
+                if not register_saved_config_nodes(key=key):
+                    register_config_nodes(save=True, key=key)
                 print_help(sys.argv[1:])
                 sys.exit(0)
-            if register_saved_config_nodes():  # a typo in an option or key is refused before plugins (and torch) load
+            if register_saved_config_nodes(key=key):  # a typo in an option or key is refused before plugins load
                 check_command_line(sys.argv[1:], compose_only=True)
-            register_config_nodes(save=True)
+            register_config_nodes(save=True, key=key)
             # every job composed and validated before the first runs; Hydra's own files go under output_dir
             placement, output_dir = check_command_line(sys.argv[1:])
             sys.argv.extend(placement)

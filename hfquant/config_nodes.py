@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 from importlib import metadata
 from typing import Dict, List, Optional, Tuple
 
@@ -32,6 +31,7 @@ from omegaconf import OmegaConf
 
 from .auto_algorithm import AUTO
 from .cache import cache_root
+from .pipeline.output import write_atomic
 from .plugins import ALLOWLIST_ENV, ENTRY_POINT_GROUP, get_plugin_manager, registries
 from .registry import PluginError
 
@@ -49,12 +49,13 @@ def constructor_defaults(cls) -> dict:
             and p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
 
 
-def register_config_nodes(cs: Optional[ConfigStore] = None, save: bool = False) -> None:
+def register_config_nodes(cs: Optional[ConfigStore] = None, save: bool = False, key: Optional[str] = None) -> None:
     """Store a node for every registered scheme, observer, algorithm and backend, then call `register_configs`;
-    `save` (the CLI): keep a copy for `hfquant --help` if this installation has none yet. Nodes a saved copy
-    stored earlier in this process are removed first, so only what the plugins register now remains."""
+    `save` (the CLI): keep a copy for `hfquant --help` if this installation has none yet, under `key`
+    (`installation_key()`, taken before any plugin loads). Nodes a saved copy stored earlier in this process are
+    removed first, so only what the plugins register now remains."""
     cs = cs or ConfigStore.instance()
-    fingerprint = _fingerprint() if save else None  # of the code about to be loaded
+    fingerprint = (key or installation_key()) if save else None
     for key in _LOADED_FROM_COPY:
         _remove(cs, key)
     _LOADED_FROM_COPY.clear()
@@ -85,10 +86,10 @@ def register_config_nodes(cs: Optional[ConfigStore] = None, save: bool = False) 
 _LOADED_FROM_COPY: List[Tuple[str, ...]] = []  # store keys the saved copy filled in this process
 
 
-def register_saved_config_nodes(cs: Optional[ConfigStore] = None) -> bool:
-    """Store the nodes saved by an earlier invocation in this same installation, without loading any plugin;
-    False (nothing stored) when there is no such copy."""
-    path = _copy_path(_fingerprint())
+def register_saved_config_nodes(cs: Optional[ConfigStore] = None, key: Optional[str] = None) -> bool:
+    """Store the nodes saved by an earlier invocation in this same installation (`key`, else computed), without
+    loading any plugin; False (nothing stored) when there is no such copy."""
+    path = _copy_path(key or installation_key())
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
@@ -151,29 +152,12 @@ def _save_copy(fingerprint: str, nodes: List[ConfigNode]) -> None:
     except Exception as exc:
         log.debug("not saving the config nodes for --help: %s", exc)
         return
-    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT_VERSION, "nodes": entries}, f)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-        tmp = None
+        write_atomic(path, json.dumps({"format": FORMAT_VERSION, "nodes": entries}))
         _prune(os.path.dirname(path))
     except OSError as exc:
         log.debug("could not save the config nodes for --help in %s: %s", path, exc)
-    finally:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def _umask_mode() -> int:
-    """What `open()` would give a new file (mkstemp's files are private to their owner)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _prune(folder: str) -> None:
@@ -192,7 +176,7 @@ def _copy_path(fingerprint: str) -> str:
     return os.path.join(cache_root(), "config-nodes", f"{fingerprint}.json")
 
 
-def _fingerprint() -> str:
+def installation_key() -> str:
     """What the nodes depend on, hashed: finding the modules' files does not import them (nor torch)."""
     h = hashlib.sha256(repr((FORMAT_VERSION, socket.gethostname(), sys.prefix, sys.version,
                              os.environ.get(ALLOWLIST_ENV))).encode())

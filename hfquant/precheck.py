@@ -80,12 +80,10 @@ def _checked_jobs(overrides: List[str], config_name: str, multirun: bool, compos
         _check_additions(loader, config_name, parsed)
         extra = [] if multirun else hydra_file_overrides(parsed)
         try:
-            jobs = _jobs(loader, parser, config_name, overrides + extra, parsed, multirun)
+            dirs = [(label, None if compose_only else _validated(cfg, label)) for label, cfg in
+                    _jobs(loader, parser, config_name, overrides + extra, parsed, multirun)]
             if compose_only:
-                for _ in jobs:
-                    pass
                 return extra, []
-            dirs = [(label, _validated(cfg, label)) for label, cfg in jobs]
         finally:
             HydraConfig.instance().cfg = None  # the real run sets its own
     _check_output_dirs(dirs)

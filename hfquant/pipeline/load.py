@@ -204,9 +204,9 @@ def gguf_cache(source: str, gguf_file: str, fp: str, dtype: str, trust_remote_co
     import shutil
     import tempfile
 
-    from .evaluate import cache_dir
+    from ..cache import cache_root
 
-    root = os.path.join(os.path.dirname(cache_dir()), "gguf")
+    root = os.path.join(cache_root(), "gguf")
     final = os.path.join(root, f"{fp}-{dtype}")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final

@@ -6,6 +6,7 @@ single rename after it is fully written, and `report.json` is written last, atom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -170,11 +171,17 @@ def _normal_file_permissions(folder: str) -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
+    """`path` holds the whole of `text` or what it held before (a failed write leaves no `.tmp-*` behind)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, _file_mode())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json(path: str, data: dict) -> None:

@@ -99,8 +99,7 @@ def markdown(report: dict) -> str:
         "Evaluation (the table's first rows):",
         "",
     ]
-    for key, value in report.get("protocol", {}).items():
-        lines.append(f"- **{key}**: {readable(value)}")
+    lines += [f"- **{key}**: {readable(value)}" for key, value in report.get("protocol", {}).items()]
     ood = (report.get("comparison") or {}).get("out_of_domain") or {}
     if ood.get("protocol"):
         lines += ["", f"Out of the calibration domain (`{ood.get('dataset')}`, the rows that name it):", ""]
