@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .quant import native
 from .quant.args import QuantArgs
 from .quant.qparams import check_finite, compute_qparams, reduce_by_strategy
 
@@ -41,7 +42,9 @@ class Observer:
         if type(self).reduce_batch is Observer.reduce_batch and x.dtype.is_floating_point:
             # Plain min / max are exact in any float dtype: reduce a bf16 weight as it is, convert the result.
             # They propagate NaN and show ±Inf, so checking them checks every element.
-            lo, hi = (t.to(work) for t in self.reduce_batch(x))
+            own_reduce = type(self).reduce is not Observer.reduce  # a subclass that groups differently
+            fused = native.min_max(x, self.args) if work == torch.float32 and not own_reduce else None  # one pass
+            lo, hi = fused if fused is not None else (t.to(work) for t in self.reduce_batch(x))
             if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
                 check_finite(x, "observed tensor")  # raises, counting the bad values
         else:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Weight quantization speed: hfquant's row-chunked primitives against a whole-tensor reference (the way
-hfquant computed them before the scale work: float32 copy, per-group qparams expanded with
-`repeat_interleave`, error by a second quantize + dequantize), same weight, same run, same codes.
+"""Weight quantization speed: hfquant's compiled loops (`hfquant/quant/native_kernels.c`), its row-chunked eager
+primitives (`HFQUANT_NATIVE_KERNELS=0`), and a whole-tensor reference (the way hfquant computed them before the scale
+work: float32 copy, per-group qparams expanded with `repeat_interleave`, error by a second quantize + dequantize),
+same weight, same run, same codes.
 
     .venv/bin/python scripts/bench_quantize.py [--rows 11008] [--cols 4096] [--repeats 5] [--threads N] [--glibc-malloc]
 
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hfquant.allocator import keep_freed_memory  # noqa: E402
 from hfquant.plugins import registries  # noqa: E402
-from hfquant.quant import compute_qparams, pack, quantize, quantize_with_error  # noqa: E402
+from hfquant.quant import compute_qparams, native, pack, quantize, quantize_with_error  # noqa: E402
 from hfquant.quant.primitives import code_dtype, expand_qparam  # noqa: E402
 from hfquant.quant.qparams import reduce_by_strategy  # noqa: E402
 
@@ -66,6 +67,17 @@ def reference_pack(q, args):
     return out
 
 
+def eager(fn):
+    """`fn` with the compiled loops switched off: the row-chunked torch ops."""
+    def run():
+        os.environ["HFQUANT_NATIVE_KERNELS"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["HFQUANT_NATIVE_KERNELS"]
+    return run
+
+
 def median_ms(fn, repeats):
     fn()
     times = []
@@ -90,8 +102,12 @@ def main() -> None:
     malloc = "glibc default" if args_ns.glibc_malloc else f"hfquant's thresholds: {keep_freed_memory()}"
     w = (torch.randn(args_ns.rows, args_ns.cols, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     observer = registries().observers.get("minmax")
-    print(f"weight {args_ns.rows}×{args_ns.cols} bf16, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {malloc}")
-    print("| scheme | step | reference ms | hfquant ms | speed-up |\n|---|---|---|---|---|")
+    os.environ.pop("HFQUANT_NATIVE_KERNELS", None)
+    compiled = "compiled loops" if native.library() is not None else "compiled loops UNAVAILABLE (eager twice)"
+    print(f"weight {args_ns.rows}×{args_ns.cols} bf16, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"malloc {malloc}, {compiled}")
+    print("| scheme | step | reference ms | hfquant eager ms | hfquant compiled ms | compiled vs eager |\n"
+          "|---|---|---|---|---|---|")
     for scheme in ("w8a16", "w4a16"):
         args = registries().schemes.get(scheme).weights
 
@@ -105,6 +121,9 @@ def main() -> None:
         assert torch.equal(scale, ref_scale) and torch.equal(zp, ref_zp)
         codes = quantize(w, scale, zp, args)
         assert torch.equal(codes, reference_quantize(w, scale, zp, args))
+        assert torch.equal(codes, eager(lambda: quantize(w, scale, zp, args))())
+        eager_scale, eager_zp = eager(observe)()
+        assert torch.equal(eager_scale, scale) and torch.equal(eager_zp, zp)
         assert torch.equal(pack(codes, args), reference_pack(codes, args))
         steps = [
             ("observe (min-max)", lambda: reference_observe(w, args), observe),
@@ -114,8 +133,8 @@ def main() -> None:
             ("pack codes", lambda: reference_pack(codes, args), lambda: pack(codes, args)),
         ]
         for name, ref, ours in steps:
-            r, o = median_ms(ref, args_ns.repeats), median_ms(ours, args_ns.repeats)
-            print(f"| {scheme} | {name} | {r:.0f} | {o:.0f} | {r / o:.2f}× |", flush=True)
+            r, e, o = (median_ms(f, args_ns.repeats) for f in (ref, eager(ours), ours))
+            print(f"| {scheme} | {name} | {r:.0f} | {e:.0f} | {o:.0f} | {e / o:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

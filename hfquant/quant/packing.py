@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from . import native
 from .args import QuantArgs
 
 PACKABLE_BITS = (2, 4, 8)
@@ -42,6 +43,8 @@ def pack(q: torch.Tensor, args: QuantArgs, out: Optional[torch.Tensor] = None) -
     if bits == 8:  # one byte per code: code − qmin straight into out
         u = _code_bytes(q)
         return torch.sub(u, args.qmin & 0xFF, out=out) if args.qmin else out.copy_(u)
+    if native.pack(q, args, bits, out):  # one pass, same bytes
+        return out
     if q.dim() < 2 or q.numel() <= CHUNK_CODES:
         out.copy_(_packed_rows(q, args, bits))
         return out

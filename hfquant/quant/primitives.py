@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .args import QuantArgs
 from .qparams import check_finite, compute_dtype
 
@@ -28,9 +29,12 @@ def expand_qparam(p: torch.Tensor, like: torch.Tensor, args: QuantArgs) -> torch
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Integer codes round_half_even(x / scale) + zero_point, clamped into [qmin, qmax] (a float zero point is
     added before rounding: round_half_even(x / scale + zero_point))."""
+    scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
+    fused = native.codes_with_error(x, scale, zero_point, args, code_dtype(args))
+    if fused is not None:
+        return fused[0]
     check_finite(x)
     dtype = compute_dtype(x)
-    scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
 
     def codes(xc, s, z):
         return _rounded(xc, s, z, args, dtype)[1].to(code_dtype(args)).view(xc.shape)
@@ -43,8 +47,11 @@ def quantize_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     """(codes, Σ(x̂ − x)², Σx²): `quantize` plus the squared error of the dequantized result, chunk by chunk so
     the conversion, the error and the energy cost no extra trip through memory. `checked=True` skips the
     NaN/Inf check when the caller's observer already saw this very tensor (min/max would have caught them)."""
-    dtype = compute_dtype(x)
     scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
+    fused = native.codes_with_error(x, scale, zero_point, args, code_dtype(args))  # one pass, same codes
+    if fused is not None:
+        return fused
+    dtype = compute_dtype(x)
     no_zero = not bool(zero_point.any())  # symmetric signed codes: adding and removing z would be two idle passes
     sums = [0.0, 0.0]
 

@@ -1,0 +1,180 @@
+"""hfquant's fused CPU loops for the passes every weight goes through — its min / max per group, its codes with their
+squared error, and their 2- / 4-bit packing — one trip through memory each instead of a chain of eager ops per row
+chunk (docs/benchmarks.md, "Weight quantization primitives"). Same numbers as the eager path: the same IEEE float32 division and half-to-even
+rounding, so the codes are bit-identical (tests/test_native_kernels.py); the error sums are accumulated in float64.
+
+The C source (`native_kernels.c`) is compiled on first use with the system's C compiler (`$CC`, else `cc`) into
+`$HFQUANT_CACHE/native/`, keyed by the source, the compiler and the CPU's flags (it is built for this CPU). Without a
+compiler, or when the build fails, or with `HFQUANT_NATIVE_KERNELS=0`, everything runs the eager path — slower, same
+codes. Only contiguous 2-D CPU weights in bfloat16, float16 or float32 with per-group or per-channel qparams take
+this path; everything else (float64 reference math, per-tensor scales, activations) stays eager.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Optional, Tuple
+
+import torch
+
+from ..cache import cache_root
+from .args import QuantArgs
+
+log = logging.getLogger("hfquant")
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernels.c")
+DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-pthread"]
+
+_lock = threading.Lock()
+_library: Optional[ctypes.CDLL] = None
+_tried = False
+
+
+def enabled() -> bool:
+    return os.environ.get("HFQUANT_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, built once per machine; None where they cannot be had (the eager path runs)."""
+    global _library, _tried
+    if not enabled():
+        return None
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _library = _load(_build())
+            except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                log.info("hfquant's native quantization kernels are unavailable (%s); the eager path runs instead "
+                         "(same codes, slower)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                _library = None
+        return _library
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(flags=FLAGS, folder: Optional[str] = None) -> str:
+    """The path of the compiled library for this source, compiler, flags and CPU (compiled now if absent)."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler ({compiler!r} not found)")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
+                                     platform.machine().encode()])).hexdigest()[:24]
+    folder = folder or os.path.join(cache_root(), "native")
+    target = os.path.join(folder, f"quant-{key}.so")
+    if os.path.isfile(target):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".quant-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *flags, "-o", tmp, SOURCE, "-lm"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()}")
+        os.replace(tmp, target)  # atomic: a concurrent run sees the old state or a whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.debug("compiled hfquant's native quantization kernels into %s", target)
+    return target
+
+
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.hfq_min_max.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.hfq_min_max.restype = ctypes.c_int
+    lib.hfq_codes.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_float,
+                              ctypes.c_float, ptr, ptr, ctypes.c_int]
+    lib.hfq_codes.restype = ctypes.c_int
+    lib.hfq_pack.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ctypes.c_int]
+    lib.hfq_pack.restype = ctypes.c_int
+    return lib
+
+
+def _group(x: torch.Tensor, args: QuantArgs) -> Optional[int]:
+    """Columns per scale for a weight this path takes, else None."""
+    if (x.dim() != 2 or x.device.type != "cpu" or x.dtype not in DTYPES or not x.is_contiguous() or x.numel() == 0
+            or x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if args.strategy == "group":
+        return args.group_size
+    return x.shape[1] if args.strategy == "channel" else None
+
+
+def min_max(x: torch.Tensor, args: QuantArgs, lib: Optional[ctypes.CDLL] = None
+            ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(min, max) per group (rows, groups) or per row (rows, 1), float32 — what `reduce_by_strategy` gives; None
+    when this path does not apply or the weight is not finite (the caller's eager path then runs and explains).
+    `lib`: another build of the kernels (tests compare the portable build with this CPU's)."""
+    group = _group(x, args)
+    lib = (lib or library()) if group else None
+    if lib is None:
+        return None
+    rows, cols = x.shape
+    groups = -(-cols // group)
+    lo = torch.empty(rows, groups, dtype=torch.float32)
+    hi = torch.empty(rows, groups, dtype=torch.float32)
+    status = lib.hfq_min_max(x.data_ptr(), DTYPES[x.dtype], rows, cols, group, lo.data_ptr(), hi.data_ptr(),
+                             torch.get_num_threads())
+    return (lo, hi) if status == 0 else None
+
+
+def codes_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], args: QuantArgs,
+                     out_dtype: torch.dtype, lib: Optional[ctypes.CDLL] = None
+                     ) -> Optional[Tuple[torch.Tensor, float, float]]:
+    """(codes, Σ(x̂ − x)², Σx²) as `primitives.quantize_with_error` computes them, or None when this path does not
+    apply (shapes, dtypes, float64 qparams) or the weight is not finite."""
+    group = _group(x, args)
+    if not group:
+        return None
+    rows, cols = x.shape
+    groups = -(-cols // group)
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (rows, groups):
+        return None
+    zero = None
+    if zero_point is not None and bool(zero_point.any()):
+        if tuple(zero_point.shape) != (rows, groups) or zero_point.dtype == torch.float64:
+            return None
+        zero = zero_point.to(torch.float32).contiguous()
+    lib = lib or library()
+    if lib is None:
+        return None
+    scale = scale.contiguous()
+    codes = torch.empty(rows, cols, dtype=out_dtype)
+    sums = (ctypes.c_double * 2)()
+    status = lib.hfq_codes(x.data_ptr(), DTYPES[x.dtype], rows, cols, group, scale.data_ptr(),
+                           zero.data_ptr() if zero is not None else None, int(args.float_zero_point),
+                           float(args.qmin), float(args.qmax), codes.data_ptr(), sums, torch.get_num_threads())
+    return (codes, sums[0], sums[1]) if status == 0 else None
+
+
+def pack(q: torch.Tensor, args: QuantArgs, bits: int, out: torch.Tensor, lib: Optional[ctypes.CDLL] = None) -> bool:
+    """2- or 4-bit codes of a contiguous 2-D CPU tensor packed into `out` (uint8, contiguous, the packed shape) in one
+    pass, `packing.pack`'s layout; False when this path does not apply (the caller packs with torch ops)."""
+    if (bits not in (2, 4) or q.dim() != 2 or q.device.type != "cpu" or q.dtype not in (torch.int8, torch.uint8)
+            or not q.is_contiguous() or q.numel() == 0 or out.device.type != "cpu" or not out.is_contiguous()):
+        return False
+    lib = lib or library()
+    if lib is None:
+        return False
+    return lib.hfq_pack(q.data_ptr(), q.shape[0], q.shape[1], bits, args.qmin, out.data_ptr(),
+                        torch.get_num_threads()) == 0

@@ -1,0 +1,164 @@
+"""hfquant's compiled quantization loops give the eager path's codes bit for bit, its min / max exactly, its error sums
+to float rounding — on this CPU's build and on the portable (no AVX2) build — and runs fall back to the eager path
+when no compiler is there."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from hfquant.observer import Observer
+from hfquant.quant import QuantArgs, compute_qparams, native, pack, quantize, quantize_with_error, unpack
+from hfquant.quant.qparams import min_max
+
+ARGS = {
+    "int4 sym full-range g128": QuantArgs(num_bits=4, strategy="group", group_size=128, full_range=True),
+    "int4 sym restricted g64": QuantArgs(num_bits=4, strategy="group", group_size=64),
+    "int4 asym g96": QuantArgs(num_bits=4, strategy="group", group_size=96, symmetric=False, signed=False),
+    "int4 asym float zero g32": QuantArgs(num_bits=4, strategy="group", group_size=32, symmetric=False, signed=False,
+                                          float_zero_point=True),
+    "int8 sym channel": QuantArgs(num_bits=8, strategy="channel"),
+    "uint8 asym channel": QuantArgs(num_bits=8, strategy="channel", symmetric=False, signed=False),
+    "int3 asym g32": QuantArgs(num_bits=3, strategy="group", group_size=32, symmetric=False, signed=False),
+}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """{name: library}: this CPU's build (what runs use) and a portable one without -march=native: its scalar loops,
+    and float16 converted without the compiler's `_Float16` (as on compilers that lack it)."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C compiler here: the eager path runs (tested below)")
+    portable = [f for f in native.FLAGS if f != "-march=native"] + ["-DHFQ_SOFT_HALF"]  # float16 converted by hand
+    return {"native": lib, "portable": native._load(native._build(portable, str(tmp_path_factory.mktemp("portable"))))}
+
+
+def weight(rows, cols, dtype, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+    w[1] = 0.0  # an all-zero row: scale 1, codes at the zero point
+    w[2, :5] = torch.tensor([1e-3, -1e-3, 0.5, -0.5, 0.0])  # ties and outliers
+    w[3] = w[3].round(decimals=2)  # values on rounding boundaries
+    w[4, :3] = torch.tensor([6e-8, -3e-6, 6e4])  # float16 subnormals and its near-largest value
+    return w.to(dtype)
+
+
+def eager(monkeypatch, fn, *a):
+    monkeypatch.setenv("HFQUANT_NATIVE_KERNELS", "0")
+    try:
+        return fn(*a)
+    finally:
+        monkeypatch.delenv("HFQUANT_NATIVE_KERNELS")
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(ARGS))
+@pytest.mark.parametrize("cols", [1001, 256, 7])
+def test_same_numbers_as_the_eager_path(builds, monkeypatch, build, dtype, name, cols):
+    args, lib = ARGS[name], builds[build]
+    w = weight(37, cols, dtype)
+    lo, hi = min_max(w, args)  # the eager reduction
+    fused = native.min_max(w, args, lib)
+    assert fused is not None
+    assert torch.equal(fused[0], lo) and torch.equal(fused[1], hi)
+    scale, zero_point = compute_qparams(lo, hi, args)
+    codes, error, energy = eager(monkeypatch, quantize_with_error, w, scale, zero_point, args)
+    f_codes, f_error, f_energy = native.codes_with_error(w, scale, zero_point, args, codes.dtype, lib)
+    assert f_codes.dtype == codes.dtype and torch.equal(f_codes, codes)
+    assert f_error == pytest.approx(error, rel=1e-5) and f_energy == pytest.approx(energy, rel=1e-5)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("name", ["int4 sym full-range g128", "int4 asym g96", "int2 sym", "uint2 asym"])
+@pytest.mark.parametrize("cols", [1001, 256, 70, 3])
+def test_packs_the_same_bytes(builds, monkeypatch, build, name, cols):
+    args = ARGS.get(name) or QuantArgs(num_bits=2, strategy="group", group_size=32, symmetric=name == "int2 sym",
+                                       signed=name == "int2 sym")
+    codes = torch.randint(args.qmin, args.qmax + 1, (23, cols), generator=torch.Generator().manual_seed(cols),
+                          dtype=torch.int16).to(torch.int8 if args.signed else torch.uint8)
+    expected = eager(monkeypatch, pack, codes, args)
+    packed = torch.full_like(expected, 0xAB)  # padding must be written, not left over
+    assert native.pack(codes, args, args.num_bits, packed, builds[build])
+    assert torch.equal(packed, expected)
+    assert torch.equal(unpack(packed, args, cols), codes)
+
+
+def test_runs_use_it_and_threads_split_the_rows_the_same(builds, monkeypatch):
+    """`quantize` / `quantize_with_error` / the min-max observer take the compiled path (large weight, row split
+    over threads) and agree with the eager path and with one thread."""
+    args = ARGS["int4 sym full-range g128"]
+    w = weight(1100, 576, torch.bfloat16, seed=1)
+    observer = Observer(args)
+    observer.observe(w)
+    scale, zero_point = observer.qparams()
+    assert (scale, zero_point) is not None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = quantize_with_error(w, scale, zero_point, args)
+        torch.set_num_threads(1)
+        one = quantize_with_error(w, scale, zero_point, args)
+    finally:
+        torch.set_num_threads(threads)
+    reference = eager(monkeypatch, quantize_with_error, w, scale, zero_point, args)
+    assert torch.equal(two[0], reference[0]) and torch.equal(one[0], reference[0])
+    assert torch.equal(quantize(w, scale, zero_point, args), reference[0])
+    assert two[1] == pytest.approx(reference[1], rel=1e-5) and one[1] == pytest.approx(two[1], rel=1e-12)
+    calls = []
+    monkeypatch.setattr(native, "codes_with_error", lambda *a, **k: calls.append(1))  # returns None: eager runs
+    assert torch.equal(quantize(w, scale, zero_point, args), reference[0]) and calls
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_get_the_eager_paths_error(builds, build, dtype, bad):
+    args = ARGS["int4 asym g96"]
+    w = weight(20, 300, dtype)
+    w[7, 250] = bad
+    assert native.min_max(w, args, builds[build]) is None
+    scale, zero_point = torch.ones(20, 4), torch.zeros(20, 4, dtype=torch.int32)
+    assert native.codes_with_error(w, scale, zero_point, args, torch.uint8, builds[build]) is None
+    with pytest.raises(ValueError, match=r"NaN or Inf \(1 of 6000 values\)"):
+        Observer(args).observe(w)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_with_error(w, scale, zero_point, args)
+
+
+def test_what_it_does_not_take_stays_eager(builds):
+    args = ARGS["int4 sym full-range g128"]
+    w = weight(8, 256, torch.float32)
+    scale = torch.ones(8, 2)
+    assert native.codes_with_error(w.double(), scale.double(), torch.zeros(8, 2), args, torch.int8) is None
+    assert native.codes_with_error(w.t(), scale, torch.zeros(8, 2), args, torch.int8) is None  # not contiguous
+    assert native.codes_with_error(w, scale[:, :1], torch.zeros(8, 1), args, torch.int8) is None  # per-row scale
+    assert native.min_max(w[0], args) is None  # 1-D
+    assert native.min_max(w, QuantArgs(num_bits=8, strategy="tensor")) is None
+
+
+def test_no_compiler_means_the_eager_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("HFQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    args = ARGS["int8 sym channel"]
+    w = weight(40, 64, torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="hfquant"):
+        assert native.library() is None
+        lo, hi = min_max(w, args)
+        codes = quantize(w, *compute_qparams(lo, hi, args), args)
+    assert codes.shape == (40, 64)
+    assert "native quantization kernels are unavailable (no C compiler" in caplog.text
+    assert not os.path.exists(tmp_path / "cache" / "native")
+
+
+def test_a_failed_build_leaves_no_file(monkeypatch, tmp_path):
+    folder = tmp_path / "native"
+    with pytest.raises(RuntimeError, match="failed"):
+        native._build(native.FLAGS + ["-Wl,--no-such-linker-option"], str(folder))
+    assert list(folder.iterdir()) == []
