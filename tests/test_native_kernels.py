@@ -41,8 +41,8 @@ def builds(tmp_path_factory):
 def weight(rows, cols, dtype, seed=0):
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
     w[1] = 0.0  # an all-zero row: scale 1, codes at the zero point
-    w[2, :5] = torch.tensor([1e-3, -1e-3, 0.5, -0.5, 0.0])  # ties and outliers
-    w[3] = w[3].round(decimals=2)  # values on rounding boundaries
+    w[2, :5] = torch.tensor([1e-3, -1e-3, 0.5, -0.5, 0.0])  # outliers (one group's range) and a zero
+    w[3] = w[3].round(decimals=2)  # many equal values (ties are tested exactly below)
     w[4, :3] = torch.tensor([6e-8, -3e-6, 6e4])  # float16 subnormals and its near-largest value
     return w.to(dtype)
 
@@ -96,7 +96,7 @@ def test_runs_use_it_and_threads_split_the_rows_the_same(builds, monkeypatch):
     observer = Observer(args)
     observer.observe(w)
     scale, zero_point = observer.qparams()
-    assert (scale, zero_point) is not None
+    assert native.min_max(w, args) is not None and native.codes_with_error(w, scale, zero_point, args, torch.int8)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -117,28 +117,64 @@ def test_runs_use_it_and_threads_split_the_rows_the_same(builds, monkeypatch):
 @pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_weights_get_the_eager_paths_error(builds, build, dtype, bad):
+def test_non_finite_weights_are_left_to_the_eager_path(builds, build, dtype, bad):
     args = ARGS["int4 asym g96"]
     w = weight(20, 300, dtype)
+    scale, zero_point = torch.ones(20, 4), torch.ones(20, 4, dtype=torch.int32)
+    assert native.codes_with_error(w, scale, zero_point, args, torch.uint8, builds[build]) is not None
     w[7, 250] = bad
     assert native.min_max(w, args, builds[build]) is None
-    scale, zero_point = torch.ones(20, 4), torch.zeros(20, 4, dtype=torch.int32)
     assert native.codes_with_error(w, scale, zero_point, args, torch.uint8, builds[build]) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_weights_are_refused_by_name(dtype):
+    """What the user sees, compiled loops or not."""
+    args = ARGS["int4 asym g96"]
+    w = weight(20, 300, dtype)
+    w[7, 250] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or Inf \(1 of 6000 values\)"):
         Observer(args).observe(w)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        quantize_with_error(w, scale, zero_point, args)
+        quantize_with_error(w, torch.ones(20, 4), torch.zeros(20, 4, dtype=torch.int32), args)
+
+
+def test_ties_round_half_to_even(builds, monkeypatch):
+    """x/s exactly on k + ½ (s a power of two): half to even, as torch.round — not away from zero — with integer
+    and float zero points."""
+    ties = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, -3.5] * 4).reshape(1, 32) * 0.25
+    for args, zero, half_to_even in [
+            (ARGS["int4 sym full-range g128"], torch.zeros(1, 1, dtype=torch.int32), [0, 0, 2, -2, 2, -2, 4, -4]),
+            (ARGS["int4 asym g96"], torch.full((1, 1), 8, dtype=torch.int32), [8, 8, 10, 6, 10, 6, 12, 4]),
+            (ARGS["int4 asym float zero g32"], torch.full((1, 1), 7.0), [8, 6, 8, 6, 10, 4, 10, 4])]:  # 7.5, 6.5, …
+        expected = eager(monkeypatch, quantize, ties, torch.full((1, 1), 0.25), zero, args)
+        assert expected[0, :8].tolist() == half_to_even
+        for lib in builds.values():
+            fused = native.codes_with_error(ties, torch.full((1, 1), 0.25), zero, args, expected.dtype, lib)
+            assert torch.equal(fused[0], expected)
 
 
 def test_what_it_does_not_take_stays_eager(builds):
     args = ARGS["int4 sym full-range g128"]
     w = weight(8, 256, torch.float32)
-    scale = torch.ones(8, 2)
-    assert native.codes_with_error(w.double(), scale.double(), torch.zeros(8, 2), args, torch.int8) is None
-    assert native.codes_with_error(w.t(), scale, torch.zeros(8, 2), args, torch.int8) is None  # not contiguous
-    assert native.codes_with_error(w, scale[:, :1], torch.zeros(8, 1), args, torch.int8) is None  # per-row scale
+    scale, zero = torch.ones(8, 2), torch.zeros(8, 2, dtype=torch.int32)
+    assert native.codes_with_error(w, scale, zero, args, torch.int8) is not None  # the baseline the rest differs from
+    offset = weight(9, 256, torch.float32)[1:]  # contiguous, with a storage offset: taken, same codes
+    assert torch.equal(native.codes_with_error(offset, scale, zero, args, torch.int8)[0],
+                       native.codes_with_error(offset.clone(), scale, zero, args, torch.int8)[0])
+    assert native.codes_with_error(w.double(), scale, zero, args, torch.int8) is None  # float64 reference math
+    assert native.codes_with_error(w, scale.double(), zero, args, torch.int8) is None
+    assert native.codes_with_error(torch.empty(256, 8).t(), scale, zero, args, torch.int8) is None  # not contiguous
+    assert native.codes_with_error(w, scale[:, :1], zero[:, :1], args, torch.int8) is None  # per-row scale
+    assert native.codes_with_error(w, scale, zero, args, torch.int16) is None
+    assert native.codes_with_error(w, scale.to("meta"), zero, args, torch.int8) is None  # qparams elsewhere
+    assert native.codes_with_error(w, torch.zeros(8, 2), zero, args, torch.int8) is None  # a zero scale
+    assert native.codes_with_error(w, scale, zero + 0.5, ARGS["int4 asym g96"], torch.uint8) is None  # not integer
     assert native.min_max(w[0], args) is None  # 1-D
     assert native.min_max(w, QuantArgs(num_bits=8, strategy="tensor")) is None
+    codes = torch.zeros(8, 256, dtype=torch.int8)
+    assert not native.pack(codes, args, 4, torch.empty(8, 64, dtype=torch.uint8))  # wrong packed shape
+    assert not native.pack(codes, args, 4, torch.empty(8, 128, dtype=torch.int8))
 
 
 def test_no_compiler_means_the_eager_path(monkeypatch, tmp_path, caplog):
@@ -154,7 +190,7 @@ def test_no_compiler_means_the_eager_path(monkeypatch, tmp_path, caplog):
         codes = quantize(w, *compute_qparams(lo, hi, args), args)
     assert codes.shape == (40, 64)
     assert "native quantization kernels are unavailable (no C compiler" in caplog.text
-    assert not os.path.exists(tmp_path / "cache" / "native")
+    assert not os.path.exists(tmp_path / "cache" / "native")  # nothing written
 
 
 def test_a_failed_build_leaves_no_file(monkeypatch, tmp_path):
@@ -162,3 +198,32 @@ def test_a_failed_build_leaves_no_file(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         native._build(native.FLAGS + ["-Wl,--no-such-linker-option"], str(folder))
     assert list(folder.iterdir()) == []
+
+
+def fresh_loader(monkeypatch, cache):
+    monkeypatch.setenv("HFQUANT_CACHE", str(cache))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+
+
+def test_a_cache_others_can_write_is_not_loaded_from(builds, monkeypatch, tmp_path):
+    """A library someone else could have planted is never loaded: with a shared (group/other-writable) cache the
+    kernels are built privately for the process and nothing is written to the shared folder."""
+    shared = tmp_path / "shared"
+    (shared / "native").mkdir(parents=True)
+    os.chmod(shared / "native", 0o777)
+    fresh_loader(monkeypatch, shared)
+    lib = native.library()
+    assert lib is not None and lib is not builds["native"]
+    assert list((shared / "native").iterdir()) == []
+
+
+def test_a_damaged_cached_library_is_built_again(builds, monkeypatch, tmp_path):
+    fresh_loader(monkeypatch, tmp_path / "cache")
+    path = native._build(folder=str(tmp_path / "cache" / "native"))
+    with open(path, "wb") as f:
+        f.write(b"not a library")
+    fresh_loader(monkeypatch, tmp_path / "cache")
+    lib = native.library()
+    w = weight(30, 64, torch.float32)
+    assert lib is not None and native.min_max(w, ARGS["int8 sym channel"], lib) is not None

@@ -1,10 +1,12 @@
 """hfquant's fused CPU loops for the passes every weight goes through — its min / max per group, its codes with their
 squared error, and their 2- / 4-bit packing — one trip through memory each instead of a chain of eager ops per row
 chunk (docs/benchmarks.md, "Weight quantization primitives"). Same numbers as the eager path: the same IEEE float32 division and half-to-even
-rounding, so the codes are bit-identical (tests/test_native_kernels.py); the error sums are accumulated in float64.
+rounding, so the codes are bit-identical (tests/test_native_kernels.py); the error sums are float32 per group, as the
+eager path's, and float64 across groups.
 
 The C source (`native_kernels.c`) is compiled on first use with the system's C compiler (`$CC`, else `cc`) into
-`$HFQUANT_CACHE/native/`, keyed by the source, the compiler and the CPU's flags (it is built for this CPU). Without a
+`$HFQUANT_CACHE/native/`, keyed by the source, the compiler and the instruction sets it resolves for this CPU; a cache
+folder or file that another user could have written is not loaded (the library is then built privately per process). Without a
 compiler, or when the build fails, or with `HFQUANT_NATIVE_KERNELS=0`, everything runs the eager path — slower, same
 codes. Only contiguous 2-D CPU weights in bfloat16, float16 or float32 with per-group or per-channel qparams take
 this path; everything else (float64 reference math, per-tensor scales, activations) stays eager.
@@ -17,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -52,31 +55,66 @@ def library() -> Optional[ctypes.CDLL]:
         if not _tried:
             _tried = True
             try:
-                _library = _load(_build())
-            except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                _library = _cached_or_private()
+            except Exception as exc:  # whatever a compiler or loader does, quantizing goes on without them
                 log.info("hfquant's native quantization kernels are unavailable (%s); the eager path runs instead "
                          "(same codes, slower)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 _library = None
         return _library
 
 
-def _cpu_flags() -> str:
+def _cached_or_private() -> ctypes.CDLL:
+    """The library from the cache when the cache is this user's own (nobody else could have put a library there);
+    else — a shared or read-only cache, or a cached file that does not load — one built in a private folder for this
+    process."""
+    _compiler()  # none: say so before touching the cache
+    folder = os.path.join(cache_root(), "native")
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if _private(folder):
+            path = _build(folder=folder)
+            if _private(path):
+                try:
+                    return _load(path)
+                except OSError:
+                    os.unlink(path)  # damaged or unloadable: built again below, privately
     except OSError:
-        return platform.processor()
+        pass
+    private = tempfile.mkdtemp(prefix="hfquant-native-")
+    try:
+        return _load(_build(folder=private))  # loaded libraries stay mapped after their file is gone
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _private(path: str) -> bool:
+    """Owned by this user and writable by nobody else."""
+    info = os.stat(path)
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _compiler() -> list:
+    command = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
+    if not command or shutil.which(command[0]) is None:
+        raise RuntimeError(f"no C compiler ({' '.join(command) or 'CC'!r} not found)")
+    return command
+
+
+def _run(command: list, timeout: float, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, errors="replace", timeout=timeout)
 
 
 def _build(flags=FLAGS, folder: Optional[str] = None) -> str:
-    """The path of the compiled library for this source, compiler, flags and CPU (compiled now if absent)."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler ({compiler!r} not found)")
+    """The path of the compiled library for this source, compiler and flags (compiled now if absent). The key holds
+    the macros the compiler defines for these flags — for -march=native, the instruction sets it resolved on this
+    CPU — so a cache shared with a machine that lacks them never hands it a library it cannot run."""
+    compiler = _compiler()
     with open(SOURCE, "rb") as f:
         source = f.read()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
+    version = _run([*compiler, "--version"], 60).stdout
+    macros = _run([*compiler, *[f for f in flags if f.startswith(("-m", "-D"))], "-dM", "-E", "-x", "c", "-"], 60,
+                  stdin="").stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), macros.encode(),
                                      platform.machine().encode()])).hexdigest()[:24]
     folder = folder or os.path.join(cache_root(), "native")
     target = os.path.join(folder, f"quant-{key}.so")
@@ -86,9 +124,9 @@ def _build(flags=FLAGS, folder: Optional[str] = None) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".quant-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, "-o", tmp, SOURCE, "-lm"], capture_output=True, text=True, timeout=300)
+        done = _run([*compiler, *flags, "-o", tmp, SOURCE, "-lm"], 120)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {(done.stderr or done.stdout).strip()}")
         os.replace(tmp, target)  # atomic: a concurrent run sees the old state or a whole library
     finally:
         if os.path.exists(tmp):
@@ -108,6 +146,11 @@ def _load(path: str) -> ctypes.CDLL:
     lib.hfq_pack.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ctypes.c_int]
     lib.hfq_pack.restype = ctypes.c_int
     return lib
+
+
+def _usable_scales(scale: torch.Tensor) -> bool:
+    """Finite and non-zero, as `compute_qparams` makes them (anything else: the eager path's own behaviour)."""
+    return bool(torch.isfinite(scale).all()) and bool((scale != 0).all())
 
 
 def _group(x: torch.Tensor, args: QuantArgs) -> Optional[int]:
@@ -148,12 +191,14 @@ def codes_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[
         return None
     rows, cols = x.shape
     groups = -(-cols // group)
-    if scale.dtype != torch.float32 or tuple(scale.shape) != (rows, groups):
+    if (scale.dtype != torch.float32 or tuple(scale.shape) != (rows, groups) or scale.device.type != "cpu"
+            or out_dtype not in (torch.int8, torch.uint8) or not _usable_scales(scale)):
         return None
     zero = None
     if zero_point is not None and bool(zero_point.any()):
-        if tuple(zero_point.shape) != (rows, groups) or zero_point.dtype == torch.float64:
-            return None
+        if (tuple(zero_point.shape) != (rows, groups) or zero_point.device.type != "cpu"
+                or zero_point.dtype.is_floating_point != args.float_zero_point or zero_point.dtype == torch.float64):
+            return None  # e.g. a fractional zero point where codes add an integer one: the eager path's rules
         zero = zero_point.to(torch.float32).contiguous()
     lib = lib or library()
     if lib is None:
@@ -171,7 +216,8 @@ def pack(q: torch.Tensor, args: QuantArgs, bits: int, out: torch.Tensor, lib: Op
     """2- or 4-bit codes of a contiguous 2-D CPU tensor packed into `out` (uint8, contiguous, the packed shape) in one
     pass, `packing.pack`'s layout; False when this path does not apply (the caller packs with torch ops)."""
     if (bits not in (2, 4) or q.dim() != 2 or q.device.type != "cpu" or q.dtype not in (torch.int8, torch.uint8)
-            or not q.is_contiguous() or q.numel() == 0 or out.device.type != "cpu" or not out.is_contiguous()):
+            or not q.is_contiguous() or q.numel() == 0 or out.device.type != "cpu" or not out.is_contiguous()
+            or out.dtype != torch.uint8 or tuple(out.shape) != (q.shape[0], -(-q.shape[1] * bits // 8))):
         return False
     lib = lib or library()
     if lib is None:

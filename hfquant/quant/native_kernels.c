@@ -171,7 +171,7 @@ static inline __attribute__((always_inline)) int codes_rows(const void *restrict
                 __m256 q = _mm256_add_ps(
                     _mm256_round_ps(_mm256_add_ps(y, vzf), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzi);
                 q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
-                const __m256i qi = _mm256_cvtps_epi32(q); /* exact: q is a small integer */
+                const __m256i qi = _mm256_cvttps_epi32(q); /* exact: q is a small integer (truncation, as torch converts) */
                 const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
                 _mm_storel_epi64((__m128i *)(codes + base + c), _mm_shuffle_epi8(words, low_bytes));
                 const __m256 d = _mm256_sub_ps(_mm256_sub_ps(q, vz), y);
@@ -189,7 +189,7 @@ static inline __attribute__((always_inline)) int codes_rows(const void *restrict
                 float q = rintf(y + zf) + zi;
                 q = q < qmin ? qmin : q;
                 q = q > qmax ? qmax : q;
-                codes[base + c] = (uint8_t)(int32_t)q;
+                codes[base + c] = q == q ? (uint8_t)(int32_t)q : 0; /* NaN only with a non-finite x: refused */
                 const float d = (q - z) - y;
                 e += d * d;
                 en += v * v;
