@@ -51,15 +51,17 @@ def library() -> Optional[ctypes.CDLL]:
     global _library, _tried
     if not enabled():
         return None
+    if _tried:  # the hot path: every weight asks
+        return _library
     with _lock:
         if not _tried:
-            _tried = True
             try:
                 _library = _cached_or_private()
             except Exception as exc:  # whatever a compiler or loader does, quantizing goes on without them
                 log.info("hfquant's native quantization kernels are unavailable (%s); the eager path runs instead "
                          "(same codes, slower)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 _library = None
+            _tried = True  # after `_library` is set: the unlocked check above must not see a half-done build
         return _library
 
 

@@ -307,13 +307,7 @@ static worker pick(int dtype, worker bf16, worker f16, worker f32) {
 int hfq_min_max(const void *x, int dtype, int64_t rows, int64_t cols, int64_t group, float *lo, float *hi, int threads) {
     worker fn = pick(dtype, minmax_bf16, minmax_f16, minmax_f32);
     if (!fn) return 2;
-    job proto = {0};
-    proto.x = x;
-    proto.rows = rows;
-    proto.cols = cols;
-    proto.group = group;
-    proto.lo = lo;
-    proto.hi = hi;
+    job proto = {.x = x, .rows = rows, .cols = cols, .group = group, .lo = lo, .hi = hi};
     return run_split(fn, &proto, threads, NULL);
 }
 
@@ -322,17 +316,8 @@ int hfq_codes(const void *x, int dtype, int64_t rows, int64_t cols, int64_t grou
               int float_zero, float qmin, float qmax, uint8_t *codes, double *sums, int threads) {
     worker fn = pick(dtype, codes_bf16, codes_f16, codes_f32);
     if (!fn) return 2;
-    job proto = {0};
-    proto.x = x;
-    proto.rows = rows;
-    proto.cols = cols;
-    proto.group = group;
-    proto.scale = scale;
-    proto.zero = zero;
-    proto.float_zero = float_zero;
-    proto.qmin = qmin;
-    proto.qmax = qmax;
-    proto.codes = codes;
+    job proto = {.x = x, .rows = rows, .cols = cols, .group = group, .scale = scale, .zero = zero,
+                 .float_zero = float_zero, .qmin = qmin, .qmax = qmax, .codes = codes};
     return run_split(fn, &proto, threads, sums);
 }
 
@@ -340,12 +325,6 @@ int hfq_codes(const void *x, int dtype, int64_t rows, int64_t cols, int64_t grou
  * Returns 0, or 2 for a bit width this layout does not pack. */
 int hfq_pack(const uint8_t *codes, int64_t rows, int64_t cols, int bits, int qmin, uint8_t *packed, int threads) {
     if (bits != 2 && bits != 4) return 2;
-    job proto = {0};
-    proto.in = codes;
-    proto.rows = rows;
-    proto.cols = cols;
-    proto.bits = bits;
-    proto.qmin = (float)qmin;
-    proto.packed = packed;
+    job proto = {.in = codes, .rows = rows, .cols = cols, .bits = bits, .qmin = (float)qmin, .packed = packed};
     return run_split(pack_worker, &proto, threads, NULL);
 }
