@@ -35,3 +35,53 @@ def test_the_users_own_malloc_settings_win(fresh, monkeypatch, name):
     monkeypatch.setenv(name, "glibc.malloc.trim_threshold=0" if name == "GLIBC_TUNABLES" else "131072")
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("mallopt called over the user's settings"))
     assert fresh.keep_freed_memory() is False
+
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def _huge_bytes_behind(tensor) -> int:
+    """AnonHugePages of the mapping that holds `tensor`'s middle byte, from /proc/self/smaps (the advice splits the
+    mapping: its unaligned head and tail are mappings of their own)."""
+    address, inside = tensor.data_ptr() + tensor.numel() * tensor.element_size() // 2, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields[0].split("-")) == 2 and not fields[0].endswith(":"):
+                try:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                except ValueError:
+                    continue
+                inside = start <= address < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not _glibc() or _thp_mode() != "madvise",
+                    reason="transparent huge pages in madvise mode only (elsewhere the advice changes nothing)")
+def test_large_fresh_buffers_are_faulted_in_huge_pages():
+    import torch
+
+    size = 64 * 2**20
+
+    def touched(tensor):
+        tensor[::4096] = 1
+        return tensor
+
+    advised = touched(allocator.advise_huge_pages(torch.empty(size, dtype=torch.uint8)))
+    plain = touched(torch.empty(size, dtype=torch.uint8))
+    assert _huge_bytes_behind(advised) > 0 and _huge_bytes_behind(plain) == 0
+
+
+def test_small_or_non_cpu_buffers_are_left_as_they_are():
+    import torch
+
+    for tensor in (torch.empty(1024, dtype=torch.uint8), torch.empty(64 * 2**20, dtype=torch.uint8, device="meta")):
+        assert allocator.advise_huge_pages(tensor) is tensor

@@ -74,7 +74,8 @@ def test_same_numbers_as_the_eager_path(builds, monkeypatch, build, dtype, name,
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
-@pytest.mark.parametrize("name", ["int4 sym full-range g128", "int4 asym g96", "int2 sym", "uint2 asym"])
+@pytest.mark.parametrize("name", ["int4 sym full-range g128", "int4 asym g96", "int2 sym", "uint2 asym",
+                                  "int8 sym channel", "uint8 asym channel"])
 @pytest.mark.parametrize("cols", [1001, 256, 70, 3])
 def test_packs_the_same_bytes(builds, monkeypatch, build, name, cols):
     args = ARGS.get(name) or QuantArgs(num_bits=2, strategy="group", group_size=32, symmetric=name == "int2 sym",

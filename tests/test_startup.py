@@ -108,3 +108,32 @@ def test_help_takes_overrides_on_both_sides_of_the_flag():
     assert done.returncode == 0, done.stderr  # was argparse's "unrecognized arguments: output_dir=after_the_flag"
     config = done.stdout.split("== Config (override anything: key=value) ==", 1)[1]
     assert "name: w8a16" in config and "output_dir: after_the_flag" in config
+
+
+def test_a_finished_run_exits_without_teardown_but_runs_exit_handlers(monkeypatch):
+    """`hfquant` skips the interpreter's ~2 s teardown of torch after a run, not the exit handlers (logging's
+    flush, a plugin's cleanup); with a thread still working it exits normally, which waits for that thread."""
+    import atexit
+    import threading
+
+    from hfquant import cli
+
+    calls = []
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("handlers"))
+    monkeypatch.setattr(cli, "exit_now", lambda code: calls.append(("exit_now", code)))
+    with monkeypatch.context() as alone:  # whatever threads other tests left behind
+        alone.setattr(threading, "enumerate", lambda: [threading.main_thread()])
+        cli.finish(2)
+    assert calls == ["handlers", ("exit_now", 2)]
+
+    calls.clear()
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait, daemon=False)
+    worker.start()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.finish(0)
+        assert exited.value.code == 0 and calls == []
+    finally:
+        release.set()
+        worker.join()

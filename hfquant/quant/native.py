@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..allocator import advise_huge_pages
 from ..cache import cache_root
 from .args import QuantArgs
 
@@ -206,7 +207,7 @@ def codes_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[
     if lib is None:
         return None
     scale = scale.contiguous()
-    codes = torch.empty(rows, cols, dtype=out_dtype)
+    codes = advise_huge_pages(torch.empty(rows, cols, dtype=out_dtype))  # written once, whole: 2 MiB page faults
     sums = (ctypes.c_double * 2)()
     status = lib.hfq_codes(x.data_ptr(), DTYPES[x.dtype], rows, cols, group, scale.data_ptr(),
                            zero.data_ptr() if zero is not None else None, int(args.float_zero_point),
@@ -215,9 +216,9 @@ def codes_with_error(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[
 
 
 def pack(q: torch.Tensor, args: QuantArgs, bits: int, out: torch.Tensor, lib: Optional[ctypes.CDLL] = None) -> bool:
-    """2- or 4-bit codes of a contiguous 2-D CPU tensor packed into `out` (uint8, contiguous, the packed shape) in one
-    pass, `packing.pack`'s layout; False when this path does not apply (the caller packs with torch ops)."""
-    if (bits not in (2, 4) or q.dim() != 2 or q.device.type != "cpu" or q.dtype not in (torch.int8, torch.uint8)
+    """2-, 4- or 8-bit codes of a contiguous 2-D CPU tensor packed into `out` (uint8, contiguous, the packed shape) in
+    one pass, `packing.pack`'s layout; False when this path does not apply (the caller packs with torch ops)."""
+    if (bits not in (2, 4, 8) or q.dim() != 2 or q.device.type != "cpu" or q.dtype not in (torch.int8, torch.uint8)
             or not q.is_contiguous() or q.numel() == 0 or out.device.type != "cpu" or not out.is_contiguous()
             or out.dtype != torch.uint8 or tuple(out.shape) != (q.shape[0], -(-q.shape[1] * bits // 8))):
         return False

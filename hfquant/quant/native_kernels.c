@@ -232,6 +232,10 @@ static void *pack_worker(void *arg) {
     for (int64_t r = j->row0; r < j->row1; r++) {
         const uint8_t *restrict c = j->in + r * n;
         uint8_t *restrict o = j->packed + r * width;
+        if (bits == 8) { /* one code per byte: the offset alone (the compiler vectorises it) */
+            for (int64_t k = 0; k < n; k++) o[k] = (uint8_t)(c[k] - qmin);
+            continue;
+        }
         if (bits == 4) {
             int64_t k = 0;
 #if VECTOR
@@ -321,10 +325,10 @@ int hfq_codes(const void *x, int dtype, int64_t rows, int64_t cols, int64_t grou
     return run_split(fn, &proto, threads, sums);
 }
 
-/* codes: (rows, cols) bytes (int8 codes as their two's-complement bytes); packed: (rows, ceil(cols·bits/8)). bits 2 or 4.
- * Returns 0, or 2 for a bit width this layout does not pack. */
+/* codes: (rows, cols) bytes (int8 codes as their two's-complement bytes); packed: (rows, ceil(cols·bits/8)). bits 2, 4
+ * or 8. Returns 0, or 2 for a bit width this layout does not pack. */
 int hfq_pack(const uint8_t *codes, int64_t rows, int64_t cols, int bits, int qmin, uint8_t *packed, int threads) {
-    if (bits != 2 && bits != 4) return 2;
+    if (bits != 2 && bits != 4 && bits != 8) return 2;
     job proto = {.in = codes, .rows = rows, .cols = cols, .bits = bits, .qmin = (float)qmin, .packed = packed};
     return run_split(pack_worker, &proto, threads, NULL);
 }

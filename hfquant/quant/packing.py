@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..allocator import advise_huge_pages
 from . import native
 from .args import QuantArgs
 
@@ -36,15 +37,15 @@ def pack(q: torch.Tensor, args: QuantArgs, out: Optional[torch.Tensor] = None) -
     n = q.shape[-1] if q.dim() else 1
     shape = (*q.shape[:-1], -(-n * bits // 8))
     if out is None:
-        out = torch.empty(shape, dtype=torch.uint8, device=q.device)
+        out = advise_huge_pages(torch.empty(shape, dtype=torch.uint8, device=q.device))
     elif out.shape != shape or out.dtype != torch.uint8 or not out.is_contiguous():
         raise ValueError(f"pack: out must be a contiguous uint8 tensor of shape {tuple(shape)}, got {out.dtype} "
                          f"{tuple(out.shape)}")
+    if native.pack(q, args, bits, out):  # one pass, same bytes
+        return out
     if bits == 8:  # one byte per code: code − qmin straight into out
         u = _code_bytes(q)
         return torch.sub(u, args.qmin & 0xFF, out=out) if args.qmin else out.copy_(u)
-    if native.pack(q, args, bits, out):  # one pass, same bytes
-        return out
     if q.dim() < 2 or q.numel() <= CHUNK_CODES:
         out.copy_(_packed_rows(q, args, bits))
         return out
