@@ -76,10 +76,12 @@ def advise_huge_pages(tensor):
     above `MMAP_THRESHOLD` each comes from its own fresh mmap, and faulting it in 4 KiB at a time costs ~1 ms per
     MB on a 2-vCPU VM — 40–60% of a w8a16 weight's compiled quantizing (`scripts/bench_quantize.py`). With
     transparent huge pages in `madvise` mode (common) a page fault maps 2 MiB at once. Only the buffer's own
-    aligned interior is advised; nothing changes where THP is off, on other platforms, or for small buffers.
-    Returns `tensor`."""
+    aligned interior is advised; nothing changes where THP is off, on other platforms, or for small buffers. Only
+    where `keep_freed_memory()` is in force: then a block this large is its own mmap, never heap memory that other
+    allocations reuse (under the user's own malloc settings or another allocator it may be). Returns `tensor`."""
     nbytes = tensor.numel() * tensor.element_size()
-    if nbytes < MMAP_THRESHOLD or tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
+    if (_applied is not True or nbytes < MMAP_THRESHOLD or tensor.device.type != "cpu"
+            or not sys.platform.startswith("linux")):
         return tensor
     madvise = _madvise()
     if madvise is not None:

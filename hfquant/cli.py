@@ -20,9 +20,6 @@ log = logging.getLogger("hfquant")
 
 @hydra.main(version_base="1.3", config_path="pkg://hfquant.conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
-    from .pipeline.prefetch import prefetch_model
-
-    prefetch_model(cfg.get("model"))  # the disk reads the checkpoint while the pipeline's imports take seconds
     from .pipeline.run import run  # registers hfquant's format with transformers (pipeline/save.py imports it)
     from .sweep import recorded_failure
 
@@ -76,16 +73,25 @@ def take_verbose_flag() -> None:
 def exit_now(code) -> "NoReturn":
     """Exit before anything ran (help, a refused command line) without the interpreter's teardown of torch
     (~0.6 s of a 2-core machine's 2 s): only the standard streams and logging have anything to flush."""
-    if isinstance(code, str):
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # as sys.exit: anything else is printed, and the status is 1
         print(code, file=sys.stderr)
         code = 1
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe (`hfquant ... | head`): nothing more can reach it
             pass
     logging.shutdown()
-    os._exit(code or 0)
+    try:  # what C extensions printed through stdio, which os._exit would not flush
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
+    os._exit(code)
 
 
 def hydra_main() -> None:

@@ -66,9 +66,10 @@ def _huge_bytes_behind(tensor) -> int:
 
 @pytest.mark.skipif(not _glibc() or _thp_mode() != "madvise",
                     reason="transparent huge pages in madvise mode only (elsewhere the advice changes nothing)")
-def test_large_fresh_buffers_are_faulted_in_huge_pages():
+def test_large_fresh_buffers_are_faulted_in_huge_pages(fresh):
     import torch
 
+    assert fresh.keep_freed_memory()
     size = 64 * 2**20
 
     def touched(tensor):
@@ -80,8 +81,12 @@ def test_large_fresh_buffers_are_faulted_in_huge_pages():
     assert _huge_bytes_behind(advised) > 0 and _huge_bytes_behind(plain) == 0
 
 
-def test_small_or_non_cpu_buffers_are_left_as_they_are():
+def test_small_or_non_cpu_buffers_and_other_allocators_are_left_alone(fresh, monkeypatch):
     import torch
 
+    monkeypatch.setattr(fresh, "_madvise", lambda: pytest.fail("advised"))
+    fresh._applied = True
     for tensor in (torch.empty(1024, dtype=torch.uint8), torch.empty(64 * 2**20, dtype=torch.uint8, device="meta")):
-        assert allocator.advise_huge_pages(tensor) is tensor
+        assert fresh.advise_huge_pages(tensor) is tensor
+    fresh._applied = False  # the user's malloc settings, or not glibc: a large block may be reused heap memory
+    assert fresh.advise_huge_pages(torch.empty(64 * 2**20, dtype=torch.uint8)) is not None

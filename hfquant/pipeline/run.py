@@ -31,7 +31,6 @@ from .sequential import calibrate_sequentially
 from .card import render as render_card
 from .faults import fault_point
 from .integrity import check_checkpoint
-from .prefetch import start_prefetch, stop_prefetch
 from .output import (RESUME_RECORD, OutputFolderError, discard_model, model_dir, read_json, read_resume_record, write_atomic, write_json,
                      write_resume_record)
 from .safety import claim_output, interruption_message, no_space_message, resume_request, sigterm_as_interrupt
@@ -115,7 +114,6 @@ def run(cfg: DictConfig) -> dict:
     data_mod.check_sources(spec)  # data files readable and text, before the model loads
     source = check_model_source(spec.model["path"], spec.model.get("gguf_file"), bool(spec.model.get("allow_pickle", False)))
     if os.path.isdir(source) and not spec.model.get("gguf_file"):
-        start_prefetch(source)  # the disk reads while transformers imports (stopped when the pipeline reads)
         check_checkpoint(source, spec.model.get("task", "causal-lm"), bool(spec.model.get("trust_remote_code", False)))
     ranks = ranks_from_env()
     if ranks.world > 1:
@@ -139,7 +137,6 @@ def run(cfg: DictConfig) -> dict:
             raise OutputFolderError(no_space_message(spec, timer.current)) from exc
         raise
     finally:
-        stop_prefetch()
         if lock is not None:
             lock.release()
 

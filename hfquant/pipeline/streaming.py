@@ -40,7 +40,6 @@ from .pickled import OneOpen, PickleCheckpointError, PickleReader, legacy_proble
 from .pickled import candidates as pickle_candidates
 from .pickled import weight_files as pickle_weight_files
 from .output import partial_dir, publish
-from .prefetch import stop_prefetch
 from .layerwise import make_chain, quantize_module
 from .save import quantization_config
 from ..errors import HfquantError
@@ -532,7 +531,6 @@ def stream_quantize(folder: str, spec, backend_name: str, tokenizer, output_dir:
     check_format_fits(skeleton.model, spec.scheme, spec.format)  # before any tensor is quantized
     backend = registries().backends.get(backend_name)()
     plan = StreamPlan(skeleton, spec.scheme, backend, files)
-    stop_prefetch()  # reads start here; the reader drops what it has read, which a late hint would read again
     if spec.scheme.needs_calibration_data:
         if calibrate is None:
             raise StreamingError(f"scheme {spec.scheme.name!r} needs calibrated activation scales")
