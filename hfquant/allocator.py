@@ -72,7 +72,8 @@ def _mallopt():
 
 
 def advise_huge_pages(tensor):
-    """Ask for 2 MiB pages behind a large, fresh, not yet written CPU buffer (a weight's codes or packed bytes):
+    """Ask for 2 MiB pages behind a large, fresh CPU buffer before it is written (a weight's codes or packed bytes;
+    advice on one already written only lets the kernel merge its pages later):
     above `MMAP_THRESHOLD` each comes from its own fresh mmap, and faulting it in 4 KiB at a time costs ~1 ms per
     MB on a 2-vCPU VM — 40–60% of a w8a16 weight's compiled quantizing (`scripts/bench_quantize.py`). With
     transparent huge pages in `madvise` mode (common) a page fault maps 2 MiB at once. Only the buffer's own

@@ -95,10 +95,9 @@ def median_ms(fn, repeats):
 @contextmanager
 def small_pages():
     """hfquant without its huge-page advice for fresh buffers (every module that imported the function)."""
-    from hfquant.formats import qlinear
     from hfquant.quant import packing
 
-    modules, original = (native, packing, qlinear), hfquant.allocator.advise_huge_pages
+    modules, original = (native, packing), hfquant.allocator.advise_huge_pages
     for module in modules:
         module.advise_huge_pages = lambda tensor: tensor
     try:

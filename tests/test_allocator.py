@@ -37,7 +37,6 @@ def test_the_users_own_malloc_settings_win(fresh, monkeypatch, name):
     assert fresh.keep_freed_memory() is False
 
 
-
 def _thp_mode() -> str:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -85,4 +84,5 @@ def test_small_or_non_cpu_buffers_and_other_allocators_are_left_alone(fresh, mon
     for tensor in (torch.empty(1024, dtype=torch.uint8), torch.empty(64 * 2**20, dtype=torch.uint8, device="meta")):
         assert fresh.advise_huge_pages(tensor) is tensor
     fresh._applied = False  # the user's malloc settings, or not glibc: a large block may be reused heap memory
-    assert fresh.advise_huge_pages(torch.empty(64 * 2**20, dtype=torch.uint8)) is not None
+    large = torch.empty(64 * 2**20, dtype=torch.uint8)
+    assert fresh.advise_huge_pages(large) is large

@@ -13,7 +13,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..allocator import advise_huge_pages
 from ..quant import QuantArgs, dequantize, dynamic_qparams, fake_quantize, pack, quantize, unpack, zero_point_dtype
 
 
@@ -65,7 +64,7 @@ class QuantLinear(torch.nn.Module):
                      dtype=w.dtype, device="meta").to_empty(device=w.device)
         if codes is None:
             codes = quantize(w, weight_scale, weight_zero_point, weight_args)
-        pack(codes, weight_args, out=advise_huge_pages(module.weight_packed))  # fresh: fault it in 2 MiB at a time
+        pack(codes, weight_args, out=module.weight_packed)
         module.weight_scale.copy_(weight_scale.reshape(module.weight_scale.shape).float())
         module.weight_zero_point.copy_(weight_zero_point.reshape(module.weight_zero_point.shape).to(module.weight_zero_point.dtype))
         if input_qparams is not None:

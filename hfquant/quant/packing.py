@@ -37,10 +37,11 @@ def pack(q: torch.Tensor, args: QuantArgs, out: Optional[torch.Tensor] = None) -
     n = q.shape[-1] if q.dim() else 1
     shape = (*q.shape[:-1], -(-n * bits // 8))
     if out is None:
-        out = advise_huge_pages(torch.empty(shape, dtype=torch.uint8, device=q.device))
+        out = torch.empty(shape, dtype=torch.uint8, device=q.device)
     elif out.shape != shape or out.dtype != torch.uint8 or not out.is_contiguous():
         raise ValueError(f"pack: out must be a contiguous uint8 tensor of shape {tuple(shape)}, got {out.dtype} "
                          f"{tuple(out.shape)}")
+    advise_huge_pages(out)  # usually fresh (its own, or a new module's buffer): faulted in 2 MiB at a time
     if native.pack(q, args, bits, out):  # one pass, same bytes
         return out
     if bits == 8:  # one byte per code: code − qmin straight into out
