@@ -18,9 +18,8 @@ import torch
 
 from hfquant import hookimpl
 from hfquant.algorithm import AlgorithmError, LayerContext
-from hfquant.pipeline.integrity import NonFiniteError
-from hfquant.quant import QuantArgs
 from hfquant.quant.gptq import HessianError, PreparedHessian, gptq_quantize_shared, prepare_hessian
+from hfquant_builtins.algorithms.rtn import observed_qparams
 
 OPTIONS = ("block_size", "dampening", "act_order")
 
@@ -164,17 +163,7 @@ class Gptq:
     def _quantize(self, names: List[str], ctx: LayerContext, prepared: PreparedHessian):
         """GPTQ of targets that share a Hessian and quantization args, each with its own observed qparams."""
         def qparams_for(name: str):
-            def observed(values: torch.Tensor, slice_args: QuantArgs):
-                observer = ctx.make_observer(slice_args)
-                try:
-                    observer.observe(values)
-                except ValueError as exc:
-                    if "NaN or Inf" not in str(exc):
-                        raise
-                    raise NonFiniteError(f"{name}.weight: {exc}") from None
-                scale, zero_point = observer.qparams()
-                return ctx.round_scale(scale), zero_point
-            return observed
+            return lambda values, slice_args: observed_qparams(name, values, slice_args, ctx)
 
         weights = [ctx.targets[n].weight.detach() for n in names]
         args = ctx.plans[names[0]].weight_args
