@@ -109,7 +109,7 @@ def test_w8a8_without_int8_dot_products_gives_the_integer_sums(rows, monkeypatch
     monkeypatch.setattr(kernels, "_INT8_FAST", False)
     without = kernel_module_for(q)
     assert torch.equal(without.codes(), with_int_mm.codes())
-    assert torch.equal(with_int_mm.dense(x), with_int_mm.kernel(x))  # its (in, out) codes: dense is the kernel
+    assert torch.equal(with_int_mm.dense(x), with_int_mm.kernel(x))  # with int8 dot products dense is the kernel
     sd_a, sd_b = with_int_mm.state_dict(), without.state_dict()
     assert set(sd_a) == set(sd_b) and all(torch.equal(sd_a[n], sd_b[n]) for n in sd_a)
     summed = without(x) - lin.bias
@@ -120,6 +120,31 @@ def test_w8a8_without_int8_dot_products_gives_the_integer_sums(rows, monkeypatch
         assert torch.equal(summed, integer)
         monkeypatch.setattr(kernels, "DENSE_CHUNK", 576 * 50)
         assert torch.equal(without(x) - lin.bias, integer)
+
+
+def test_w8a8_per_token_codes_are_the_reference_codes_on_edge_tokens():
+    """The kernels' per-token activation codes skip the reference's clamp (|x| <= amax keeps |x / s| <= 127 up to one
+    rounding): on tokens that sit exactly on their extremes, constant tokens, tiny, subnormal, zero and huge ones
+    they are the reference quantizer's codes and scale, every one inside [-127, 127]."""
+    from hfquant.quant import dynamic_qparams, quantize
+
+    a_args = QuantArgs(num_bits=8, strategy="token", dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randn(576, generator=g) * 10.0 ** e for e in range(-30, 31, 5)]
+    tokens += [torch.full((576,), v) for v in (1.0, -1.0, 3e-38, -1e-45, 0.0, 3e38)]
+    edge = torch.randn(576, generator=g)
+    edge[0], edge[1] = edge.abs().max() * 1.0000001, -edge.abs().max() * 1.0000001  # both extremes, equal size
+    tokens += [edge, torch.linspace(-127.5, 127.5, 576), torch.linspace(-1, 1, 576) * (1 + 2.0 ** -23)]
+    x = torch.stack(tokens)
+    codes, s_x = kernels._quantize_per_token(x)
+    assert float(codes.abs().max()) == 127.0  # every token, the degenerate ones too
+    # tokens whose scale amax / 127 is a normal float (below that the reference uses scale 1 and codes 0, the kernels
+    # the smallest normal: both outputs are within 1e-36 of 0)
+    normal = x.abs().amax(dim=-1) / 127 >= torch.finfo(torch.float32).tiny
+    assert int(normal.sum()) == len(tokens) - 3
+    scale, zp = dynamic_qparams(x[normal], a_args)
+    assert torch.equal(s_x[normal], scale.reshape(-1, 1))
+    assert torch.equal(codes[normal].to(torch.int8), quantize(x[normal], scale, zp, a_args).to(torch.int8))
 
 
 def test_w8a8_on_a_cpu_without_int8_dot_products_says_so(monkeypatch, caplog):

@@ -241,9 +241,9 @@ class Int8DynamicLinear(_KernelLinear):
     def __init__(self, q: QuantLinear) -> None:
         super().__init__(q)
         self.integer_mm = int8_matmul_fast()
-        codes = q.codes().to(torch.int8)
-        # torch._int_mm takes the codes as (in, out); the int8-weight kernel and the float32 GEMM as (out, in)
-        self.register_buffer("weight_int8", (codes.t() if self.integer_mm else codes).contiguous(), persistent=False)
+        # (out, in) on every path: torch._int_mm reads the transposed view, which is as fast at prompt sizes and
+        # 1.5-2x faster at one row than (in, out) storage (docs/benchmarks.md, w8a8 on Machine C)
+        self.register_buffer("weight_int8", q.codes().to(torch.int8).contiguous(), persistent=False)
         self.register_buffer("_scale_row", q.weight_scale.reshape(1, -1).float(), persistent=False)
         if not self.integer_mm:
             self.register_buffer("_unit_scale", torch.ones(q.out_features, dtype=torch.bfloat16), persistent=False)
@@ -252,19 +252,19 @@ class Int8DynamicLinear(_KernelLinear):
         self.dense_from_rows = float("inf") if self.integer_mm else DENSE_FROM_ROWS
 
     def codes(self):
-        return self.weight_int8.t() if self.integer_mm else self.weight_int8
+        return self.weight_int8
 
     def kernel(self, x2):
         xq, s_x = _quantize_per_token(x2)
         if self.integer_mm:
-            acc = torch._int_mm(xq.to(torch.int8), self.weight_int8)
+            acc = torch._int_mm(xq.to(torch.int8), self.weight_int8.t())
         else:
             acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.weight_int8, self._unit_scale).float()
         return acc * (s_x * self._scale_row)
 
     def dense(self, x2):  # forward comes here only without int8 dot products (dense_from_rows is infinite with them)
         if self.integer_mm:
-            return self.kernel(x2)  # the codes are laid out (in, out) for _int_mm, which stays ahead at every size
+            return self.kernel(x2)  # torch._int_mm stays ahead of a float GEMM at every size
         xq, s_x = _quantize_per_token(x2)
         acc = by_output_rows(self.out_features, self.in_features, lambda rows: F.linear(xq, self.weight_int8[rows].float()))
         return acc * (s_x * self._scale_row)
@@ -272,11 +272,12 @@ class Int8DynamicLinear(_KernelLinear):
 
 def _quantize_per_token(x2: torch.Tensor):
     """The reference's per-token codes and scale amax / 127 (raised to the smallest normal, like `_usable`) in as
-    few ops as possible: at decode each costs ~1.5 µs against ~20 µs for the integer matmul itself. An all-zero
-    token gets a tiny scale instead of 1; its codes and output are 0 either way."""
+    few ops as possible: at decode each costs 1.5-5 µs against 10-40 µs for the integer matmul itself. No clamp:
+    |x| ≤ amax, so |x / s| ≤ 127 up to one rounding of the division, which rounds to 127. An all-zero token gets a
+    tiny scale instead of 1; its codes and output are 0 either way."""
     x2 = x2.float()
     s_x = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(_SMALLEST_AMAX) / 127.0
-    return torch.round(x2 / s_x).clamp_(-127, 127), s_x
+    return torch.round(x2 / s_x), s_x
 
 
 _SMALLEST_AMAX = 127.0 * torch.finfo(torch.float32).tiny
