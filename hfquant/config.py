@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -18,6 +19,7 @@ from .auto_algorithm import AUTO
 from .auto_algorithm import choose as choose_algorithms
 from .plugins import registries
 from .quant import QuantArgsError
+from .quant.args import MAX_BITS, MIN_BITS
 from .registry import UnknownNameError
 from .scheme import QuantScheme, SchemeError
 from .errors import HfquantError
@@ -238,6 +240,47 @@ def _recorded_reload_reference(output_dir: str) -> bool:
     return bool(record.get("reload_reference") or legacy.get("reference"))
 
 
+def backend_weight_bits() -> Dict[str, Optional[List[int]]]:
+    """Each registered backend's declared `weight_bits` (every weight bit width its `supports` can accept), or None
+    where it declares none."""
+    regs = registries()
+    found = {}
+    for name in regs.backends.names():
+        bits = getattr(regs.backends.get(name), "weight_bits", None)
+        try:
+            found[name] = None if bits is None else sorted({int(b) for b in bits})
+        except (TypeError, ValueError):
+            logging.getLogger("hfquant").warning(
+                "backend %s: weight_bits=%r is not a list of bit widths (e.g. (4, 8)); ignored", name, bits)
+            found[name] = None
+    return found
+
+
+def refuse_unrunnable_bits(cfg: DictConfig, widths: Dict[str, Optional[List[int]]]) -> None:
+    """Refuse a weight bit width that no backend in question declares it can run (`weight_bits`, docs/plugins.md).
+    The command line's first check passes the widths saved with the config nodes, before any plugin or torch loads;
+    `validate` the live ones, so both say the same. Silent where a backend declares no widths (its `supports` alone
+    knows), for a value `QuantArgs` itself refuses (its own message follows), and for a backend not registered."""
+    try:
+        bits = OmegaConf.select(cfg, "scheme.weights.num_bits", default=None)
+        backend = str(OmegaConf.select(cfg, "backend.name", default="auto"))
+        name = OmegaConf.select(cfg, "scheme.name", default="?")
+    except Exception:  # an interpolation that does not resolve: validate() names it
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        return
+    asked = widths if backend == "auto" else {backend: widths[backend]} if backend in widths else {}
+    if not asked or any(w is None or bits in w for w in asked.values()):
+        return
+    what = f"{bits}-bit weights (scheme {name!r} with scheme.weights.num_bits={bits})"
+    if backend == "auto":
+        runs = "; ".join(f"{n} {', '.join(map(str, w))}" for n, w in asked.items())
+        raise ConfigError(f"no backend can run {what}; the weight bit widths each runs: {runs}")
+    others = [n for n, w in widths.items() if n != backend and (w is None or bits in w)]
+    raise ConfigError(f"backend={backend} cannot run {what}; it runs {', '.join(map(str, asked[backend]))}-bit weights. "
+                      + (f"Backends that may: {', '.join(others)}" if others else "No backend can: change the scheme"))
+
+
 def scheme_label(scheme: QuantScheme) -> str:
     """`'w4a16'`, or `'w4a16' with scheme.weights.num_bits=3` when the command line changed the preset: the name alone
     would describe a scheme the user is not running."""
@@ -261,6 +304,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into a `RunSpec`, or raise `ConfigError` naming the bad key."""
     _require_set(cfg)
     scheme = _scheme(cfg)
+    refuse_unrunnable_bits(cfg, backend_weight_bits())
     observer = cfg.observer.name
     _known("observers", observer, "observer")
     options = _plain(cfg.observer.get("options")) or {}

@@ -31,12 +31,13 @@ from omegaconf import OmegaConf
 
 from .auto_algorithm import AUTO
 from .cache import cache_root
+from .config import backend_weight_bits
 from .pipeline.output import write_atomic
 from .plugins import ALLOWLIST_ENV, ENTRY_POINT_GROUP, get_plugin_manager, registries
 from .registry import PluginError
 
 log = logging.getLogger("hfquant")
-FORMAT_VERSION = 1  # of the saved copy: bump when its layout changes
+FORMAT_VERSION = 2  # of the saved copy: bump when its layout changes (2: the backends' weight bit widths)
 KEEP_COPIES = 8  # one per environment / plugin set recently used; older ones are deleted
 OWN_PACKAGES = ("hfquant", "hfquant_builtins")  # hfquant.conf (the YAML files) is found through hfquant's spec
 
@@ -80,10 +81,18 @@ def register_config_nodes(cs: Optional[ConfigStore] = None, save: bool = False, 
         cs.store(group="backend", name=name, node={"name": name})
     get_plugin_manager().hook.register_configs(config_store=cs)
     if fingerprint:
-        _save_copy(fingerprint, [node for key, node in _entries(cs).items() if before.get(key) is not node])
+        _save_copy(fingerprint, [node for key, node in _entries(cs).items() if before.get(key) is not node],
+                   backend_weight_bits())
 
 
 _LOADED_FROM_COPY: List[Tuple[str, ...]] = []  # store keys the saved copy filled in this process
+_SAVED_WEIGHT_BITS: Dict[str, Optional[List[int]]] = {}  # what the saved copy read in this process said
+
+
+def saved_weight_bits() -> Dict[str, Optional[List[int]]]:
+    """The backends' weight bit widths as the saved copy read by `register_saved_config_nodes` recorded them (empty
+    when none was read): enough to refuse a width no backend runs before the plugins, and torch, load."""
+    return dict(_SAVED_WEIGHT_BITS)
 
 
 def register_saved_config_nodes(cs: Optional[ConfigStore] = None, key: Optional[str] = None) -> bool:
@@ -94,6 +103,7 @@ def register_saved_config_nodes(cs: Optional[ConfigStore] = None, key: Optional[
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         nodes = [(n["name"], OmegaConf.create(n["yaml"]), n["group"], n["package"], n["provider"]) for n in saved["nodes"]]
+        weight_bits = {str(k): None if v is None else [int(b) for b in v] for k, v in saved["weight_bits"].items()}
     except FileNotFoundError:
         return False
     except PermissionError as exc:  # another user's cache: use the plugins, leave their file alone
@@ -108,6 +118,8 @@ def register_saved_config_nodes(cs: Optional[ConfigStore] = None, key: Optional[
     for name, node, group, package, provider in nodes:
         cs.store(name=name, node=node, group=group, package=package, provider=provider)
         _LOADED_FROM_COPY.append(tuple((group.split("/") if group else [])) + (_yaml_name(name),))
+    _SAVED_WEIGHT_BITS.clear()
+    _SAVED_WEIGHT_BITS.update(weight_bits)
     return True
 
 
@@ -137,7 +149,7 @@ def _entries(cs: ConfigStore) -> Dict[Tuple[str, ...], ConfigNode]:
     return found
 
 
-def _save_copy(fingerprint: str, nodes: List[ConfigNode]) -> None:
+def _save_copy(fingerprint: str, nodes: List[ConfigNode], weight_bits: Dict[str, Optional[List[int]]]) -> None:
     """Best effort (a read-only cache only costs the next `--help` its speed); written whole or not at all, and not
     at all when a node would not read back the same (a value YAML cannot carry, e.g. a `Path`)."""
     path = _copy_path(fingerprint)
@@ -154,7 +166,7 @@ def _save_copy(fingerprint: str, nodes: List[ConfigNode]) -> None:
         return
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_atomic(path, json.dumps({"format": FORMAT_VERSION, "nodes": entries}))
+        write_atomic(path, json.dumps({"format": FORMAT_VERSION, "nodes": entries, "weight_bits": weight_bits}))
         _prune(os.path.dirname(path))
     except OSError as exc:
         log.debug("could not save the config nodes for --help in %s: %s", path, exc)

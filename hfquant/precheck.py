@@ -16,7 +16,8 @@ from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from .config import ConfigError, validate
+from .config import ConfigError, refuse_unrunnable_bits, validate
+from .config_nodes import saved_weight_bits
 from .redact import is_secret_key
 
 # `+key=value` may only add options that a plugin accepts (validate() checks them against the plugin) or Hydra's own.
@@ -80,7 +81,7 @@ def _checked_jobs(overrides: List[str], config_name: str, multirun: bool, compos
         _check_additions(loader, config_name, parsed)
         extra = [] if multirun else hydra_file_overrides(parsed)
         try:
-            dirs = [(label, None if compose_only else _validated(cfg, label)) for label, cfg in
+            dirs = [(label, _composed(cfg, label) if compose_only else _validated(cfg, label)) for label, cfg in
                     _jobs(loader, parser, config_name, overrides + extra, parsed, multirun)]
             if compose_only:
                 return extra, []
@@ -283,6 +284,15 @@ def _has_key(tree: dict, key: str) -> bool:
             return False
         tree = tree[part]
     return True
+
+
+def _composed(cfg: DictConfig, label: Optional[str]) -> None:
+    """What the saved config nodes can judge of a composed job without any plugin: a weight bit width no backend
+    declares it runs (the message `validate` gives with the plugins loaded)."""
+    try:
+        refuse_unrunnable_bits(cfg, saved_weight_bits())
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc} (no job was run)" if label else str(exc)) from None
 
 
 def _validated(cfg: DictConfig, label: Optional[str]) -> str:

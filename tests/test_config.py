@@ -17,8 +17,15 @@ MISSING_MODEL = ["model=hub", "model.path=/nonexistent/model", "output_dir=/tmp/
     "overrides, message",
     [
         (["scheme.weights.group_size=0"], r"scheme.weights: group_size must be > 0"),
-        (["scheme.weights.num_bits=3"], r"backend.*cannot run scheme 'w4a16'|no backend can run.*num_bits=3 has no packed storage format \(allowed: 2, 4, 8\)"),
-        (["scheme.weights.num_bits=3", "backend=fake"], r"backend=fake cannot run scheme 'w4a16'.*allowed: 2, 4, 8.*No backend can: change the scheme"),
+        (["scheme.weights.num_bits=3"], r"no backend can run 3-bit weights \(scheme 'w4a16' with scheme.weights.num_bits=3\); "
+         r"the weight bit widths each runs: bitsandbytes 4, 8; cpu 4, 8; fake 2, 4, 8$"),
+        (["scheme.weights.num_bits=3", "backend=fake"], r"backend=fake cannot run 3-bit weights .*; it runs 2, 4, 8-bit weights. No backend can: change the scheme"),
+        (["scheme.weights.num_bits=2", "backend=cpu"], r"backend=cpu cannot run 2-bit weights .*; it runs 4, 8-bit weights. Backends that may: fake$"),
+        (["scheme=nf4", "scheme.weights.num_bits=8"], r"bitsandbytes quantizes nf4 its own way and cannot apply scheme.weights.num_bits=8"),
+        (["scheme=llm-int8", "scheme.weights.strategy=group", "scheme.weights.group_size=64"],
+         r"cannot apply scheme.weights.strategy=group, scheme.weights.group_size=64"),
+        (["scheme=w4a16", "scheme.weights.group_size=48", "backend=cpu"], r"backend=cpu cannot run scheme 'w4a16' with "
+         r"scheme.weights.group_size=48 on cpu: 4-bit weights must be per-group with a group size that is a multiple of 32"),
         (["scheme.weights.strategy=row"], r"scheme.weights: strategy='row' is unknown; allowed: tensor, channel, group, token"),
         (["backend.name=cuda-magic"], r"backend: unknown backend 'cuda-magic'; registered: bitsandbytes, cpu, fake"),
         (["+observer.options.upper_pct=99"], r"observer.options: unknown option\(s\) \['upper_pct'\]"),
@@ -88,3 +95,31 @@ def test_a_refused_scheme_is_named_with_the_changes_made_to_its_preset():
     assert scheme_label(preset.with_observer("mse")) == "'w4a16'"  # the observer is named on its own
     changed = dataclasses.replace(preset, weights=preset.weights.replace(num_bits=3, group_size=64))
     assert scheme_label(changed) == "'w4a16' with scheme.weights.num_bits=3, scheme.weights.group_size=64"
+
+
+def test_declared_weight_bits_cover_every_width_a_backend_accepts():
+    """`weight_bits` lets a command line be refused before the plugins load, so it must never leave out a width the
+    backend's own `supports` accepts: every preset, every width outside the declaration, CPU and CUDA."""
+    from hfquant.plugins import registries
+    from hfquant.quant import QuantArgsError
+    from hfquant.quant.args import MAX_BITS, MIN_BITS
+
+    regs = registries()
+    checked = 0
+    for backend_name in regs.backends.names():
+        backend = regs.backends.get(backend_name)
+        declared = getattr(backend, "weight_bits", None)
+        assert declared is not None, f"built-in backend {backend_name} declares no weight_bits"
+        for scheme_name in regs.schemes.names():
+            preset = regs.schemes.get(scheme_name)
+            if preset.weights is None:
+                continue
+            for bits in set(range(MIN_BITS, MAX_BITS + 1)) - set(declared):
+                try:
+                    scheme = dataclasses.replace(preset, weights=preset.weights.replace(num_bits=bits))
+                except QuantArgsError:
+                    continue
+                for device in ("cpu", "cuda"):
+                    assert backend.supports(scheme, device) is not None, (backend_name, scheme_name, bits, device)
+                    checked += 1
+    assert checked > 100

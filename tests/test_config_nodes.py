@@ -67,11 +67,58 @@ def test_help_and_typos_answer_without_torch_once_the_nodes_are_saved(tmp_path):
 
 
 def test_a_command_line_that_composes_still_gets_the_full_check(tmp_path):
-    """Composing with the saved nodes only finds typos; a value no backend runs still needs the plugins."""
+    """Composing with the saved nodes finds typos and bit widths no backend declares; any other value a backend
+    refuses (a group size its kernels cannot tile) still needs the plugins."""
     cache = tmp_path / "cache"
     assert hfquant("--help", cache=cache).returncode == 0 and saved_copies(cache)
-    result = hfquant("scheme.weights.num_bits=3", f"output_dir={tmp_path / 'o'}", cache=cache)
-    assert result.returncode == 2 and "num_bits" in messages(result) and "torch" in imported(result)
+    result = hfquant("scheme.weights.group_size=48", "backend=cpu", f"output_dir={tmp_path / 'o'}", cache=cache)
+    assert result.returncode == 2 and "multiple of 32" in messages(result) and "torch" in imported(result)
+
+
+def test_a_bit_width_no_backend_runs_is_refused_without_torch(tmp_path):
+    """Each backend's declared `weight_bits` is saved with the nodes: a width none of them (or not the chosen one)
+    runs is refused before any plugin loads, with the line the plugins give, in a sweep's job too."""
+    cache = tmp_path / "cache"
+    assert hfquant("--help", cache=cache).returncode == 0
+    [copy] = saved_copies(cache)
+    saved = json.loads((cache / "config-nodes" / copy).read_text())["weight_bits"]
+    assert saved == {"bitsandbytes": [4, 8], "cpu": [4, 8], "fake": [2, 4, 8]}
+    for n, bad in enumerate((["scheme.weights.num_bits=3"], ["scheme.weights.num_bits=2", "backend=cpu"],
+                             ["-m", "scheme.weights.num_bits=4,3"])):
+        warm = hfquant(*bad, f"output_dir={tmp_path / 'o'}", cache=cache)
+        cold = hfquant(*bad, f"output_dir={tmp_path / 'o'}", cache=tmp_path / f"empty-cache-{n}")
+        assert warm.returncode == cold.returncode == 2 and "torch" not in imported(warm) and "torch" in imported(cold)
+        assert messages(warm) == messages(cold) and "-bit weights" in messages(warm)
+    assert "sweep job #1 (scheme.weights.num_bits=3)" in messages(warm) and not (tmp_path / "o").exists()
+
+
+def test_a_backend_that_declares_no_widths_is_asked_itself(tmp_path):
+    """A plugin backend without `weight_bits` may run any width: nothing is refused before its `supports` answers."""
+    cache, site = tmp_path / "cache", tmp_path / "site"
+    site.mkdir()
+    info = site / "hfquant_tri-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hfquant-tri\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[hfquant]\ntri_plugin = tri_plugin\n")
+    (site / "tri_plugin.py").write_text(textwrap.dedent("""
+        from hfquant import hookimpl
+
+        class TriBackend:
+            name = "tri"
+
+            @staticmethod
+            def supports(scheme, device):
+                return None if scheme.weights.num_bits == 3 else "3-bit weights only"
+
+        @hookimpl
+        def register_backends(register):
+            register("tri", TriBackend)
+    """))
+    env = {"PYTHONPATH": str(site)}
+    assert hfquant("--help", cache=cache, env=env).returncode == 0
+    result = hfquant("scheme.weights.num_bits=3", "model.path=", cache=cache, env=env)
+    assert result.returncode == 2 and "torch" in imported(result)
+    assert "-bit weights" not in messages(result) and "model.path is empty" in messages(result)
 
 
 def _plugin(site, module: str, observer: str) -> None:
