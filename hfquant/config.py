@@ -241,13 +241,15 @@ def _recorded_reload_reference(output_dir: str) -> bool:
 
 
 def backend_weight_bits() -> Dict[str, Optional[List[int]]]:
-    """Each registered backend's declared `weight_bits` (every weight bit width its `supports` can accept), or None
-    where it declares none."""
+    """Each registered backend's declared `weight_bits` (every bit width of integer-code weights its `supports` can
+    accept; empty: it runs no integer-code scheme), or None where it declares none."""
     regs = registries()
     found = {}
     for name in regs.backends.names():
         bits = getattr(regs.backends.get(name), "weight_bits", None)
         try:
+            if isinstance(bits, (str, bytes)):
+                raise TypeError("a string")
             found[name] = None if bits is None else sorted({int(b) for b in bits})
         except (TypeError, ValueError):
             logging.getLogger("hfquant").warning(
@@ -257,37 +259,46 @@ def backend_weight_bits() -> Dict[str, Optional[List[int]]]:
 
 
 def refuse_unrunnable_bits(cfg: DictConfig, widths: Dict[str, Optional[List[int]]]) -> None:
-    """Refuse a weight bit width that no backend in question declares it can run (`weight_bits`, docs/plugins.md).
-    The command line's first check passes the widths saved with the config nodes, before any plugin or torch loads;
-    `validate` the live ones, so both say the same. Silent where a backend declares no widths (its `supports` alone
-    knows), for a value `QuantArgs` itself refuses (its own message follows), and for a backend not registered."""
+    """Refuse an integer-code scheme's weight bit width that no backend in question declares it runs (`weight_bits`,
+    docs/plugins.md). The command line's first check passes the widths saved with the config nodes, before any plugin
+    or torch loads; `validate` passes the live ones first of all, so a job whose first problem is its bit width gets
+    the same line either way. Silent for other scheme formats (their backends' `supports` explain), where a backend
+    declares no widths, for a value `QuantArgs` itself refuses (its own message follows), and for a backend that is
+    not registered."""
     try:
         bits = OmegaConf.select(cfg, "scheme.weights.num_bits", default=None)
         backend = str(OmegaConf.select(cfg, "backend.name", default="auto"))
-        name = OmegaConf.select(cfg, "scheme.name", default="?")
+        scheme_format = OmegaConf.select(cfg, "scheme.format", default="int")
     except Exception:  # an interpolation that does not resolve: validate() names it
         return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if scheme_format != "int" or isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         return
     asked = widths if backend == "auto" else {backend: widths[backend]} if backend in widths else {}
     if not asked or any(w is None or bits in w for w in asked.values()):
         return
-    what = f"{bits}-bit weights (scheme {name!r} with scheme.weights.num_bits={bits})"
+    if backend != "auto" and not asked[backend]:
+        return  # it runs no integer-code scheme at all: the width is not the problem, its `supports` says what is
+
+    def listed(w: List[int]) -> str:
+        return ", ".join(map(str, w)) or "none"
+
+    what = f"{bits}-bit weights (scheme.weights.num_bits={bits})"
     if backend == "auto":
-        runs = "; ".join(f"{n} {', '.join(map(str, w))}" for n, w in asked.items())
-        raise ConfigError(f"no backend can run {what}; the weight bit widths each runs: {runs}")
+        each = "; ".join(f"{n} {listed(w)}" for n, w in asked.items())
+        raise ConfigError(f"no backend can run {what}; the integer-code weight widths each runs: {each}")
     others = [n for n, w in widths.items() if n != backend and (w is None or bits in w)]
-    raise ConfigError(f"backend={backend} cannot run {what}; it runs {', '.join(map(str, asked[backend]))}-bit weights. "
+    raise ConfigError(f"backend={backend} cannot run {what}; the integer-code weight widths it runs: "
+                      f"{listed(asked[backend])}. "
                       + (f"Backends that may: {', '.join(others)}" if others else "No backend can: change the scheme"))
 
 
-def scheme_label(scheme: QuantScheme) -> str:
-    """`'w4a16'`, or `'w4a16' with scheme.weights.num_bits=3` when the command line changed the preset: the name alone
-    would describe a scheme the user is not running."""
+def scheme_changes(scheme: QuantScheme) -> List[str]:
+    """`scheme.weights.num_bits=3`-style settings in which `scheme` differs from the registered preset of its name
+    (observers aside); empty for an unregistered name."""
     try:
         preset = registries().schemes.get(scheme.name)
     except UnknownNameError:
-        return repr(scheme.name)
+        return []
     changes = []
     for part in ("weights", "input_activations"):
         mine, theirs = getattr(scheme, part), getattr(preset, part)
@@ -297,14 +308,21 @@ def scheme_label(scheme: QuantScheme) -> str:
             continue
         changes += [f"scheme.{part}.{f.name}={getattr(mine, f.name)}" for f in dataclasses.fields(mine)
                     if f.name != "observer" and getattr(mine, f.name) != getattr(theirs, f.name)]
+    return changes
+
+
+def scheme_label(scheme: QuantScheme) -> str:
+    """`'w4a16'`, or `'w4a16' with scheme.weights.num_bits=3` when the command line changed the preset: the name alone
+    would describe a scheme the user is not running."""
+    changes = scheme_changes(scheme)
     return f"{scheme.name!r}" + (f" with {', '.join(changes)}" if changes else "")
 
 
 def validate(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into a `RunSpec`, or raise `ConfigError` naming the bad key."""
+    refuse_unrunnable_bits(cfg, backend_weight_bits())  # first, as the command line's torch-free check runs it
     _require_set(cfg)
     scheme = _scheme(cfg)
-    refuse_unrunnable_bits(cfg, backend_weight_bits())
     observer = cfg.observer.name
     _known("observers", observer, "observer")
     options = _plain(cfg.observer.get("options")) or {}

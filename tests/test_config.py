@@ -17,10 +17,15 @@ MISSING_MODEL = ["model=hub", "model.path=/nonexistent/model", "output_dir=/tmp/
     "overrides, message",
     [
         (["scheme.weights.group_size=0"], r"scheme.weights: group_size must be > 0"),
-        (["scheme.weights.num_bits=3"], r"no backend can run 3-bit weights \(scheme 'w4a16' with scheme.weights.num_bits=3\); "
-         r"the weight bit widths each runs: bitsandbytes 4, 8; cpu 4, 8; fake 2, 4, 8$"),
-        (["scheme.weights.num_bits=3", "backend=fake"], r"backend=fake cannot run 3-bit weights .*; it runs 2, 4, 8-bit weights. No backend can: change the scheme"),
-        (["scheme.weights.num_bits=2", "backend=cpu"], r"backend=cpu cannot run 2-bit weights .*; it runs 4, 8-bit weights. Backends that may: fake$"),
+        (["scheme.weights.num_bits=3"], r"^no backend can run 3-bit weights \(scheme.weights.num_bits=3\); "
+         r"the integer-code weight widths each runs: bitsandbytes none; cpu 4, 8; fake 2, 4, 8$"),
+        (["scheme.weights.num_bits=3", "backend=fake"], r"^backend=fake cannot run 3-bit weights \(scheme.weights.num_bits=3\); "
+         r"the integer-code weight widths it runs: 2, 4, 8. No backend can: change the scheme$"),
+        (["scheme.weights.num_bits=2", "backend=cpu"], r"^backend=cpu cannot run 2-bit weights .*: 4, 8. Backends that may: fake$"),
+        (["scheme.weights.num_bits=2", "backend=bitsandbytes"], r"^backend=bitsandbytes cannot run scheme 'w4a16' with "
+         r"scheme.weights.num_bits=2 on cpu: scheme 'w4a16' is hfquant's integer format; bitsandbytes runs its own formats"),
+        (["scheme=nf4", "scheme.weights.num_bits=3"], r"bitsandbytes quantizes nf4 its own way and cannot apply scheme.weights.num_bits=3"),
+        (["model=hub", "scheme.weights.num_bits=3"], r"^no backend can run 3-bit weights"),  # first, as without plugins
         (["scheme=nf4", "scheme.weights.num_bits=8"], r"bitsandbytes quantizes nf4 its own way and cannot apply scheme.weights.num_bits=8"),
         (["scheme=llm-int8", "scheme.weights.strategy=group", "scheme.weights.group_size=64"],
          r"cannot apply scheme.weights.strategy=group, scheme.weights.group_size=64"),
@@ -99,7 +104,7 @@ def test_a_refused_scheme_is_named_with_the_changes_made_to_its_preset():
 
 def test_declared_weight_bits_cover_every_width_a_backend_accepts():
     """`weight_bits` lets a command line be refused before the plugins load, so it must never leave out a width the
-    backend's own `supports` accepts: every preset, every width outside the declaration, CPU and CUDA."""
+    backend's own `supports` accepts: every integer-code preset, every width outside the declaration, CPU and CUDA."""
     from hfquant.plugins import registries
     from hfquant.quant import QuantArgsError
     from hfquant.quant.args import MAX_BITS, MIN_BITS
@@ -112,7 +117,7 @@ def test_declared_weight_bits_cover_every_width_a_backend_accepts():
         assert declared is not None, f"built-in backend {backend_name} declares no weight_bits"
         for scheme_name in regs.schemes.names():
             preset = regs.schemes.get(scheme_name)
-            if preset.weights is None:
+            if preset.weights is None or preset.format != "int":  # the declaration covers integer-code schemes
                 continue
             for bits in set(range(MIN_BITS, MAX_BITS + 1)) - set(declared):
                 try:
@@ -123,3 +128,37 @@ def test_declared_weight_bits_cover_every_width_a_backend_accepts():
                     assert backend.supports(scheme, device) is not None, (backend_name, scheme_name, bits, device)
                     checked += 1
     assert checked > 100
+
+
+def test_a_bitsandbytes_scheme_a_plugin_registers_is_not_a_change():
+    """bitsandbytes refuses changes to a preset (it would ignore them), not a bitsandbytes-format scheme registered
+    under its own name; an unregistered name has no preset to differ from."""
+    from hfquant import QuantArgs, QuantScheme
+    from hfquant.config import scheme_changes
+    from hfquant.plugins import registries
+
+    bnb = registries().backends.get("bitsandbytes")
+    nf4 = registries().schemes.get("nf4")
+    custom = dataclasses.replace(nf4, name="nf4-bf16", options={**nf4.options, "bnb_4bit_compute_dtype": "bfloat16"})
+    assert scheme_changes(custom) == [] and bnb.supports(custom, "cpu") is None
+    changed = dataclasses.replace(nf4, weights=nf4.weights.replace(group_size=128))
+    assert scheme_changes(changed) == ["scheme.weights.group_size=128"]
+    assert "cannot apply scheme.weights.group_size=128" in bnb.supports(changed, "cpu")
+    assert scheme_changes(QuantScheme("unregistered", weights=QuantArgs(num_bits=4))) == []
+
+
+def test_malformed_weight_bits_are_ignored_with_a_warning(monkeypatch, caplog):
+    """A plugin's `weight_bits` that is not a collection of widths ("48", 4) never refuses anything: warned, then
+    treated as undeclared; an empty one declares no integer-code widths."""
+    import types
+
+    from hfquant import config
+
+    classes = {"a": type("A", (), {"weight_bits": "48"}), "b": type("B", (), {"weight_bits": 4}),
+               "c": type("C", (), {"weight_bits": ()}), "d": type("D", (), {"weight_bits": [8, 4, 8]}),
+               "e": type("E", (), {})}
+    backends = types.SimpleNamespace(names=lambda: sorted(classes), get=classes.__getitem__)
+    monkeypatch.setattr(config, "registries", lambda: types.SimpleNamespace(backends=backends))
+    with caplog.at_level("WARNING", logger="hfquant"):
+        assert config.backend_weight_bits() == {"a": None, "b": None, "c": [], "d": [4, 8], "e": None}
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["backend a", "backend b"]

@@ -82,7 +82,7 @@ def test_a_bit_width_no_backend_runs_is_refused_without_torch(tmp_path):
     assert hfquant("--help", cache=cache).returncode == 0
     [copy] = saved_copies(cache)
     saved = json.loads((cache / "config-nodes" / copy).read_text())["weight_bits"]
-    assert saved == {"bitsandbytes": [4, 8], "cpu": [4, 8], "fake": [2, 4, 8]}
+    assert saved == {"bitsandbytes": [], "cpu": [4, 8], "fake": [2, 4, 8]}
     for n, bad in enumerate((["scheme.weights.num_bits=3"], ["scheme.weights.num_bits=2", "backend=cpu"],
                              ["-m", "scheme.weights.num_bits=4,3"])):
         warm = hfquant(*bad, f"output_dir={tmp_path / 'o'}", cache=cache)
@@ -116,6 +116,8 @@ def test_a_backend_that_declares_no_widths_is_asked_itself(tmp_path):
     """))
     env = {"PYTHONPATH": str(site)}
     assert hfquant("--help", cache=cache, env=env).returncode == 0
+    [copy] = saved_copies(cache)
+    assert json.loads((cache / "config-nodes" / copy).read_text())["weight_bits"]["tri"] is None
     result = hfquant("scheme.weights.num_bits=3", "model.path=", cache=cache, env=env)
     assert result.returncode == 2 and "torch" in imported(result)
     assert "-bit weights" not in messages(result) and "model.path is empty" in messages(result)

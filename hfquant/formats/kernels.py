@@ -241,8 +241,8 @@ class Int8DynamicLinear(_KernelLinear):
     def __init__(self, q: QuantLinear) -> None:
         super().__init__(q)
         self.integer_mm = int8_matmul_fast()
-        # (out, in) on every path: torch._int_mm reads the transposed view, which is as fast at prompt sizes and
-        # 1.5-2x faster at one row than (in, out) storage (docs/benchmarks.md, w8a8 on Machine C)
+        # (out, in) on every path: torch._int_mm reads the transposed view, 1.5-2x faster at one row than (in, out)
+        # storage and within ±10% at prompt sizes (docs/benchmarks.md, w8a8 on Machine C)
         self.register_buffer("weight_int8", q.codes().to(torch.int8).contiguous(), persistent=False)
         self.register_buffer("_scale_row", q.weight_scale.reshape(1, -1).float(), persistent=False)
         if not self.integer_mm:
@@ -273,7 +273,7 @@ class Int8DynamicLinear(_KernelLinear):
 def _quantize_per_token(x2: torch.Tensor):
     """The reference's per-token codes and scale amax / 127 (raised to the smallest normal, like `_usable`) in as
     few ops as possible: at decode each costs 1.5-5 µs against 10-40 µs for the integer matmul itself. No clamp:
-    |x| ≤ amax, so |x / s| ≤ 127 up to one rounding of the division, which rounds to 127. An all-zero token gets a
+    |x| ≤ amax, so |x / s| ≤ 127 up to the roundings of amax / 127 and x / s (< 127.0001), which round to 127. An all-zero token gets a
     tiny scale instead of 1; its codes and output are 0 either way."""
     x2 = x2.float()
     s_x = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(_SMALLEST_AMAX) / 127.0

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from hfquant import QuantArgs, QuantScheme, hookimpl
-from hfquant.config import ConfigError
+from hfquant.config import ConfigError, scheme_changes
 
 log = logging.getLogger("hfquant")
 
@@ -125,39 +125,20 @@ def runnable_check(model, scheme, names) -> Dict[str, str]:
     return skips
 
 
-def changed_settings(scheme) -> List[str]:
-    """`scheme.weights.num_bits=3`-style settings in which `scheme` differs from the bitsandbytes preset of its name
-    (observers aside: bitsandbytes uses its own statistics). bitsandbytes has one quantizer per preset, so any such
-    change would be silently ignored."""
-    preset = next((p for p in PRESETS if p.name == scheme.name), None)
-    if preset is None:
-        return [f"scheme={scheme.name}"]
-    changed = []
-    for part in ("weights", "input_activations"):
-        mine, theirs = getattr(scheme, part), getattr(preset, part)
-        if mine is None or theirs is None:
-            if (mine is None) != (theirs is None):
-                changed.append(f"scheme.{part}={'null' if mine is None else 'set'}")
-            continue
-        changed += [f"scheme.{part}.{key}={value}" for key, value in mine.to_dict().items()
-                    if key != "observer" and value != theirs.to_dict().get(key)]
-    return changed
-
-
 class BitsAndBytesBackend:
     name = "bitsandbytes"
     format = "bitsandbytes"  # saved by transformers itself, not in hfquant's format
-    weight_bits = (4, 8)  # every width supports() can accept: refused before plugins load (docs/plugins.md)
+    weight_bits = ()  # runs no integer-code scheme, only its own formats (docs/plugins.md)
 
     @staticmethod
     def supports(scheme, device):
         if scheme.format != "bitsandbytes":
             return (f"scheme {scheme.name!r} is hfquant's integer format; bitsandbytes runs its own formats: "
                     "scheme=llm-int8, nf4 or fp4")
-        changed = changed_settings(scheme)
+        changed = scheme_changes(scheme)  # bitsandbytes has one quantizer per preset: a change would be ignored
         if changed:
             return (f"bitsandbytes quantizes {scheme.name} its own way and cannot apply {', '.join(changed)}; drop "
-                    "the change, or use hfquant's integer schemes (e.g. scheme=w4a16 with backend=cpu or fake)")
+                    "the change, or use hfquant's integer schemes (w4a16, w8a16, w8a8) with backend=cpu or fake")
         if scheme.embedding is not None:
             return "it keeps embeddings in floating point (set scheme.embedding=null)"
         compute = scheme.options.get("bnb_4bit_compute_dtype", "auto")

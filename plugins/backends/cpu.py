@@ -24,7 +24,7 @@ class CpuBackend:
     name = "cpu"
     format = "hfquant"
     streaming = True  # saves QuantLinear's state dict, so checkpoints can be quantized tensor by tensor
-    weight_bits = (4, 8)  # every width supports() can accept: refused before plugins load (docs/plugins.md)
+    weight_bits = (4, 8)  # integer-code widths supports() accepts: refused before plugins load (docs/plugins.md)
 
     @staticmethod
     def round_scale(scale):

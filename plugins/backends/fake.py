@@ -13,7 +13,7 @@ class FakeBackend:
     name = "fake"
     format = "hfquant"
     streaming = True  # saves QuantLinear's state dict, so checkpoints can be quantized tensor by tensor
-    weight_bits = PACKABLE_BITS  # every width supports() can accept: refused before plugins load (docs/plugins.md)
+    weight_bits = PACKABLE_BITS  # integer-code widths supports() accepts: refused before plugins load (docs/plugins.md)
 
     @staticmethod
     def supports(scheme, device):
