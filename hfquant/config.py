@@ -271,7 +271,9 @@ def refuse_unrunnable_bits(cfg: DictConfig, widths: Dict[str, Optional[List[int]
         scheme_format = OmegaConf.select(cfg, "scheme.format", default="int")
     except Exception:  # an interpolation that does not resolve: validate() names it
         return
-    if scheme_format != "int" or isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if scheme_format != "int" or isinstance(bits, bool) or not isinstance(bits, int):
+        return
+    if not MIN_BITS <= bits <= MAX_BITS:
         return
     asked = widths if backend == "auto" else {backend: widths[backend]} if backend in widths else {}
     if not asked or any(w is None or bits in w for w in asked.values()):

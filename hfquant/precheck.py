@@ -35,7 +35,8 @@ def check_command_line(argv: List[str], compose_only: bool = False) -> Tuple[Lis
     """Refuse a bad `hfquant <argv>` now; return the overrides to append so Hydra's own files (.hydra/, the log)
     go under the run's output_dir instead of ./outputs/<date>/<time>/, and that output_dir (absolute) when they do.
     `compose_only`: only what composing the jobs finds (unknown options and keys, bad syntax) and a weight bit width
-    no backend declares (the widths saved with the config nodes), which needs no plugin loaded; the full check (values, data files, output folders) needs them."""
+    no backend declares (the widths saved with the config nodes), which needs no plugin loaded; the full check
+    (values, data files, output folders) needs them."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)

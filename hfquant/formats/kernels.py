@@ -273,8 +273,8 @@ class Int8DynamicLinear(_KernelLinear):
 def _quantize_per_token(x2: torch.Tensor):
     """The reference's per-token codes and scale amax / 127 (raised to the smallest normal, like `_usable`) in as
     few ops as possible: at decode each costs 1.5-5 µs against 10-40 µs for the integer matmul itself. No clamp:
-    |x| ≤ amax, so |x / s| ≤ 127 up to the roundings of amax / 127 and x / s (< 127.0001), which round to 127. An all-zero token gets a
-    tiny scale instead of 1; its codes and output are 0 either way."""
+    |x| ≤ amax, so |x / s| ≤ 127 up to the roundings of amax / 127 and x / s (< 127.0001), which round to 127.
+    An all-zero token gets a tiny scale instead of 1; its codes and output are 0 either way."""
     x2 = x2.float()
     s_x = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(_SMALLEST_AMAX) / 127.0
     return torch.round(x2 / s_x), s_x
