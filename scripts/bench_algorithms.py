@@ -79,6 +79,8 @@ RECIPES = [
            float_zero=True, calibration="mix-double"),
     Recipe("awq + gptq asym, float zero, 16 pydoc + 48 model-written windows", "w4a16-asym", {"awq": {}, "gptq": {}},
            float_zero=True, calibration="mix-gen48"),
+    Recipe("awq + gptq asym, float zero, 16 pydoc + 48 model-written windows, float propagation", "w4a16-asym",
+           {"awq": {}, "gptq": {}}, float_zero=True, calibration="mix-gen48", propagate="float"),
     Recipe("awq + gptq asym, float zero, dampening 0.1", "w4a16-asym", {"awq": {}, "gptq": {"dampening": 0.1}},
            float_zero=True),
     Recipe("awq + gptq asym, float zero, dampening 0.3", "w4a16-asym", {"awq": {}, "gptq": {"dampening": 0.3}},
