@@ -212,7 +212,7 @@ class _composition_errors:
         if exc is None or not isinstance(exc, (HydraException, OmegaConfBaseException)):
             return False
         message = _explain(exc, *self.args)
-        raise ConfigError(f"{self.label}: {message} (no job was run)" if self.label else message) from None
+        raise job_error(self.label, message) from None
 
 
 def _explain(exc, loader, config_name: str, parsed) -> str:
@@ -287,13 +287,18 @@ def _has_key(tree: dict, key: str) -> bool:
     return True
 
 
+def job_error(label: Optional[str], message: str) -> ConfigError:
+    """A refused job's line: a sweep's names the job, and that none ran."""
+    return ConfigError(f"{label}: {message} (no job was run)" if label else message)
+
+
 def _composed(cfg: DictConfig, label: Optional[str]) -> None:
     """What the saved config nodes can judge of a composed job without any plugin: a weight bit width no backend
     declares it runs (the message `validate` gives with the plugins loaded)."""
     try:
         refuse_unrunnable_bits(cfg, saved_weight_bits())
     except ConfigError as exc:
-        raise ConfigError(f"{label}: {exc} (no job was run)" if label else str(exc)) from None
+        raise job_error(label, str(exc)) from None
 
 
 def _validated(cfg: DictConfig, label: Optional[str]) -> str:
@@ -318,7 +323,7 @@ def _validated(cfg: DictConfig, label: Optional[str]) -> str:
         return os.path.abspath(spec.output_dir)
     except (ConfigError, DataError, OmegaConfBaseException) as exc:
         message = str(exc) if isinstance(exc, (ConfigError, DataError)) else _one_line(str(exc))
-        raise ConfigError(f"{label}: {message} (no job was run)" if label else message) from None
+        raise job_error(label, message) from None
 
 
 def _check_output_dirs(dirs: List[Tuple[Optional[str], str]]) -> None:

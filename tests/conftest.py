@@ -4,6 +4,7 @@ offline on the pydoc text, saved as safetensors folders; an isolated hfquant cac
 from __future__ import annotations
 
 import os
+import textwrap
 
 import pytest
 import torch
@@ -109,3 +110,12 @@ def tiny_overrides(model_dir, output_dir, *extra):
         "evaluation.seq_len=64", "evaluation.max_windows=4", "calibration.seq_len=64", "calibration.num_samples=4",
         "++evaluation.out_of_domain=none", *extra, *algorithm,
     ]
+
+
+def fake_distribution(site, name: str, module: str, source: str) -> None:
+    """An installed distribution as pip leaves it: a module plus a .dist-info with an `hfquant` entry point."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[hfquant]\n{module} = {module}\n")

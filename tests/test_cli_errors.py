@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import yaml
 
 from hfquant.config import ConfigError
 from hfquant.precheck import check_jobs
-from tests.conftest import tiny_overrides
+from tests.conftest import fake_distribution, tiny_overrides
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "hfquant")
 TOKEN = "hf_" + "Qw3eR5tY7uI9oP1aS3dF5gH7jK9lZ1xC3v"  # token-shaped
@@ -169,20 +168,11 @@ def test_an_explicit_hydra_run_dir_is_kept(tiny_llm_dir, tmp_path):
     assert check_jobs([f"output_dir={tmp_path / 'o'}"])[0] == "hydra.run.dir=${output_dir}"
 
 
-def _fake_distribution(site, name: str, module: str, source: str) -> None:
-    """An installed distribution as pip leaves it: a module plus a .dist-info with an `hfquant` entry point."""
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[hfquant]\n{module} = {module}\n")
-
-
 @pytest.mark.parametrize("command", [["plugins"], ["observer=minmax"]], ids=["hfquant plugins", "hfquant run"])
 def test_a_plugin_that_fails_to_import_is_one_line(tmp_path, command):
     site = tmp_path / "site"
     site.mkdir()
-    _fake_distribution(site, "hfquant-broken", "broken_plugin", "raise RuntimeError('boom at import')\n")
+    fake_distribution(site, "hfquant-broken", "broken_plugin", "raise RuntimeError('boom at import')\n")
     result = hfquant(*command, f"output_dir={tmp_path / 'o'}" if command != ["plugins"] else "--json",
                      cwd=tmp_path, env={"PYTHONPATH": str(site)})
     line = one_error_line(result)
@@ -193,7 +183,7 @@ def test_a_plugin_that_fails_to_import_is_one_line(tmp_path, command):
 def test_a_plugin_that_takes_a_registered_name_is_one_line(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    _fake_distribution(site, "hfquant-copycat", "copycat_plugin", """
+    fake_distribution(site, "hfquant-copycat", "copycat_plugin", """
         from hfquant import Observer, hookimpl
 
         @hookimpl
@@ -208,7 +198,7 @@ def test_a_plugin_that_takes_a_registered_name_is_one_line(tmp_path):
 def test_an_allowlisted_plugin_that_is_not_installed_is_named_in_a_warning(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    _fake_distribution(site, "hfquant-sigma", "sigma_plugin", """
+    fake_distribution(site, "hfquant-sigma", "sigma_plugin", """
         from hfquant import Observer, hookimpl
 
         @hookimpl

@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from hfquant import config_nodes, plugins
+from tests.conftest import fake_distribution
 
 
 def hfquant(*args, cache, env=None):
@@ -96,11 +97,7 @@ def test_a_backend_that_declares_no_widths_is_asked_itself(tmp_path):
     """A plugin backend without `weight_bits` may run any width: nothing is refused before its `supports` answers."""
     cache, site = tmp_path / "cache", tmp_path / "site"
     site.mkdir()
-    info = site / "hfquant_tri-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hfquant-tri\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[hfquant]\ntri_plugin = tri_plugin\n")
-    (site / "tri_plugin.py").write_text(textwrap.dedent("""
+    fake_distribution(site, "hfquant-tri", "tri_plugin", """
         from hfquant import hookimpl
 
         class TriBackend:
@@ -113,7 +110,7 @@ def test_a_backend_that_declares_no_widths_is_asked_itself(tmp_path):
         @hookimpl
         def register_backends(register):
             register("tri", TriBackend)
-    """))
+    """)
     env = {"PYTHONPATH": str(site)}
     assert hfquant("--help", cache=cache, env=env).returncode == 0
     [copy] = saved_copies(cache)
@@ -139,11 +136,8 @@ def test_a_plugin_installed_edited_or_filtered_out_after_the_copy_was_saved_show
     site.mkdir()
     env = {"PYTHONPATH": str(site)}
     assert hfquant("--help", cache=cache, env=env).returncode == 0 and saved_copies(cache)
-    info = site / "hfquant_sigma-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hfquant-sigma\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[hfquant]\nsigma_plugin = sigma_plugin\n")
-    _plugin(site, "sigma_plugin", "sigma")
+    fake_distribution(site, "hfquant-sigma", "sigma_plugin", "")
+    _plugin(site, "sigma_plugin", "sigma")  # the module's real contents (rewritten below to edit it)
 
     def observers(extra_env=None) -> str:
         out = hfquant("--help", cache=cache, env={**env, **(extra_env or {})})

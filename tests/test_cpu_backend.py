@@ -123,9 +123,10 @@ def test_w8a8_without_int8_dot_products_gives_the_integer_sums(rows, monkeypatch
 
 
 def test_w8a8_per_token_codes_are_the_reference_codes_on_edge_tokens():
-    """The kernels' per-token activation codes skip the reference's clamp (|x| <= amax keeps |x / s| <= 127 up to one
-    rounding): on tokens that sit exactly on their extremes, constant tokens, tiny, subnormal, zero and huge ones
-    they are the reference quantizer's codes and scale, every one inside [-127, 127]."""
+    """The kernels' per-token activation codes skip the reference's clamp (|x| <= amax keeps |x / s| <= 127 up to the
+    roundings of amax / 127 and x / s): on tokens that sit exactly on their extremes, constant tokens, tiny, subnormal,
+    zero and huge ones every code is inside [-127, 127], and wherever amax / 127 is not 0 they are the reference
+    quantizer's codes and scale."""
     from hfquant.quant import dynamic_qparams, quantize
 
     a_args = QuantArgs(num_bits=8, strategy="token", dynamic=True)

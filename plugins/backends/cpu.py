@@ -51,7 +51,7 @@ class CpuBackend:
             if w.strategy != "group" or w.group_size % 32:
                 return "4-bit weights must be per-group with a group size that is a multiple of 32"
             return None
-        return f"{w.num_bits}-bit weights have no CPU kernel (allowed: 8, 4)"
+        return f"{w.num_bits}-bit weights have no CPU kernel (allowed: {', '.join(map(str, CpuBackend.weight_bits))})"
 
     def convert(self, model, plan):
         if not int8_matmul_fast() and any(mp.input_args is not None for mp in plan.modules.values()):
