@@ -40,7 +40,8 @@ def test_default_run_prints_the_table_offline(default_run):
     assert "Traceback" not in result.stderr
     # The default recipe is AWQ then GPTQ on the mixed calibration set; it beats round-to-nearest in and out of domain.
     assert report["quantization"]["algorithms"] == ["awq", "gptq"]
-    assert report["calibration"]["windows"]["generated"]["windows"] > 0
+    generated = report["calibration"]["windows"]["generated"]
+    assert generated["windows"] > 0 and "shipped with hfquant" in generated["shipped"]  # not sampled again
     cmp = report["comparison"]
     quant = report["quantized"]["perplexity"]["perplexity"]
     assert quant < cmp["rtn"]["perplexity"]["perplexity"]
@@ -58,6 +59,28 @@ def test_default_folder_reloads_through_plain_transformers(default_run):
             "print(type(m.model.layers[0].mlp.down_proj).__name__, m.generate(ids, max_new_tokens=5, do_sample=False).shape[1] > ids.shape[1])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.stdout.split() == ["Int4WeightLinear", "True"], result.stderr[-2000:]
+
+
+def test_the_shipped_windows_are_what_the_embedded_model_writes(default_run):  # after it: its GGUF conversion is cached
+    """The default run's model-written calibration windows ship with hfquant (sampling them is the longest part of a
+    first run); sampling their first tokens again today must give the same tokens, and they must be found for the
+    installed model's weights."""
+    from tests.conftest import compose
+
+    from hfquant.config import validate
+    from hfquant.pipeline import data
+    from hfquant.pipeline.generated import RECIPE, first_tokens_for, generate_windows
+    from hfquant.pipeline.load import load_model
+    from hfquant.pipeline.shipped_windows import find_shipped
+
+    spec = validate(compose(["output_dir=/nonexistent/unused"]))
+    loaded = load_model(spec.model["path"], gguf_file=spec.model["gguf_file"], dtype="float32")
+    windows = data.windows(loaded.tokenizer, spec, "calibration")
+    count, seq_len, seed = spec.calibration.generated, windows.input_ids.shape[1], spec.calibration.seed
+    first = first_tokens_for(windows, count, seed)
+    shipped = find_shipped(loaded.source, count, seq_len, seed, first, RECIPE)
+    assert shipped is not None and shipped.shape == (count, seq_len)
+    assert torch.equal(generate_windows(loaded.model.eval(), count, 9, seed, first), shipped[:, :9])
 
 
 def test_w8a16_costs_under_one_percent_perplexity(default_run, tmp_path):

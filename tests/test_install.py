@@ -57,6 +57,9 @@ def test_wheel_ships_console_script_configs_and_builtins(fresh_venv, tmp_path):
                    "print(sorted(p.name for p in c.iterdir())); print((c / 'config.yaml').is_file())"],
                   cwd=tmp_path, env=venv_env())
     assert "model" in configs and "evaluation" in configs and configs.strip().endswith("True")
+    shipped = run([py, "-c", "from importlib.resources import files;"
+                   "print(sorted(p.name for p in (files('hfquant') / 'data').iterdir()))"], cwd=tmp_path, env=venv_env())
+    assert "generated-smollm2-135m-instruct-seed0-16x512.safetensors" in shipped  # the default run's model-written text
     # The packaged tree composes with registry-generated scheme/observer options (no model is loaded).
     composed = run([str(fresh_venv / "bin" / "hfquant"), "--cfg", "job", "scheme=w8a16", "observer=mse"],
                    cwd=tmp_path, env=venv_env())

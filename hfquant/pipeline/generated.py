@@ -25,8 +25,11 @@ import torch
 from .data import Windows
 from .evaluate import cache_dir
 from .load import float_dtype
+from .shipped_windows import find_shipped
 
 log = logging.getLogger("hfquant")
+
+RECIPE = "generated-v2"  # bump when sampling changes: it keys the cache and the windows shipped with hfquant
 
 
 def _cache_path(fingerprint: str, count: int, seq_len: int, seed: int, first_tokens: torch.Tensor,
@@ -35,7 +38,7 @@ def _cache_path(fingerprint: str, count: int, seq_len: int, seed: int, first_tok
     loaded); a float32 model without autocast keeps the key the caches already written have."""
     extra = ([] if model_dtype == torch.float32 else [f"model {model_dtype}"]) + (
         [] if autocast_dtype is None else [str(autocast_dtype)])
-    blob = json.dumps([fingerprint, count, seq_len, seed, first_tokens.tolist(), "generated-v2"] + extra)
+    blob = json.dumps([fingerprint, count, seq_len, seed, first_tokens.tolist(), RECIPE] + extra)
     return os.path.join(cache_dir(), "generated-" + hashlib.sha256(blob.encode()).hexdigest()[:24] + ".pt")
 
 
@@ -80,15 +83,22 @@ class StepProgress:
         self.bar.close()
 
 
+def first_tokens_for(dataset_windows: Windows, count: int, seed: int) -> torch.Tensor:
+    """The tokens the sampled windows start from: `count` drawn (seeded) from the dataset's calibration windows."""
+    ids = dataset_windows.input_ids
+    return ids.reshape(-1)[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))[:count]]
+
+
 def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int, seed: int,
-                   autocast_dtype: Optional[torch.dtype] = None) -> Windows:
-    """`dataset_windows` followed by `count` windows sampled from `model` (cached), protocol updated."""
+                   autocast_dtype: Optional[torch.dtype] = None, weights_source: Optional[str] = None) -> Windows:
+    """`dataset_windows` followed by `count` windows sampled from `model` (cached), protocol updated. With the
+    model's `weights_source` (a folder or weights file), windows shipped with hfquant for exactly those weights and
+    this request stand in for sampling (pipeline/shipped_windows.py)."""
     if count <= 0:
         return dataset_windows
     computes_in = autocast_dtype or float_dtype(model)
     seq_len = dataset_windows.input_ids.shape[1]
-    pick = torch.randperm(dataset_windows.input_ids.numel(), generator=torch.Generator().manual_seed(seed))[:count]
-    first_tokens = dataset_windows.input_ids.reshape(-1)[pick]
+    first_tokens = first_tokens_for(dataset_windows, count, seed)
     path = _cache_path(fingerprint, count, seq_len, seed, first_tokens, float_dtype(model), autocast_dtype)
     generated = None
     if os.path.isfile(path):
@@ -96,6 +106,11 @@ def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int
             generated = torch.load(path, weights_only=True)
         except Exception:  # a torn cache file is regenerated, never trusted
             generated = None
+    shipped = False  # shipped windows are looked up again on each run (~0.3 s), not copied into the cache
+    if (generated is None or tuple(generated.shape) != (count, seq_len)) and autocast_dtype is None \
+            and float_dtype(model) == torch.float32:
+        generated = find_shipped(weights_source, count, seq_len, seed, first_tokens, RECIPE)
+        shipped = generated is not None
     if generated is None or tuple(generated.shape) != (count, seq_len):
         log.info("sampling %d calibration windows of %d tokens from the model in %s (cached for the next run)", count,
                  seq_len, str(computes_in).replace("torch.", ""))
@@ -109,6 +124,8 @@ def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int
     mixed.protocol.update(num_samples=len(ids), tokens=int(ids.numel()),
                           generated={"windows": count, "seed": seed, "sampling": "temperature 1, first token from the "
                                      "dataset windows, model's own continuation",
-                                     "computed_in": str(computes_in).replace("torch.", "")},
+                                     "computed_in": str(computes_in).replace("torch.", ""),
+                                     **({"shipped": "sampled once from these weights by the same recipe, shipped "
+                                                    "with hfquant"} if shipped else {})},
                           token_sha256=mixed.token_hash)
     return mixed

@@ -305,7 +305,7 @@ def _run_in_memory(spec: RunSpec, backend: str, timer: Timer, ranks: Ranks) -> d
         elif own_format and chain.requires_data and spec.calibration.generated:
             with timer.stage("sample calibration text"):  # algorithms also learn from text the model writes
                 calib_windows = with_generated(model, loaded.fingerprint, calib_windows, spec.calibration.generated,
-                                               spec.calibration.seed)
+                                               spec.calibration.seed, weights_source=loaded.source)
         calibration_status = _calibration_status(spec, backend, own_format, calib_windows)
         with timer.stage("quantize"):
             targets = len(plan.modules)  # the scheme's; an lm_head quantized with the embedding is reported with it
