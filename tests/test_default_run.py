@@ -42,6 +42,8 @@ def test_default_run_prints_the_table_offline(default_run):
     assert report["quantization"]["algorithms"] == ["awq", "gptq"]
     generated = report["calibration"]["windows"]["generated"]
     assert generated["windows"] > 0 and "shipped with hfquant" in generated["shipped"]  # not sampled again
+    assert "written by the model itself" in (out / "model" / "README.md").read_text()  # the card says so, and where
+    assert "shipped with hfquant" in (out / "model" / "README.md").read_text()
     cmp = report["comparison"]
     quant = report["quantized"]["perplexity"]["perplexity"]
     assert quant < cmp["rtn"]["perplexity"]["perplexity"]

@@ -164,6 +164,8 @@ def render(report: dict, model_cfg: dict, repo_id: Optional[str] = None) -> str:
     if windows and isinstance(windows.get("generated"), dict):
         cal_lines += (f"\n- of which {windows['generated']['windows']} windows were written by the model itself "
                       f"({windows['generated']['sampling']}), so the algorithms do not fit one narrow domain")
+        if windows["generated"].get("shipped"):
+            cal_lines += f" — {windows['generated']['shipped']}"
     elif windows and windows.get("generated"):
         cal_lines += f"\n- model-written windows: {windows['generated']}"
     load_path = repo_id or "path/to/this/folder"

@@ -137,7 +137,8 @@ def windows_summary(protocol: dict) -> str:
     dataset = protocol.get("dataset")
     name = dataset.get("name") if isinstance(dataset, dict) else dataset
     generated = protocol.get("generated")
-    written = (f" ({generated['windows']} of them written by the model)"
+    written = (f" ({generated['windows']} of them written by the model"
+               f"{', shipped with hfquant' if generated.get('shipped') else ''})"
                if isinstance(generated, dict) and generated.get("windows") else "")
     digest = f", token sha256 {protocol['token_sha256']}" if protocol.get("token_sha256") else ""
     return f"{protocol.get('num_samples')} windows × {protocol.get('seq_len')} tokens of {name}{written}{digest}"

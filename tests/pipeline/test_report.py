@@ -35,6 +35,8 @@ def test_the_calibration_status_names_the_windows_in_words():
     assert windows_summary(protocol) == ("32 windows × 512 tokens of pydoc (16 of them written by the model), "
                                          "token sha256 ff58055f74e42e98")  # was the protocol dict's repr
     assert windows_summary({"num_samples": 4, "seq_len": 64, "dataset": {"name": "text"}}) == "4 windows × 64 tokens of text"
+    protocol["generated"]["shipped"] = "sampled once from these weights by the same recipe, shipped with hfquant"
+    assert "(16 of them written by the model, shipped with hfquant)" in windows_summary(protocol)
 
 
 def test_report_md_says_where_the_baseline_came_from_and_what_the_out_of_domain_rows_read():
