@@ -269,7 +269,7 @@ def main() -> None:
 
     spec = DataSpec("pydoc", {}, 512, num_samples=16, seed=0)
     dataset = data.windows(loaded.tokenizer, types.SimpleNamespace(calibration=spec, evaluation=None), "calibration")
-    mix = with_generated(model, loaded.fingerprint, dataset, 16, 0)
+    mix = with_generated(model, loaded.fingerprint, dataset, 16, 0, weights_source=loaded.source)
     wanted = {r.calibration for r in RECIPES if selected(r, args.only)}
     pydoc32 = lambda: data.windows(loaded.tokenizer, types.SimpleNamespace(  # noqa: E731
         calibration=DataSpec("pydoc", {}, 512, num_samples=32, seed=0), evaluation=None), "calibration")

@@ -32,8 +32,7 @@ def main() -> None:
 
     from hfquant.config import validate
     from hfquant.config_nodes import register_config_nodes
-    from hfquant.pipeline import data
-    from hfquant.pipeline.generated import RECIPE, first_tokens_for, generate_windows
+    from hfquant.pipeline.generated import RECIPE, calibration_request, generate_windows
     from hfquant.pipeline.load import load_model
     from hfquant.pipeline.shipped_windows import SHIPPED_DIR, write_shipped
 
@@ -46,6 +45,9 @@ def main() -> None:
     if calibration is None or not calibration.generated:
         sys.exit("this config samples no calibration windows (calibration.generated is 0 or calibration=none)")
     model = spec.model
+    if model.get("dtype") != "float32" or spec.device not in ("cpu", "auto"):
+        sys.exit(f"shipped windows are sampled in float32 on the CPU (where runs use them); this config has "
+                 f"model.dtype={model.get('dtype')} device={spec.device}")
     name = f"{(model.get('name') or os.path.basename(model['path'])).lower()}-seed{calibration.seed}-" \
            f"{calibration.generated}x{calibration.seq_len}"
     out = os.path.join(SHIPPED_DIR, f"generated-{name}.safetensors")
@@ -55,8 +57,7 @@ def main() -> None:
                         trust_remote_code=bool(model.get("trust_remote_code")), revision=model.get("revision"))
     if loaded.model.dtype != torch.float32:
         sys.exit(f"shipped windows are sampled in float32; this model loaded as {loaded.model.dtype}")
-    windows = data.windows(loaded.tokenizer, spec, "calibration")
-    first_tokens = first_tokens_for(windows, calibration.generated, calibration.seed)
+    windows, first_tokens = calibration_request(spec, loaded.tokenizer)
     start = time.perf_counter()
     sampled = generate_windows(loaded.model.eval(), calibration.generated, windows.input_ids.shape[1], calibration.seed,
                                first_tokens)

@@ -65,24 +65,23 @@ def test_default_folder_reloads_through_plain_transformers(default_run):
 
 def test_the_shipped_windows_are_what_the_embedded_model_writes(default_run):  # after it: its GGUF conversion is cached
     """The default run's model-written calibration windows ship with hfquant (sampling them is the longest part of a
-    first run); sampling their first tokens again today must give the same tokens, and they must be found for the
-    installed model's weights."""
+    first run on a CPU): they must be found for the installed model's files, and sampling the first 64 tokens of
+    each window again today must give the same tokens."""
     from tests.conftest import compose
 
     from hfquant.config import validate
-    from hfquant.pipeline import data
-    from hfquant.pipeline.generated import RECIPE, first_tokens_for, generate_windows
+    from hfquant.pipeline.generated import RECIPE, calibration_request, generate_windows
     from hfquant.pipeline.load import load_model
     from hfquant.pipeline.shipped_windows import find_shipped
 
     spec = validate(compose(["output_dir=/nonexistent/unused"]))
     loaded = load_model(spec.model["path"], gguf_file=spec.model["gguf_file"], dtype="float32")
-    windows = data.windows(loaded.tokenizer, spec, "calibration")
+    windows, first = calibration_request(spec, loaded.tokenizer)
     count, seq_len, seed = spec.calibration.generated, windows.input_ids.shape[1], spec.calibration.seed
-    first = first_tokens_for(windows, count, seed)
     shipped = find_shipped(loaded.source, count, seq_len, seed, first, RECIPE)
-    assert shipped is not None and shipped.shape == (count, seq_len)
-    assert torch.equal(generate_windows(loaded.model.eval(), count, 9, seed, first), shipped[:, :9])
+    assert shipped is not None and shipped.ids.shape == (count, seq_len)
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf, sha256 b179c9523d0e6a0f" in shipped.provenance
+    assert torch.equal(generate_windows(loaded.model.eval(), count, 64, seed, first), shipped.ids[:, :64])
 
 
 def test_w8a16_costs_under_one_percent_perplexity(default_run, tmp_path):

@@ -18,14 +18,14 @@ import hashlib
 import json
 import logging
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .data import Windows
 from .evaluate import cache_dir
 from .load import float_dtype
-from .shipped_windows import find_shipped
+from .shipped_windows import Shipped, find_shipped
 
 log = logging.getLogger("hfquant")
 
@@ -89,6 +89,30 @@ def first_tokens_for(dataset_windows: Windows, count: int, seed: int) -> torch.T
     return ids.reshape(-1)[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
+def _shipped(model, weights_source: Optional[str], count: int, seq_len: int, seed: int, first_tokens: torch.Tensor,
+             autocast_dtype: Optional[torch.dtype]) -> Optional[Shipped]:
+    """Shipped windows where they are what this run would sample: a float32 model wholly on the CPU (where they
+    were sampled; CUDA's generator draws other tokens), no autocast. A failed lookup only costs the sampling."""
+    if autocast_dtype is not None or float_dtype(model) != torch.float32 or any(
+            p.device.type != "cpu" for p in model.parameters()):
+        return None
+    try:
+        return find_shipped(weights_source, count, seq_len, seed, first_tokens, RECIPE)
+    except Exception as exc:  # e.g. a model file unreadable while hashing it
+        log.warning("could not match the model against hfquant's shipped calibration windows (%s); sampling instead",
+                    exc)
+        return None
+
+
+def calibration_request(spec, tokenizer) -> Tuple[Windows, torch.Tensor]:
+    """(the config's dataset calibration windows, the first tokens its model-written windows start from) — what a
+    run samples from, for the shipping script and its test."""
+    from . import data
+
+    windows = data.windows(tokenizer, spec, "calibration")
+    return windows, first_tokens_for(windows, spec.calibration.generated, spec.calibration.seed)
+
+
 def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int, seed: int,
                    autocast_dtype: Optional[torch.dtype] = None, weights_source: Optional[str] = None) -> Windows:
     """`dataset_windows` followed by `count` windows sampled from `model` (cached), protocol updated. With the
@@ -104,13 +128,14 @@ def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int
     if os.path.isfile(path):
         try:
             generated = torch.load(path, weights_only=True)
-        except Exception:  # a torn cache file is regenerated, never trusted
+        except Exception:  # a torn cache file is regenerated (or replaced by shipped windows), never trusted
             generated = None
-    shipped = False  # shipped windows are looked up again on each run (~0.3 s), not copied into the cache
-    if (generated is None or tuple(generated.shape) != (count, seq_len)) and autocast_dtype is None \
-            and float_dtype(model) == torch.float32:
-        generated = find_shipped(weights_source, count, seq_len, seed, first_tokens, RECIPE)
-        shipped = generated is not None
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    shipped = None  # looked up again on each run (a hash of the model's files), never copied into the cache
+    if generated is None or tuple(generated.shape) != (count, seq_len):
+        shipped = _shipped(model, weights_source, count, seq_len, seed, first_tokens, autocast_dtype)
+        generated = shipped.ids if shipped else None
     if generated is None or tuple(generated.shape) != (count, seq_len):
         log.info("sampling %d calibration windows of %d tokens from the model in %s (cached for the next run)", count,
                  seq_len, str(computes_in).replace("torch.", ""))
@@ -125,7 +150,6 @@ def with_generated(model, fingerprint: str, dataset_windows: Windows, count: int
                           generated={"windows": count, "seed": seed, "sampling": "temperature 1, first token from the "
                                      "dataset windows, model's own continuation",
                                      "computed_in": str(computes_in).replace("torch.", ""),
-                                     **({"shipped": "sampled once from these weights by the same recipe, shipped "
-                                                    "with hfquant"} if shipped else {})},
+                                     **({"shipped": shipped.provenance} if shipped else {})},
                           token_sha256=mixed.token_hash)
     return mixed

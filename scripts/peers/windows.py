@@ -57,7 +57,8 @@ def calibration(tokenizer, source: str) -> dict:
         from hfquant.pipeline.generated import with_generated
 
         loaded = load_model(MODEL["path"], gguf_file=MODEL["gguf_file"], dtype=MODEL["dtype"])
-        windows = with_generated(loaded.model, loaded.fingerprint, windows, spec.generated, spec.seed)
+        windows = with_generated(loaded.model, loaded.fingerprint, windows, spec.generated, spec.seed,
+                                 weights_source=loaded.source)
     return entry(windows.input_ids, windows.protocol, f"conf/calibration/{source}.yaml")
 
 

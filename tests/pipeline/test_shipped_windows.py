@@ -2,6 +2,7 @@
 for; anything else (other weights of the same size, another seed, autocast, damaged tokens) samples as before."""
 
 import logging
+import os
 import shutil
 
 import pytest
@@ -57,17 +58,26 @@ def test_the_exact_weights_and_request_use_the_shipped_tokens_without_sampling(m
     expected = ship(model, tiny_llm_dir, shipped_dir)
     windows, forwards = run(model, f"{shipped_dir}-run", tiny_llm_dir)
     assert forwards == 0 and torch.equal(windows.input_ids, expected)
-    assert "shipped with hfquant" in windows.protocol["generated"]["shipped"]
+    provenance = windows.protocol["generated"]["shipped"]
+    assert "sampled once from the source model's weights (model.safetensors, sha256 " in provenance
+    assert "shipped with hfquant (generated-tiny-seed0.safetensors)" in provenance
     assert windows.protocol["token_sha256"] == Windows(expected, {}, 0).token_hash
     # looked up again next time (not copied into the cache), so the report says where they came from every run
     again, forwards = run(model, f"{shipped_dir}-run", tiny_llm_dir)
     assert forwards == 0 and "shipped" in again.protocol["generated"]
 
 
-def test_other_weights_of_the_same_size_sample_for_themselves(model, tiny_llm_dir, shipped_dir, tmp_path):
+@pytest.mark.parametrize("edit", ["one weight bit", "generation config beside the weights"])
+def test_other_files_of_the_same_size_sample_for_themselves(model, tiny_llm_dir, shipped_dir, tmp_path, edit):
     ship(model, tiny_llm_dir, shipped_dir)
     other = tmp_path / "other"
     shutil.copytree(tiny_llm_dir, other)
+    assert run(model, f"{shipped_dir}-copy", str(other))[1] == 0  # a byte-identical copy elsewhere: found
+    if edit == "generation config beside the weights":  # it can change what sampling draws
+        (other / "generation_config.json").write_text('{"repetition_penalty": 1.3}')
+        windows, forwards = run(model, f"{shipped_dir}-other", str(other))
+        assert forwards > 0 and "shipped" not in windows.protocol["generated"]
+        return
     weights = next(other.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01  # one bit of one weight: same names, same sizes, another sha256
@@ -76,7 +86,7 @@ def test_other_weights_of_the_same_size_sample_for_themselves(model, tiny_llm_di
     assert forwards > 0 and "shipped" not in windows.protocol["generated"]
 
 
-@pytest.mark.parametrize("change", ["seed", "autocast", "no local files"])
+@pytest.mark.parametrize("change", ["seed", "autocast", "bfloat16 model", "no local files"])
 def test_another_request_samples(model, tiny_llm_dir, shipped_dir, change):
     ship(model, tiny_llm_dir, shipped_dir)
     seed, autocast, source = 0, None, tiny_llm_dir
@@ -84,6 +94,8 @@ def test_another_request_samples(model, tiny_llm_dir, shipped_dir, change):
         seed = 1
     elif change == "autocast":
         autocast = torch.bfloat16
+    elif change == "bfloat16 model":  # the same files loaded in another dtype sample other tokens
+        model = model.to(torch.bfloat16)
     else:
         source = "HuggingFaceTB/SmolLM2-135M"  # a Hub id: nothing on disk to identify the weights by
     windows, forwards = run(model, f"{shipped_dir}-run", source, seed, autocast)
@@ -112,6 +124,23 @@ def test_a_damaged_shipped_file_is_ignored_with_a_warning(tiny_llm_dir, shipped_
     with caplog.at_level(logging.WARNING, logger="hfquant"):
         assert find_shipped(tiny_llm_dir, 2, 16, 0, torch.tensor([5, 6]), RECIPE) is None
     assert "generated-broken.safetensors" in caplog.text and "sampling instead" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_a_model_on_cuda_samples_there(model, tiny_llm_dir, shipped_dir):
+    ship(model, tiny_llm_dir, shipped_dir)
+    windows, forwards = run(model.to("cuda"), f"{shipped_dir}-cuda", tiny_llm_dir)
+    assert forwards > 0 and "shipped" not in windows.protocol["generated"]
+
+
+def test_the_cache_keys_users_already_have_are_unchanged():
+    """RECIPE now also names shipped files; the cache key of a float32 run must stay what earlier versions wrote
+    (the value computed with the formula of 096af65, before the constant existed)."""
+    from hfquant.pipeline.generated import _cache_path
+
+    path = _cache_path("0123456789abcdef", 16, 512, 0, torch.tensor([1, 2, 3]), torch.float32, None)
+    assert os.path.basename(path) == "generated-6fbda4dcb9d9500040b215e8.pt"
 
 
 def test_writing_needs_weight_files_to_identify_the_model(tmp_path):
