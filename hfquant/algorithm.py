@@ -27,7 +27,7 @@ then None).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -54,6 +54,9 @@ class LayerContext:
     #: full target name → per-input-channel factor its input was multiplied by since this layer's calibration
     #: pass (weight editors that only rescale inputs record it, see `scale_inputs`)
     input_scaling: Dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the calibration inputs of `layer`, (hidden states, keyword inputs) per window — for an algorithm that needs
+    #: more passes of its own (gptq's `sequential`); None when data-free
+    inputs: Optional[List[Tuple[torch.Tensor, dict]]] = None
     _handles: List = field(default_factory=list, repr=False)
 
     def hook(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.Tensor], None]) -> None:

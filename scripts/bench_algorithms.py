@@ -101,6 +101,8 @@ RECIPES = [
     Recipe("gptq asym", "w4a16-asym", {"gptq": {}}),
     Recipe("awq + rtn sym full-range", "w4a16", {"awq": {}}, full_range=True),
     Recipe("awq + gptq sym full-range", "w4a16", {"awq": {}, "gptq": {}}, full_range=True),
+    Recipe("awq + gptq (sequential) sym full-range", "w4a16", {"awq": {}, "gptq": {"sequential": True}},
+           full_range=True),
     Recipe("awq + gptq sym full-range, float propagation", "w4a16", {"awq": {}, "gptq": {}}, full_range=True,
            propagate="float"),
     Recipe("awq + gptq asym, float zero, float propagation", "w4a16-asym", {"awq": {}, "gptq": {}}, float_zero=True,

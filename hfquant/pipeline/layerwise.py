@@ -128,6 +128,7 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
 
     Weight editors run first, as one phase; the code producer then gets its own calibration pass, so its
     statistics (a GPTQ Hessian) describe the edited layer it actually quantizes."""
+    ctx.inputs = inputs
     with torch.no_grad():
         for phase in _phases(chain.steps):
             for _, algorithm in phase:

@@ -18,10 +18,11 @@ import torch
 
 from hfquant import hookimpl
 from hfquant.algorithm import AlgorithmError, LayerContext
+from hfquant.quant import dequantize
 from hfquant.quant.gptq import HessianError, PreparedHessian, gptq_quantize_shared, prepare_hessian
 from hfquant_builtins.algorithms.rtn import observed_qparams
 
-OPTIONS = ("block_size", "dampening", "act_order")
+OPTIONS = ("block_size", "dampening", "act_order", "sequential")
 
 
 class _Hessian:
@@ -59,6 +60,10 @@ class _Hessian:
         return n
 
 
+class _InputRead(Exception):
+    """Stops a forward pass once the input a Hessian needs has been read."""
+
+
 class Gptq:
     """GPTQ with lazy block updates, act-order over static groups and automatic extra damping."""
 
@@ -66,7 +71,8 @@ class Gptq:
     produces_codes = True
     accepts_input_rescaling = True  # H of inputs x·f is diag(f) H diag(f): editors can share the calibration pass
 
-    def __init__(self, block_size: int = 128, dampening: float = 0.01, act_order: bool = True, **unknown) -> None:
+    def __init__(self, block_size: int = 128, dampening: float = 0.01, act_order: bool = True, sequential: bool = False,
+                 **unknown) -> None:
         if unknown:
             raise TypeError(f"gptq got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -76,7 +82,10 @@ class Gptq:
             raise AlgorithmError(f"gptq: dampening must be a positive number (typically 0.01-0.1), got {dampening!r}")
         if not isinstance(act_order, bool):
             raise AlgorithmError(f"gptq: act_order must be true or false, got {act_order!r}")
+        if not isinstance(sequential, bool):
+            raise AlgorithmError(f"gptq: sequential must be true or false, got {sequential!r}")
         self.block_size, self.dampening, self.act_order = block_size, float(dampening), act_order
+        self.sequential = sequential  # each input's Hessian measured after the targets before it are quantized
         self._by_target: Dict[str, _Hessian] = {}
         self._seen: Dict[str, int] = {}  # tokens each target received (a shared Hessian counts them once)
 
@@ -124,6 +133,9 @@ class Gptq:
                         f"gptq: {name} received no calibration inputs (the layer's forward pass never reached it); "
                         "check that the calibration data runs through this module, or exclude it from the scheme")
                 batches.setdefault((id(stats), mp.weight_args), []).append(name)
+            if self.sequential and ctx.inputs and ctx.layer is not None:
+                self._quantize_sequentially(batches, ctx)
+                return
             for names in batches.values():
                 stats = self._by_target[names[0]]
                 results = self._quantize(names, ctx, self._prepared(stats))
@@ -134,6 +146,57 @@ class Gptq:
                     stats.prepared = None  # free as soon as the last sharer is done
         finally:
             self._by_target, self._seen = {}, {}
+
+    def _quantize_sequentially(self, batches: Dict[tuple, List[str]], ctx: LayerContext) -> None:
+        """True-sequential GPTQ: the targets of the first input (q/k/v) as usual; each later input's Hessian is
+        measured again with every target before it holding its dequantized codes (o_proj sees quantized attention,
+        down_proj quantized gate/up), as the original GPTQ code's `--true-sequential`. One extra pass over the
+        calibration windows per later input, stopped at that input. Float weights are restored afterwards: the
+        driver decides what the next layer sees."""
+        saved = {n: ctx.targets[n].weight.detach().clone() for n in ctx.targets}
+        done: List[str] = []
+        try:
+            for index, names in enumerate(batches.values()):
+                stats = self._by_target[names[0]]
+                if index:
+                    self._write_codes(done, ctx)
+                    stats = self._measure_again(names, ctx)
+                results = self._quantize(names, ctx, self._prepared(stats))
+                for name, (codes, scale, zero_point) in zip(names, results):
+                    ctx.plans[name].weight_qparams, ctx.plans[name].weight_codes = (scale, zero_point), codes
+                stats.prepared = None
+                done += names
+        finally:
+            for name, weight in saved.items():
+                ctx.targets[name].weight.data.copy_(weight)
+
+    @staticmethod
+    def _write_codes(names: List[str], ctx: LayerContext) -> None:
+        for name in names:
+            plan = ctx.plans[name]
+            weight = ctx.targets[name].weight
+            weight.data.copy_(dequantize(plan.weight_codes, *plan.weight_qparams, plan.weight_args,
+                                         dtype=torch.float32).to(weight.dtype))
+
+    def _measure_again(self, names: List[str], ctx: LayerContext) -> _Hessian:
+        """The Hessian of `names`' shared input over every calibration window, the forward stopped once it is read."""
+        first = ctx.targets[names[0]]
+        stats = _Hessian(first.in_features)
+
+        def read(_module, args):
+            stats.add(args[0])
+            raise _InputRead
+
+        handle = first.register_forward_pre_hook(read)
+        try:
+            for hidden, kwargs in ctx.inputs:
+                try:
+                    ctx.layer(hidden, **kwargs)
+                except _InputRead:
+                    pass
+        finally:
+            handle.remove()
+        return stats
 
     def _rescale(self, ctx: LayerContext) -> None:
         """Apply the input scaling weight editors recorded after the shared calibration pass: inputs x·f give

@@ -334,3 +334,55 @@ def test_after_a_weight_editor_gptq_quantizes_the_edited_layer():
     chain = make_chain({"plain-awq": {}, "gptq": {}}, registry=type("R", (), {"get": staticmethod(registry.get)})())
     quantize_in_memory(two_phase, plan, chain, lambda a: MinMaxObserver(a), windows=Windows())
     assert all(torch.equal(plan.modules[n].weight_codes, alone[n]) for n in alone)  # two passes: exactly GPTQ alone
+
+
+def layer_inputs(model, layer, windows=2):
+    """[(hidden states, keyword inputs)] of `layer` per window, as the layer-by-layer driver captures them."""
+    captured = []
+    handle = layer.register_forward_pre_hook(lambda _m, args, kwargs: captured.append((args[0], kwargs)),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        for seed in range(windows):
+            model(input_ids=torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(seed)))
+    handle.remove()
+    return captured
+
+
+def test_sequential_measures_each_later_input_with_the_earlier_targets_quantized():
+    """`sequential`: q/k/v as usual; o_proj's Hessian is measured with q/k/v holding their dequantized codes (so
+    its codes are GPTQ's on that Hessian), and the float weights are left for the driver to replace."""
+    args = QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16)
+    model, layer, targets = tiny_llama_layer()
+    inputs = layer_inputs(model, layer)
+    before = {n: t.weight.detach().clone() for n, t in targets.items()}
+    plain, sequential = (context(layer, targets, args, prefix="model.layers.0.") for _ in range(2))
+    for ctx, gptq in ((plain, Gptq()), (sequential, Gptq(sequential=True))):
+        ctx.inputs = inputs
+        calibrate(model, gptq, ctx)
+        gptq.finish_layer(ctx)
+    assert all(torch.equal(t.weight, before[n]) for n, t in targets.items())
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert all(torch.equal(plain.plans[n].weight_codes, sequential.plans[n].weight_codes) for n in qkv)
+    # o_proj by hand: the input it reads once q/k/v hold their codes, then plain GPTQ on that Hessian
+    quantized = copy.deepcopy(layer)
+    for n in qkv:
+        mp = sequential.plans[n]
+        quantized.get_submodule(n[len("model.layers.0."):]).weight.data.copy_(
+            dequantize(mp.weight_codes, *mp.weight_qparams, args))
+    seen = []
+    handle = quantized.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            quantized(hidden, **kwargs)
+    handle.remove()
+    rounded = lambda v, a: (lambda s, z: (s.half().float(), z))(*minmax_qparams(v, a))  # noqa: E731
+    codes, _, _ = gptq_quantize(before["model.layers.0.self_attn.o_proj"], prepare_hessian(hessian_of(torch.cat(seen))),
+                                args, rounded)
+    o_proj = sequential.plans["model.layers.0.self_attn.o_proj"].weight_codes
+    assert float((o_proj == codes).float().mean()) > 0.99
+    assert not torch.equal(o_proj, plain.plans["model.layers.0.self_attn.o_proj"].weight_codes)
+
+
+def test_sequential_must_be_a_boolean():
+    with pytest.raises(AlgorithmError, match="sequential must be true or false"):
+        Gptq(sequential="yes")
