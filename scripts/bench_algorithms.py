@@ -187,7 +187,8 @@ def run_recipe(model, recipe: Recipe, calibration: dict, windows: dict) -> dict:
                                Windows(calibration[recipe.calibration]) if chain.requires_data else None)
     seconds = time.perf_counter() - start
     qmodel = convert(work, plan, recipe.backend)
-    row = {"name": recipe.name, "scheme": scheme.to_dict(), "algorithms": chain.names, "backend": recipe.backend,
+    row = {"name": recipe.name, "scheme": scheme.to_dict(), "algorithms": chain.names,
+           "algorithm_options": {n: o for n, o in recipe.algorithms.items() if o}, "backend": recipe.backend,
            "calibration": recipe.calibration if chain.requires_data else "none", "quantize_seconds": seconds,
            "bits_per_weight": bits_per_weight(scheme), **stats,
            "ppl": {k: perplexity(qmodel, w["input_ids"])["perplexity"] for k, w in windows.items()}}

@@ -88,9 +88,10 @@ class Gptq:
         self.sequential = sequential  # each input's Hessian measured after the targets before it are quantized
         self._by_target: Dict[str, _Hessian] = {}
         self._seen: Dict[str, int] = {}  # tokens each target received (a shared Hessian counts them once)
+        self._order: Dict[str, int] = {}  # target → when the calibration pass first reached it
 
     def start_layer(self, ctx: LayerContext) -> None:
-        self._by_target, self._seen = {}, {}
+        self._by_target, self._seen, self._order = {}, {}, {}
         for name, linear in ctx.targets.items():
             if ctx.plans[name].weight_args is not None and ctx.plans[name].weight_codes is None:
                 ctx.hook(linear, lambda module, x, name=name: self._observe(name, module, x))
@@ -101,6 +102,7 @@ class Gptq:
                                  f"{module.in_features}; GPTQ handles Linear layers fed (..., in_features) tensors")
         stats = self._by_target.get(name)
         if stats is None:  # first call: share the Hessian of a target that received this very tensor
+            self._order.setdefault(name, len(self._order))  # the order the layer reads its inputs (sequential)
             stats = next((s for s in self._distinct() if s.holds(x)), None) or _Hessian(module.in_features)
             stats.members.append(name)
             self._by_target[name] = stats
@@ -145,43 +147,50 @@ class Gptq:
                 if not stats.members:
                     stats.prepared = None  # free as soon as the last sharer is done
         finally:
-            self._by_target, self._seen = {}, {}
+            self._by_target, self._seen, self._order = {}, {}, {}
 
     def _quantize_sequentially(self, batches: Dict[tuple, List[str]], ctx: LayerContext) -> None:
-        """True-sequential GPTQ: the targets of the first input (q/k/v) as usual; each later input's Hessian is
-        measured again with every target before it holding its dequantized codes (o_proj sees quantized attention,
-        down_proj quantized gate/up), as the original GPTQ code's `--true-sequential`. One extra pass over the
-        calibration windows per later input, stopped at that input. Float weights are restored afterwards: the
-        driver decides what the next layer sees."""
-        saved = {n: ctx.targets[n].weight.detach().clone() for n in ctx.targets}
-        done: List[str] = []
+        """True-sequential GPTQ: the targets of the first input the layer reads (q/k/v) as usual; each later input's
+        Hessian is measured again with every target before it holding its dequantized codes (o_proj sees quantized
+        attention, down_proj quantized gate/up), as the original GPTQ code's `--true-sequential`. One extra pass over
+        the calibration windows per later input (three for a dense decoder layer), stopped once that input is read.
+        Float weights are restored afterwards: the driver decides what the next layer sees."""
+        stages: Dict[int, List[List[str]]] = {}  # one calibration-pass input → its batches, in forward order
+        for names in sorted(batches.values(), key=lambda ns: min(self._order[n] for n in ns)):
+            stages.setdefault(id(self._by_target[names[0]]), []).append(names)
+        for later in list(stages.values())[1:]:
+            self._by_target[later[0][0]].h = None  # re-measured below; the calibration pass's copy is not needed
+        saved: Dict[str, torch.Tensor] = {}
         try:
-            for index, names in enumerate(batches.values()):
-                stats = self._by_target[names[0]]
+            for index, stage in enumerate(stages.values()):
+                stats = self._by_target[stage[0][0]]
                 if index:
-                    self._write_codes(done, ctx)
-                    stats = self._measure_again(names, ctx)
-                results = self._quantize(names, ctx, self._prepared(stats))
-                for name, (codes, scale, zero_point) in zip(names, results):
-                    ctx.plans[name].weight_qparams, ctx.plans[name].weight_codes = (scale, zero_point), codes
+                    stats = self._measure_again(stage, ctx)
+                for names in stage:
+                    results = self._quantize(names, ctx, self._prepared(stats))
+                    for name, (codes, scale, zero_point) in zip(names, results):
+                        ctx.plans[name].weight_qparams, ctx.plans[name].weight_codes = (scale, zero_point), codes
                 stats.prepared = None
-                done += names
+                if index < len(stages) - 1:  # the next input must see these targets' codes
+                    for name in (n for names in stage for n in names):
+                        saved[name] = ctx.targets[name].weight.detach().clone()
+                        self._write_codes(name, ctx)
         finally:
             for name, weight in saved.items():
                 ctx.targets[name].weight.data.copy_(weight)
 
     @staticmethod
-    def _write_codes(names: List[str], ctx: LayerContext) -> None:
-        for name in names:
-            plan = ctx.plans[name]
-            weight = ctx.targets[name].weight
-            weight.data.copy_(dequantize(plan.weight_codes, *plan.weight_qparams, plan.weight_args,
-                                         dtype=torch.float32).to(weight.dtype))
+    def _write_codes(name: str, ctx: LayerContext) -> None:
+        plan, weight = ctx.plans[name], ctx.targets[name].weight
+        weight.data.copy_(dequantize(plan.weight_codes, *plan.weight_qparams, plan.weight_args, dtype=weight.dtype))
 
-    def _measure_again(self, names: List[str], ctx: LayerContext) -> _Hessian:
-        """The Hessian of `names`' shared input over every calibration window, the forward stopped once it is read."""
+    def _measure_again(self, stage: List[List[str]], ctx: LayerContext) -> _Hessian:
+        """The Hessian of the stage's shared input over every calibration window, each forward stopped once the input
+        is read; it must see as many tokens as the calibration pass did (else routing changed, e.g. experts)."""
+        names = [n for batch in stage for n in batch]
         first = ctx.targets[names[0]]
         stats = _Hessian(first.in_features)
+        stats.members = names
 
         def read(_module, args):
             stats.add(args[0])
@@ -196,6 +205,12 @@ class Gptq:
                     pass
         finally:
             handle.remove()
+        expected = self._seen.get(names[0], 0)
+        if stats.tokens == 0 or stats.tokens != expected:
+            raise AlgorithmError(
+                f"gptq (sequential): {', '.join(names)} read {stats.tokens} tokens once the targets before them were "
+                f"quantized, {expected} in the calibration pass — this layer routes its inputs differently then (e.g. a "
+                "mixture of experts); use algorithm.gptq.sequential=false for this model")
         return stats
 
     def _rescale(self, ctx: LayerContext) -> None:

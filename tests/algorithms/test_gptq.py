@@ -386,3 +386,65 @@ def test_sequential_measures_each_later_input_with_the_earlier_targets_quantized
 def test_sequential_must_be_a_boolean():
     with pytest.raises(AlgorithmError, match="sequential must be true or false"):
         Gptq(sequential="yes")
+
+
+def test_the_driver_hands_sequential_its_inputs_and_every_hook_and_weight_is_left_as_found(monkeypatch):
+    """Through `quantize_layer` (the driver sets `ctx.inputs`): o_proj's codes differ from plain GPTQ's, no hook
+    stays on any module, and a failure part-way restores the float weights it had replaced with codes."""
+    from hfquant.pipeline.layerwise import make_chain, quantize_layer
+
+    args = QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16)
+    model, layer, targets = tiny_llama_layer()
+    inputs = layer_inputs(model, layer)
+    before = {n: t.weight.detach().clone() for n, t in targets.items()}
+    codes = {}
+    for sequential in (False, True):
+        ctx = context(layer, targets, args, prefix="model.layers.0.")
+        quantize_layer(make_chain({"gptq": {"sequential": sequential}}, propagate="float"), ctx, inputs, last=True)
+        codes[sequential] = ctx.plans["model.layers.0.self_attn.o_proj"].weight_codes
+    assert not torch.equal(codes[False], codes[True])
+    assert all(not m._forward_pre_hooks for m in layer.modules())
+    assert all(torch.equal(t.weight, before[n]) for n, t in targets.items())
+
+    calls = []
+    real = Gptq._quantize
+
+    def fail_on_the_third_batch(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(self, *a)
+
+    monkeypatch.setattr(Gptq, "_quantize", fail_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="boom"):
+        quantize_layer(make_chain({"gptq": {"sequential": True}}, propagate="float"),
+                       context(layer, targets, args, prefix="model.layers.0."), inputs, last=True)
+    assert all(torch.equal(t.weight, before[n]) for n, t in targets.items())
+    assert all(not m._forward_pre_hooks for m in layer.modules())
+
+
+def test_sequential_refuses_a_layer_that_routes_its_inputs_differently_the_second_time():
+    """An input the re-measuring pass does not see as often as the calibration pass did (experts a router skips once
+    earlier targets are quantized) is an error naming the module, never a Hessian of zeros (= zero codes)."""
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.calls = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            h = self.a(x)
+            return self.b(h) if self.calls <= 2 else h[..., :4]  # b reached in the calibration pass only
+
+    routed = Routed()
+    ctx = context(routed, {"l.a": routed.a, "l.b": routed.b}, QuantArgs(num_bits=8, strategy="channel"))
+    ctx.inputs = [(torch.randn(5, 16, generator=torch.Generator().manual_seed(s)), {}) for s in range(2)]
+    gptq = Gptq(sequential=True)
+    gptq.start_layer(ctx)
+    for hidden, kwargs in ctx.inputs:
+        routed(hidden, **kwargs)
+    ctx.remove_hooks()
+    with pytest.raises(AlgorithmError, match=r"gptq \(sequential\): l.b read 0 tokens once the targets before them "
+                                             r"were quantized, 10 in the calibration pass"):
+        gptq.finish_layer(ctx)
+    assert not routed.b._forward_pre_hooks
