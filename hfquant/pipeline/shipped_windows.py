@@ -78,43 +78,39 @@ def token_digest(ids: torch.Tensor) -> str:
 
 
 def _candidates(directory: str, wanted: dict, sizes: list):
-    """(path, metadata, recorded files) of each shipped file whose request and file names and sizes match."""
+    """(path, metadata, recorded files, token ids) of each shipped file whose request and file names and sizes
+    match; a file that cannot be read is skipped with a warning (it costs the sampling time, never wrong tokens)."""
     from safetensors import safe_open
 
     for path in sorted(glob.glob(os.path.join(directory, "generated-*.safetensors"))):
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-            recorded = json.loads(meta.get("model_files", "[]")) if meta.get("format") == FORMAT else []
-        except Exception as exc:  # a damaged shipped file costs the sampling time, never wrong tokens
+                recorded = json.loads(meta.get("model_files", "[]")) if meta.get("format") == FORMAT else []
+                if not (all(meta.get(k) == v for k, v in wanted.items())
+                        and [[n, size] for n, size, _ in recorded] == sizes):
+                    continue
+                ids = f.get_tensor("input_ids")
+        except Exception as exc:
             log.warning("ignoring the shipped calibration windows %s (%s); sampling instead", path, exc)
             continue
-        if all(meta.get(k) == v for k, v in wanted.items()) and [[n, size] for n, size, _ in recorded] == sizes:
-            yield path, meta, recorded
+        yield path, meta, recorded, ids
 
 
 def find_shipped(source: Optional[str], count: int, seq_len: int, seed: int, first_tokens: torch.Tensor,
                  recipe: str, directory: Optional[str] = None) -> Optional[Shipped]:
     """The shipped windows sampled from exactly this model for exactly this request, or None. The model's files
     are hashed only when a shipped file's request and every file's name and size already match."""
-    from safetensors import safe_open
-
     files = model_files(source)
     if not files:
         return None
     wanted = request_metadata(count, seq_len, seed, first_tokens, recipe)
     sizes = [[name, size] for name, size, _ in describe_files(files, with_hashes=False)]
     hashes = None
-    for path, meta, recorded in _candidates(directory or SHIPPED_DIR, wanted, sizes):
+    for path, meta, recorded, ids in _candidates(directory or SHIPPED_DIR, wanted, sizes):
         if hashes is None:
             hashes = [file_sha256(p) for p in files]  # the user's files: an error here is theirs, not the shipped file's
         if [digest for _, _, digest in recorded] != hashes:
-            continue
-        try:
-            with safe_open(path, framework="pt") as f:
-                ids = f.get_tensor("input_ids")
-        except Exception as exc:
-            log.warning("ignoring the shipped calibration windows %s (%s); sampling instead", path, exc)
             continue
         if tuple(ids.shape) != (count, seq_len):
             log.warning("ignoring the shipped calibration windows %s: shape %s, expected %s", path, tuple(ids.shape),

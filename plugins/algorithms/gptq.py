@@ -88,10 +88,9 @@ class Gptq:
         self.sequential = sequential  # each input's Hessian measured after the targets before it are quantized
         self._by_target: Dict[str, _Hessian] = {}
         self._seen: Dict[str, int] = {}  # tokens each target received (a shared Hessian counts them once)
-        self._order: Dict[str, int] = {}  # target → when the calibration pass first reached it
 
     def start_layer(self, ctx: LayerContext) -> None:
-        self._by_target, self._seen, self._order = {}, {}, {}
+        self._by_target, self._seen = {}, {}
         for name, linear in ctx.targets.items():
             if ctx.plans[name].weight_args is not None and ctx.plans[name].weight_codes is None:
                 ctx.hook(linear, lambda module, x, name=name: self._observe(name, module, x))
@@ -102,7 +101,6 @@ class Gptq:
                                  f"{module.in_features}; GPTQ handles Linear layers fed (..., in_features) tensors")
         stats = self._by_target.get(name)
         if stats is None:  # first call: share the Hessian of a target that received this very tensor
-            self._order.setdefault(name, len(self._order))  # the order the layer reads its inputs (sequential)
             stats = next((s for s in self._distinct() if s.holds(x)), None) or _Hessian(module.in_features)
             stats.members.append(name)
             self._by_target[name] = stats
@@ -147,7 +145,7 @@ class Gptq:
                 if not stats.members:
                     stats.prepared = None  # free as soon as the last sharer is done
         finally:
-            self._by_target, self._seen, self._order = {}, {}, {}
+            self._by_target, self._seen = {}, {}
 
     def _quantize_sequentially(self, batches: Dict[tuple, List[str]], ctx: LayerContext) -> None:
         """True-sequential GPTQ: the targets of the first input the layer reads (q/k/v) as usual; each later input's
@@ -155,8 +153,9 @@ class Gptq:
         attention, down_proj quantized gate/up), as the original GPTQ code's `--true-sequential`. One extra pass over
         the calibration windows per later input (three for a dense decoder layer), stopped once that input is read.
         Float weights are restored afterwards: the driver decides what the next layer sees."""
+        reached = {name: i for i, name in enumerate(self._by_target)}  # filled as the calibration pass reached them
         stages: Dict[int, List[List[str]]] = {}  # one calibration-pass input → its batches, in forward order
-        for names in sorted(batches.values(), key=lambda ns: min(self._order[n] for n in ns)):
+        for names in sorted(batches.values(), key=lambda ns: min(reached[n] for n in ns)):
             stages.setdefault(id(self._by_target[names[0]]), []).append(names)
         for later in list(stages.values())[1:]:
             self._by_target[later[0][0]].h = None  # re-measured below; the calibration pass's copy is not needed
