@@ -38,6 +38,7 @@ BUILTIN_MODULES = (
     "hfquant_builtins.algorithms.awq",
     "hfquant_builtins.algorithms.smoothquant",
     "hfquant_builtins.algorithms.hqq",
+    "hfquant_builtins.algorithms.signround",
     "hfquant_builtins.datasets.pydoc",
     "hfquant_builtins.datasets.text",
     "hfquant_builtins.datasets.hub",

@@ -1,0 +1,119 @@
+"""`signround`: codes whose rounding is learnt on the layer's output (SignRound, the method behind AutoRound).
+
+Per decoder layer: the float layer's outputs on its calibration inputs are the target; every quantized target
+starts at round-to-nearest with the run's observer and learns a rounding offset per weight and a range shrink per
+scale by signed gradient descent on the mean squared error between the fake-quantized layer's output and that
+target (`hfquant.quant.signround`). The offsets that gave the lowest loss are kept; the stored scales are the
+backend's rounding of the learnt ones, so the saved codes and scales are plain groups every format stores.
+
+GPTQ compensates each rounding error with linear algebra on one Linear's inputs; SignRound sees the whole layer —
+attention's softmax and the MLP's gate included — at the cost of a forward and a backward pass per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+from torch.func import functional_call
+
+from hfquant import hookimpl
+from hfquant.algorithm import AlgorithmError, LayerContext
+from hfquant.quant.signround import RoundingState
+from hfquant_builtins.algorithms.rtn import observed_qparams
+
+OPTIONS = ("iters", "lr", "batch_size", "min_shrink", "seed")
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class SignRound:
+    """Signed gradient descent on rounding offsets and range shrinks, layer by layer."""
+
+    requires_data = True
+    produces_codes = True
+    # it learns on the live layer in finish_layer and gathers nothing in the calibration pass, so input rescaling
+    # by a weight editor in the same pass (AWQ) needs no correction
+    accepts_input_rescaling = True
+
+    def __init__(self, iters: int = 100, lr: float = None, batch_size: int = 4, min_shrink: float = 0.5, seed: int = 0,
+                 **unknown) -> None:
+        if unknown:
+            raise TypeError(f"signround got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
+        for name, value in (("iters", iters), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AlgorithmError(f"signround: {name} must be a positive integer, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise AlgorithmError(f"signround: seed must be an integer, got {seed!r}")
+        if lr is None:
+            lr = 1.0 / iters  # AutoRound's default: the offsets can cross their whole range once over the run
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise AlgorithmError(f"signround: lr must be a positive number (default 1/iters), got {lr!r}")
+        if isinstance(min_shrink, bool) or not isinstance(min_shrink, (int, float)) or not 0 < min_shrink <= 1:
+            raise AlgorithmError(f"signround: min_shrink must be in (0, 1] (1 keeps the observer's ranges), got "
+                                 f"{min_shrink!r}")
+        self.iters, self.lr, self.batch_size = iters, float(lr), batch_size
+        self.min_shrink, self.seed = float(min_shrink), seed
+        self.last_losses: Dict[str, tuple] = {}  # layer prefix → (loss at round-to-nearest, best loss): for reports
+
+    def start_layer(self, ctx: LayerContext) -> None:
+        pass
+
+    def finish_layer(self, ctx: LayerContext) -> None:
+        names = [n for n, mp in ctx.plans.items() if mp.weight_args is not None and mp.weight_codes is None]
+        if not names:
+            return
+        if ctx.layer is None or not ctx.inputs:
+            raise AlgorithmError(f"signround: {', '.join(names)} have no calibration inputs (targets outside the "
+                                 "decoder layers, or a data-free run); exclude them from the scheme or use gptq/rtn")
+        states, zero_points = {}, {}
+        with torch.no_grad():
+            for name in names:
+                weight = ctx.targets[name].weight.detach()
+                scale, zero_points[name] = observed_qparams(name, weight, ctx.plans[name].weight_args, ctx)
+                states[name] = RoundingState.start(weight, scale, zero_points[name], ctx.plans[name].weight_args)
+            targets = [_first(ctx.layer(hidden, **kwargs)) for hidden, kwargs in ctx.inputs]
+        best = self._learn(ctx, states, targets)
+        with torch.no_grad():
+            for name, state in states.items():
+                state.restore(best[name])
+                scale = ctx.round_scale(state.scale * state.shrink)
+                ctx.plans[name].weight_qparams = (scale, zero_points[name])  # the observer's, unchanged
+                ctx.plans[name].weight_codes = state.codes(scale)
+
+    def _learn(self, ctx: LayerContext, states: Dict[str, RoundingState], targets: List[torch.Tensor]):
+        local = {name: ctx.local_name(name) + ".weight" for name in states}
+        generator = torch.Generator().manual_seed(self.seed)
+        order: List[int] = []
+        best_loss, best = math.inf, {n: s.snapshot() for n, s in states.items()}
+        first_loss = None
+        for step in range(self.iters):
+            if len(order) < self.batch_size:
+                order += torch.randperm(len(targets), generator=generator).tolist()
+            batch, order = order[: self.batch_size], order[self.batch_size:]
+            with torch.enable_grad():
+                weights = {local[n]: s.fake_quantized() for n, s in states.items()}
+                loss_value = 0.0
+                for i in batch:
+                    hidden, kwargs = ctx.inputs[i]
+                    out = _first(functional_call(ctx.layer, weights, (hidden,), kwargs, strict=False))
+                    loss = torch.nn.functional.mse_loss(out, targets[i]) / len(batch)
+                    loss.backward(retain_graph=i != batch[-1])
+                    loss_value += float(loss.detach())
+            if first_loss is None:
+                first_loss = loss_value
+            if loss_value < best_loss:  # judged on this step's windows, as AutoRound does
+                best_loss, best = loss_value, {n: s.snapshot() for n, s in states.items()}
+            lr = self.lr * (1.0 - step / self.iters)  # linear decay to zero
+            for state in states.values():
+                state.signed_step(lr, self.min_shrink)
+        self.last_losses[ctx.prefix] = (first_loss, best_loss)
+        return best
+
+
+@hookimpl
+def register_algorithms(register):
+    register("signround", SignRound)
