@@ -12,6 +12,7 @@ attention's softmax and the MLP's gate included — at the cost of a forward and
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List
 
@@ -23,7 +24,27 @@ from hfquant.algorithm import AlgorithmError, LayerContext
 from hfquant.quant.signround import RoundingState
 from hfquant_builtins.algorithms.rtn import observed_qparams
 
+log = logging.getLogger("hfquant")
 OPTIONS = ("iters", "lr", "batch_size", "min_shrink", "seed")
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """A KV cache among a layer's inputs would grow with every step (and keep each step's graph alive): None."""
+    from transformers.cache_utils import Cache
+
+    return {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+
+
+def _same(a, b) -> bool:
+    """Whether two windows' keyword inputs are identical (tensors by value), so one batch can serve both."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(
+            torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (type(a) is type(b) and type(a) in (bool, int, float, str) and a == b)
 
 
 def _first(output):
@@ -57,7 +78,8 @@ class SignRound:
                                  f"{min_shrink!r}")
         self.iters, self.lr, self.batch_size = iters, float(lr), batch_size
         self.min_shrink, self.seed = float(min_shrink), seed
-        self.last_losses: Dict[str, tuple] = {}  # layer prefix → (loss at round-to-nearest, best loss): for reports
+        #: layer prefix → (output error at round-to-nearest, the lowest reached): for logs and benchmarks
+        self.losses: Dict[str, tuple] = {}
 
     def start_layer(self, ctx: LayerContext) -> None:
         pass
@@ -75,8 +97,9 @@ class SignRound:
                 weight = ctx.targets[name].weight.detach()
                 scale, zero_points[name] = observed_qparams(name, weight, ctx.plans[name].weight_args, ctx)
                 states[name] = RoundingState.start(weight, scale, zero_points[name], ctx.plans[name].weight_args)
-            targets = [_first(ctx.layer(hidden, **kwargs)) for hidden, kwargs in ctx.inputs]
-        best = self._learn(ctx, states, targets)
+            inputs = [(hidden, _without_cache(kwargs)) for hidden, kwargs in ctx.inputs]
+            targets = [_first(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
+        best = self._learn(ctx, states, inputs, targets)
         with torch.no_grad():
             for name, state in states.items():
                 state.restore(best[name])
@@ -84,8 +107,10 @@ class SignRound:
                 ctx.plans[name].weight_qparams = (scale, zero_points[name])  # the observer's, unchanged
                 ctx.plans[name].weight_codes = state.codes(scale)
 
-    def _learn(self, ctx: LayerContext, states: Dict[str, RoundingState], targets: List[torch.Tensor]):
+    def _learn(self, ctx: LayerContext, states: Dict[str, RoundingState], inputs, targets: List[torch.Tensor]):
         local = {name: ctx.local_name(name) + ".weight" for name in states}
+        # windows of one length with the same positions and masks run as one batch (fewer, larger matrix products)
+        stackable = all(h.shape == inputs[0][0].shape and _same(kw, inputs[0][1]) for h, kw in inputs)
         generator = torch.Generator().manual_seed(self.seed)
         order: List[int] = []
         best_loss, best = math.inf, {n: s.snapshot() for n, s in states.items()}
@@ -94,14 +119,19 @@ class SignRound:
             if len(order) < self.batch_size:
                 order += torch.randperm(len(targets), generator=generator).tolist()
             batch, order = order[: self.batch_size], order[self.batch_size:]
+            learnable = [p for state in states.values() for p in state.parameters()]
             with torch.enable_grad():
-                weights = {local[n]: s.fake_quantized() for n, s in states.items()}
+                # in the layer's own dtype (a bf16 model runs its forward in bf16; the offsets stay float32)
+                weights = {local[n]: s.fake_quantized().to(ctx.targets[n].weight.dtype) for n, s in states.items()}
                 loss_value = 0.0
-                for i in batch:
-                    hidden, kwargs = ctx.inputs[i]
-                    out = _first(functional_call(ctx.layer, weights, (hidden,), kwargs, strict=False))
-                    loss = torch.nn.functional.mse_loss(out, targets[i]) / len(batch)
-                    loss.backward(retain_graph=i != batch[-1])
+                chunks = [batch] if stackable else [[i] for i in batch]
+                for position, chunk in enumerate(chunks):
+                    hidden = torch.cat([inputs[i][0] for i in chunk])
+                    out = _first(functional_call(ctx.layer, weights, (hidden,), inputs[chunk[0]][1], strict=False))
+                    target = torch.cat([targets[i] for i in chunk])
+                    loss = torch.nn.functional.mse_loss(out.float(), target.float()) * (len(chunk) / len(batch))
+                    # gradients only into the offsets and shrinks (never into the model's own parameters)
+                    loss.backward(inputs=learnable, retain_graph=position < len(chunks) - 1)
                     loss_value += float(loss.detach())
             if first_loss is None:
                 first_loss = loss_value
@@ -110,7 +140,8 @@ class SignRound:
             lr = self.lr * (1.0 - step / self.iters)  # linear decay to zero
             for state in states.values():
                 state.signed_step(lr, self.min_shrink)
-        self.last_losses[ctx.prefix] = (first_loss, best_loss)
+        self.losses[ctx.prefix] = (first_loss, best_loss)
+        log.debug("signround %s: output error %.4g at round-to-nearest, %.4g learnt", ctx.prefix, first_loss, best_loss)
         return best
 
 

@@ -136,10 +136,12 @@ def test_algorithm_list_composes_in_order(tiny_llm_dir, tmp_path):
     assert list(validate(compose(tiny_overrides(tiny_llm_dir, tmp_path / "o"))).algorithms) == ["rtn"]
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]"])
+@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]", "signround"])
 def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, algorithm):
+    options = ["algorithm.signround.iters=6", "algorithm.signround.batch_size=2"] if algorithm == "signround" else []
     common = ["model=hub", f"model.path={tiny_llm_dir}", "evaluation=none", "scheme=w4a16", "scheme.weights.group_size=32",
-              f"algorithm={algorithm}", "calibration.generated=0", "calibration.seq_len=64", "calibration.num_samples=4"]
+              f"algorithm={algorithm}", *options, "calibration.generated=0", "calibration.seq_len=64",
+              "calibration.num_samples=4"]
     mem = run(compose([f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory", *common]))
     streamed = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
     assert streamed["run"]["pipeline"] == "streaming" and "learned from layer inputs" in streamed["calibration"]["status"]
