@@ -115,6 +115,9 @@ def test_each_layer_sees_the_previous_layers_outputs(tiny_llm_dir, propagate):
 
 @pytest.mark.parametrize("extra,message", [
     (["calibration=none", "algorithm=gptq"], "algorithm gptq learns from layer inputs and needs calibration data"),
+    (["calibration=none", "algorithm=signround"], "algorithm signround learns from layer inputs and needs calibration data"),
+    (["algorithm=[signround,gptq]"], "signround and gptq both choose the integer codes"),
+    (["algorithm=signround", "algorithm.signround.iters=0"], "signround: iters must be a positive integer"),
     (["algorithm=[gptq,awq]"], "gptq chooses the codes, so it must come last (e.g. algorithm=[awq,gptq])"),
     (["algorithm=[hqq,gptq]"], "hqq and gptq both choose the integer codes"),
     (["algorithm=gptq", "scheme=nf4", "backend=bitsandbytes"], "backend=bitsandbytes computes its own codes"),
