@@ -10,6 +10,7 @@ decoder layer's output moves from the float layer's. Rounding and clamping pass 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,14 +33,21 @@ class RoundingState:
     args: QuantArgs
     offset: torch.Tensor  # v, same shape as weight, in [-0.5, 0.5]
     shrink: torch.Tensor  # a, same shape as scale, in [min_shrink, 1]
+    round_scale: Callable[[torch.Tensor], torch.Tensor] = lambda s: s  # how the backend stores scales
 
     @classmethod
-    def start(cls, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs) -> "RoundingState":
-        """v = 0 and a = 1: exactly round-to-nearest with the observer's qparams."""
+    def start(cls, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantArgs,
+              round_scale: Callable[[torch.Tensor], torch.Tensor] = lambda s: s) -> "RoundingState":
+        """v = 0 and a = 1: exactly round-to-nearest with the observer's qparams (`scale` already rounded)."""
         w = weight.detach().to(torch.float32)
         s = torch.as_tensor(scale).detach().to(torch.float32)
         return cls(w, s, torch.as_tensor(zero_point).detach().to(torch.float32), args,
-                   torch.zeros_like(w, requires_grad=True), torch.ones_like(s, requires_grad=True))
+                   torch.zeros_like(w, requires_grad=True), torch.ones_like(s, requires_grad=True), round_scale)
+
+    def stored_scale(self) -> torch.Tensor:
+        """The scale as it will be saved: a·s₀ through the backend's rounding."""
+        with torch.no_grad():
+            return self.round_scale(self.scale * self.shrink.detach()).to(torch.float32)
 
     def parameters(self):
         return (self.offset, self.shrink)
@@ -50,8 +58,10 @@ class RoundingState:
         return s, z
 
     def fake_quantized(self) -> torch.Tensor:
-        """ŵ = s·(clamp(round(w/s + v) + z) − z), s = a·s₀ — differentiable in v and a (straight through)."""
-        s, z = self._grid(self.scale * self.shrink)
+        """ŵ = s·(clamp(round(w/s + v) + z) − z), s = a·s₀ as stored (the backend's rounding, straight through) — the
+        very weight `codes` and `stored_scale` dequantize to; differentiable in v and a."""
+        scale = self.scale * self.shrink
+        s, z = self._grid(scale + (self.stored_scale() - scale).detach())
         y = self.weight / s + self.offset
         if self.args.float_zero_point:
             q = torch.clamp(_round_ste(y + z), self.args.qmin, self.args.qmax)
@@ -60,9 +70,9 @@ class RoundingState:
         return (q - z) * s
 
     @torch.no_grad()
-    def codes(self, scale: torch.Tensor) -> torch.Tensor:
-        """The integer codes for the final (storage-rounded) `scale`, with the learnt offsets."""
-        s, z = self._grid(scale.to(torch.float32))
+    def codes(self) -> torch.Tensor:
+        """The integer codes at `stored_scale()`, with the learnt offsets."""
+        s, z = self._grid(self.stored_scale())
         y = self.weight / s + self.offset
         q = torch.round(y + z) if self.args.float_zero_point else torch.round(y) + z
         return q.clamp_(self.args.qmin, self.args.qmax).to(code_dtype(self.args))

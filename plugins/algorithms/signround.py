@@ -35,6 +35,19 @@ def _without_cache(kwargs: dict) -> dict:
     return {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
 
 
+def _per_window(value) -> bool:
+    """Whether every tensor among a window's keyword inputs has a batch dimension of 1 (positions, masks, rotary
+    tables), so a stack of windows broadcasts against it; a tensor folded with the batch (e.g. an ALiBi bias of
+    (batch·heads, …)) makes the windows run one by one."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() <= 1 or value.shape[0] == 1
+    if isinstance(value, (tuple, list)):
+        return all(_per_window(v) for v in value)
+    if isinstance(value, dict):
+        return all(_per_window(v) for v in value.values())
+    return True
+
+
 def _same(a, b) -> bool:
     """Whether two windows' keyword inputs are identical (tensors by value), so one batch can serve both."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -96,21 +109,22 @@ class SignRound:
             for name in names:
                 weight = ctx.targets[name].weight.detach()
                 scale, zero_points[name] = observed_qparams(name, weight, ctx.plans[name].weight_args, ctx)
-                states[name] = RoundingState.start(weight, scale, zero_points[name], ctx.plans[name].weight_args)
+                states[name] = RoundingState.start(weight, scale, zero_points[name], ctx.plans[name].weight_args,
+                                                   ctx.round_scale)
             inputs = [(hidden, _without_cache(kwargs)) for hidden, kwargs in ctx.inputs]
             targets = [_first(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
         best = self._learn(ctx, states, inputs, targets)
         with torch.no_grad():
             for name, state in states.items():
                 state.restore(best[name])
-                scale = ctx.round_scale(state.scale * state.shrink)
-                ctx.plans[name].weight_qparams = (scale, zero_points[name])  # the observer's, unchanged
-                ctx.plans[name].weight_codes = state.codes(scale)
+                ctx.plans[name].weight_qparams = (state.stored_scale(), zero_points[name])  # zero: the observer's
+                ctx.plans[name].weight_codes = state.codes()
 
     def _learn(self, ctx: LayerContext, states: Dict[str, RoundingState], inputs, targets: List[torch.Tensor]):
         local = {name: ctx.local_name(name) + ".weight" for name in states}
         # windows of one length with the same positions and masks run as one batch (fewer, larger matrix products)
-        stackable = all(h.shape == inputs[0][0].shape and _same(kw, inputs[0][1]) for h, kw in inputs)
+        stackable = all(h.shape == inputs[0][0].shape and _same(kw, inputs[0][1]) for h, kw in inputs) and _per_window(
+            inputs[0][1])
         generator = torch.Generator().manual_seed(self.seed)
         order: List[int] = []
         best_loss, best = math.inf, {n: s.snapshot() for n, s in states.items()}
@@ -129,10 +143,12 @@ class SignRound:
                     hidden = torch.cat([inputs[i][0] for i in chunk])
                     out = _first(functional_call(ctx.layer, weights, (hidden,), inputs[chunk[0]][1], strict=False))
                     target = torch.cat([targets[i] for i in chunk])
-                    loss = torch.nn.functional.mse_loss(out.float(), target.float()) * (len(chunk) / len(batch))
+                    # a sum, not a mean: only the gradient's sign is used, and 2·diff/N would underflow to zero in
+                    # an fp16 layer's backward for realistic N (nothing would move)
+                    squared = (out.float() - target.float()).pow(2).sum()
                     # gradients only into the offsets and shrinks (never into the model's own parameters)
-                    loss.backward(inputs=learnable, retain_graph=position < len(chunks) - 1)
-                    loss_value += float(loss.detach())
+                    squared.backward(inputs=learnable, retain_graph=position < len(chunks) - 1)
+                    loss_value += float(squared.detach()) / (out.numel() * len(chunks))
             if first_loss is None:
                 first_loss = loss_value
             if loss_value < best_loss:  # judged on this step's windows, as AutoRound does
