@@ -133,6 +133,8 @@ RECIPES = [
     Recipe("signround asym, float zero (50 steps)", "w4a16-asym", {"signround": {"iters": 50}}, float_zero=True),
     Recipe("awq + signround asym, float zero (50 steps)", "w4a16-asym", {"awq": {}, "signround": {"iters": 50}},
            float_zero=True),
+    Recipe("awq + signround asym, float zero (100 steps)", "w4a16-asym", {"awq": {}, "signround": {"iters": 100}},
+           float_zero=True),
     Recipe("signround sym full-range (50 steps)", "w4a16", {"signround": {"iters": 50}}, full_range=True),
     Recipe("awq + signround sym full-range (50 steps)", "w4a16", {"awq": {}, "signround": {"iters": 50}},
            full_range=True),
