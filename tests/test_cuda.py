@@ -58,3 +58,17 @@ def test_default_recipe_runs_on_cuda_and_matches_the_cpu_run(tiny_llm_dir, tmp_p
     ratio = {d: r["quantized"]["perplexity"]["perplexity"] / r["baseline"]["perplexity"]["perplexity"]
              for d, r in reports.items()}
     assert ratio["cuda"] == pytest.approx(ratio["cpu"], rel=0.02)
+
+
+def test_signround_learns_on_cuda_and_keeps_its_codes_on_the_layer_device():
+    """The layer, its inputs and every learnt tensor on the GPU (the window order's generator stays on the CPU);
+    the codes beat round-to-nearest there as on the CPU."""
+    from hfquant_builtins.algorithms.rtn import RoundToNearest
+    from hfquant_builtins.algorithms.signround import SignRound
+    from tests.algorithms.test_signround import run_layer
+
+    args = QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16, full_range=True)
+    _, rtn_error, inputs = run_layer(RoundToNearest(), args, device="cuda")
+    ctx, error, _ = run_layer(SignRound(iters=60, batch_size=2), args, inputs, device="cuda")
+    assert all(mp.weight_codes.device.type == "cuda" for mp in ctx.plans.values())
+    assert error < 0.8 * rtn_error

@@ -116,12 +116,12 @@ def test_an_fp16_layer_still_moves_its_offsets():
     assert best < first
 
 
-def run_layer(algorithm, args, inputs=None, prefix="model.layers.0.", dtype=torch.float32):
+def run_layer(algorithm, args, inputs=None, prefix="model.layers.0.", dtype=torch.float32, device="cpu"):
     """Quantize the tiny layer through the driver's `quantize_layer`; (context, the layer's output error, inputs)."""
     from hfquant.pipeline.layerwise import AlgorithmChain, quantize_layer
 
     model, layer, targets = tiny_llama_layer()
-    model.to(dtype)
+    model.to(device=device, dtype=dtype)
     inputs = inputs or layer_inputs(model, layer, windows=6)
     ctx = context(layer, targets, args, prefix=prefix)
     before = {n: t.weight.detach().clone() for n, t in targets.items()}
