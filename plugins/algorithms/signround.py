@@ -73,7 +73,7 @@ class SignRound:
     # by a weight editor in the same pass (AWQ) needs no correction
     accepts_input_rescaling = True
 
-    def __init__(self, iters: int = 100, lr: float = None, batch_size: int = 4, min_shrink: float = 0.5, seed: int = 0,
+    def __init__(self, iters: int = 50, lr: float = None, batch_size: int = 4, min_shrink: float = 0.5, seed: int = 0,
                  **unknown) -> None:
         if unknown:
             raise TypeError(f"signround got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")

@@ -294,4 +294,4 @@ def test_registered_and_needs_data():
 
     assert registries().algorithms.get("signround") is SignRound
     assert SignRound.requires_data and SignRound.produces_codes
-    assert SignRound(iters=50).lr == pytest.approx(0.02)
+    assert SignRound().iters == 50 and SignRound().lr == pytest.approx(0.02) and SignRound(iters=200).lr == 0.005
