@@ -135,6 +135,8 @@ RECIPES = [
            float_zero=True),
     Recipe("awq + signround asym, float zero (100 steps)", "w4a16-asym", {"awq": {}, "signround": {"iters": 100}},
            float_zero=True),
+    Recipe("awq + signround asym, float zero (50 steps), 16 pydoc + 48 model-written windows", "w4a16-asym",
+           {"awq": {}, "signround": {"iters": 50}}, float_zero=True, calibration="mix-gen48"),
     Recipe("signround sym full-range (50 steps)", "w4a16", {"signround": {"iters": 50}}, full_range=True),
     Recipe("awq + signround sym full-range (50 steps)", "w4a16", {"awq": {}, "signround": {"iters": 50}},
            full_range=True),
