@@ -150,7 +150,7 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
         _account_codes(chain, ctx, write_back=propagate and chain.propagate == "quantized")
         if not propagate:
             return None
-        return [(_first(ctx.layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        return [(layer_output(ctx.layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
 
 
 def _phases(steps):
@@ -201,7 +201,8 @@ def _rows_of(p: torch.Tensor, rows: slice, out_features: int) -> torch.Tensor:
     return p[rows] if p.dim() > 0 and p.shape[0] == out_features else p
 
 
-def _first(output):
+def layer_output(output):
+    """A decoder layer's hidden states, whether it returns them alone or first in a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 

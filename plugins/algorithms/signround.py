@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from hfquant import hookimpl
 from hfquant.algorithm import AlgorithmError, LayerContext
+from hfquant.pipeline.layerwise import layer_output
 from hfquant.quant.signround import RoundingState
 from hfquant_builtins.algorithms.rtn import observed_qparams
 
@@ -58,10 +59,6 @@ def _same(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a is b or (type(a) is type(b) and type(a) in (bool, int, float, str) and a == b)
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
 
 
 class SignRound:
@@ -112,7 +109,7 @@ class SignRound:
                 states[name] = RoundingState.start(weight, scale, zero_points[name], ctx.plans[name].weight_args,
                                                    ctx.round_scale)
             inputs = [(hidden, _without_cache(kwargs)) for hidden, kwargs in ctx.inputs]
-            targets = [_first(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
+            targets = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
         best = self._learn(ctx, states, inputs, targets)
         with torch.no_grad():
             for name, state in states.items():
@@ -141,7 +138,7 @@ class SignRound:
                 chunks = [batch] if stackable else [[i] for i in batch]
                 for position, chunk in enumerate(chunks):
                     hidden = torch.cat([inputs[i][0] for i in chunk])
-                    out = _first(functional_call(ctx.layer, weights, (hidden,), inputs[chunk[0]][1], strict=False))
+                    out = layer_output(functional_call(ctx.layer, weights, (hidden,), inputs[chunk[0]][1], strict=False))
                     target = torch.cat([targets[i] for i in chunk])
                     # a sum, not a mean: only the gradient's sign is used, and 2·diff/N would underflow to zero in
                     # an fp16 layer's backward for realistic N (nothing would move)
