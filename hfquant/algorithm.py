@@ -57,6 +57,10 @@ class LayerContext:
     #: the calibration inputs of `layer`, (hidden states, keyword inputs) per window — for an algorithm that needs
     #: more passes of its own (gptq's `sequential`); None when data-free
     inputs: Optional[List[Tuple[torch.Tensor, dict]]] = None
+    #: the float layer's outputs on the float model's own hidden states, per window, computed before any algorithm
+    #: touched the layer — set only when an algorithm of the run has `wants_float_outputs = True` (its targets
+    #: then include the drift of the quantized layers before this one); None otherwise
+    float_outputs: Optional[List[torch.Tensor]] = None
     _handles: List = field(default_factory=list, repr=False)
 
     def hook(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.Tensor], None]) -> None:
@@ -104,7 +108,10 @@ class Algorithm(Protocol):
 #: of a run and its producer say so, the driver runs them all on one calibration pass.
 #: ``check_layer(layer, prefix)``, also optional, raises `AlgorithmError` for a decoder layout the algorithm cannot
 #: handle; the in-memory run calls it on the first decoder layer right after loading, before any evaluation.
-OPTIONAL_ATTRIBUTES = ("rescales_inputs_only", "accepts_input_rescaling", "check_layer")
+#: ``wants_float_outputs = True`` makes the driver also carry the float model's own hidden states from layer to
+#: layer and set ``ctx.float_outputs`` (the untouched float layer's outputs on them) before step 1 — targets that
+#: let a producer correct the error the quantized layers before it left in its inputs.
+OPTIONAL_ATTRIBUTES = ("rescales_inputs_only", "accepts_input_rescaling", "check_layer", "wants_float_outputs")
 
 
 class AlgorithmError(HfquantError, ValueError):

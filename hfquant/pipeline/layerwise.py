@@ -40,10 +40,17 @@ class AlgorithmChain:
     error: float = 0.0
     energy: float = 0.0
     handled: Dict[str, str] = field(default_factory=dict)  # module → the algorithm that chose its codes
+    #: the float model's own hidden states at the next layer (kept only while an algorithm `wants_float_outputs`;
+    #: None before the first layer, where both streams are the captured inputs)
+    float_inputs: Optional[Captured] = None
 
     @property
     def requires_data(self) -> bool:
         return any(getattr(a, "requires_data", False) for _, a in self.steps)
+
+    @property
+    def wants_float_outputs(self) -> bool:
+        return any(getattr(a, "wants_float_outputs", False) for _, a in self.steps)
 
     @property
     def edits_weights(self) -> bool:
@@ -130,6 +137,8 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
     statistics (a GPTQ Hessian) describe the edited layer it actually quantizes."""
     ctx.inputs = inputs
     with torch.no_grad():
+        if inputs is not None and ctx.layer is not None and chain.wants_float_outputs:
+            _follow_float_model(chain, ctx, inputs, last)
         for phase in _phases(chain.steps):
             for _, algorithm in phase:
                 algorithm.start_layer(ctx)
@@ -151,6 +160,15 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
         if not propagate:
             return None
         return [(layer_output(ctx.layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+
+
+def _follow_float_model(chain: AlgorithmChain, ctx: LayerContext, inputs: Captured, last: bool) -> None:
+    """The untouched float layer on the float model's own hidden states (`ctx.float_outputs`), before any algorithm
+    edits it; they are also the float stream's inputs of the next layer. One extra forward pass per window, and
+    one more set of hidden states held, only for an algorithm that asks (signround's `targets="float_model"`)."""
+    own = chain.float_inputs if chain.float_inputs is not None else inputs
+    ctx.float_outputs = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in own]
+    chain.float_inputs = None if last else [(out, kwargs) for out, (_, kwargs) in zip(ctx.float_outputs, own)]
 
 
 def _phases(steps):
@@ -276,6 +294,7 @@ def quantize_in_memory(model: torch.nn.Module, plan: QuantPlan, chain: Algorithm
         if windows is None:
             raise ValueError(f"algorithm chain {chain.names} needs calibration data")
         inputs = capture_first_layer_inputs(model, layers[0], windows)
+    chain.float_inputs = None  # both streams start at the captured inputs
     for index in tqdm(range(len(layers)), desc="quantize layers", unit="layer", leave=False):
         names = per_layer[index]
         ctx = make_ctx(f"{prefix}.{index}.", layers[index], {n: targets[n] for n in names})

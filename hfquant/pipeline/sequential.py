@@ -149,4 +149,5 @@ def quantize_sequentially(folder: str, source: TensorSource, spec, windows, dtyp
         quantizer.spill()  # to disk until the writer reaches them: memory holds one layer, not the whole model
         return following
 
+    quantizer.chain.float_inputs = None  # both streams start at the captured inputs
     for_each_layer(folder, source, spec, windows, dtype, learn)

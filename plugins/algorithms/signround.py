@@ -26,7 +26,8 @@ from hfquant.quant.signround import RoundingState
 from hfquant_builtins.algorithms.rtn import observed_qparams
 
 log = logging.getLogger("hfquant")
-OPTIONS = ("iters", "lr", "batch_size", "min_shrink", "seed")
+OPTIONS = ("iters", "lr", "batch_size", "min_shrink", "seed", "targets")
+TARGETS = ("float_model", "float_layer")
 
 
 def _without_cache(kwargs: dict) -> dict:
@@ -71,7 +72,7 @@ class SignRound:
     accepts_input_rescaling = True
 
     def __init__(self, iters: int = 50, lr: float = None, batch_size: int = 4, min_shrink: float = 0.5, seed: int = 0,
-                 **unknown) -> None:
+                 targets: str = "float_layer", **unknown) -> None:
         if unknown:
             raise TypeError(f"signround got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
         for name, value in (("iters", iters), ("batch_size", batch_size)):
@@ -86,6 +87,14 @@ class SignRound:
         if isinstance(min_shrink, bool) or not isinstance(min_shrink, (int, float)) or not 0 < min_shrink <= 1:
             raise AlgorithmError(f"signround: min_shrink must be in (0, 1] (1 keeps the observer's ranges), got "
                                  f"{min_shrink!r}")
+        if targets not in TARGETS:
+            raise AlgorithmError(f"signround: targets must be one of {', '.join(TARGETS)}, got {targets!r} "
+                                 "(float_model: the float model's own outputs at this layer; float_layer: the float "
+                                 "layer on the inputs the quantized layers before it give)")
+        #: float_model: the driver carries the float model's hidden states too, and the target is what the float
+        #: model computes here — the learnt codes also correct the drift of the layers before (AutoRound's default)
+        self.targets = targets
+        self.wants_float_outputs = targets == "float_model"
         self.iters, self.lr, self.batch_size = iters, float(lr), batch_size
         self.min_shrink, self.seed = float(min_shrink), seed
         #: layer prefix → (output error at round-to-nearest, the lowest reached): for logs and benchmarks
@@ -109,7 +118,12 @@ class SignRound:
                 states[name] = RoundingState.start(weight, scale, zero_points[name], ctx.plans[name].weight_args,
                                                    ctx.round_scale)
             inputs = [(hidden, _without_cache(kwargs)) for hidden, kwargs in ctx.inputs]
-            targets = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
+            if self.wants_float_outputs:
+                if ctx.float_outputs is None:
+                    raise AlgorithmError("signround: targets=float_model needs a driver that sets ctx.float_outputs")
+                targets = ctx.float_outputs
+            else:
+                targets = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
         best = self._learn(ctx, states, inputs, targets)
         with torch.no_grad():
             for name, state in states.items():

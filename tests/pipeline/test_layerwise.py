@@ -113,11 +113,51 @@ def test_each_layer_sees_the_previous_layers_outputs(tiny_llm_dir, propagate):
     assert set(chain.handled.values()) == {"rtn"}
 
 
+class FloatRecorder(Recorder):
+    """Asks the driver for the float model's own outputs at each layer and records them."""
+
+    wants_float_outputs = True
+
+    def finish_layer(self, ctx):
+        self.seen.setdefault(ctx.prefix, []).extend(out.clone() for out in ctx.float_outputs)
+
+
+def test_float_outputs_are_the_float_models_own_while_quantized_inputs_drift(tiny_llm_dir):
+    """With quantized propagation, each layer's `ctx.float_outputs` are what the untouched float model computes
+    there (its hidden states after that layer), not the float layer on the drifted inputs."""
+    from hfquant.pipeline.layerwise import layer_output
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 300, (3, 24))
+    model = _model(tiny_llm_dir)
+    float_outputs = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: float_outputs.setdefault(i, []).append(
+        layer_output(out).clone())) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for i in range(3):
+            model(input_ids=ids[i : i + 1])
+    for h in hooks:
+        h.remove()
+    plan, make_observer = _plan(model)
+    reg = _registry()
+    reg.add("float-recorder", FloatRecorder, "test")
+    chain = make_chain({"float-recorder": {}}, "quantized", registry=reg)
+    assert chain.wants_float_outputs
+    quantize_in_memory(model, plan, chain, make_observer, windows=_Windows(ids))
+    seen = chain.steps[0][1].seen
+    for i in range(len(model.model.layers)):
+        torch.testing.assert_close(torch.cat(seen[f"model.layers.{i}."]), torch.cat(float_outputs[i]),
+                                   rtol=1e-5, atol=1e-5)
+    assert chain.float_inputs is None  # released after the last layer
+    assert not make_chain({"recorder": {}}, registry=reg).wants_float_outputs
+
+
 @pytest.mark.parametrize("extra,message", [
     (["calibration=none", "algorithm=gptq"], "algorithm gptq learns from layer inputs and needs calibration data"),
     (["calibration=none", "algorithm=signround"], "algorithm signround learns from layer inputs and needs calibration data"),
     (["algorithm=[signround,gptq]"], "signround and gptq both choose the integer codes"),
     (["algorithm=signround", "algorithm.signround.iters=0"], "signround: iters must be a positive integer"),
+    (["algorithm=signround", "algorithm.signround.targets=float"], "signround: targets must be one of float_model"),
     (["algorithm=[gptq,awq]"], "gptq chooses the codes, so it must come last (e.g. algorithm=[awq,gptq])"),
     (["algorithm=[hqq,gptq]"], "hqq and gptq both choose the integer codes"),
     (["algorithm=gptq", "scheme=nf4", "backend=bitsandbytes"], "backend=bitsandbytes computes its own codes"),
@@ -139,9 +179,11 @@ def test_algorithm_list_composes_in_order(tiny_llm_dir, tmp_path):
     assert list(validate(compose(tiny_overrides(tiny_llm_dir, tmp_path / "o"))).algorithms) == ["rtn"]
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]", "signround"])
+@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]", "signround", "signround-float-model"])
 def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, algorithm):
-    options = ["algorithm.signround.iters=6", "algorithm.signround.batch_size=2"] if algorithm == "signround" else []
+    options = ["algorithm.signround.iters=6", "algorithm.signround.batch_size=2"] if "signround" in algorithm else []
+    if algorithm == "signround-float-model":  # the driver carries the float model's hidden states in both pipelines
+        algorithm, options = "signround", [*options, "algorithm.signround.targets=float_model"]
     common = ["model=hub", f"model.path={tiny_llm_dir}", "evaluation=none", "scheme=w4a16", "scheme.weights.group_size=32",
               f"algorithm={algorithm}", *options, "calibration.generated=0", "calibration.seq_len=64",
               "calibration.num_samples=4"]
