@@ -26,7 +26,7 @@ from hfquant.quant.signround import RoundingState
 from hfquant_builtins.algorithms.rtn import observed_qparams
 
 log = logging.getLogger("hfquant")
-OPTIONS = ("iters", "lr", "batch_size", "min_shrink", "seed", "targets")
+OPTIONS = ("iters", "lr", "batch_size", "min_shrink", "seed", "targets", "learn_zero_point")
 TARGETS = ("float_model", "float_layer")
 
 
@@ -72,7 +72,7 @@ class SignRound:
     accepts_input_rescaling = True
 
     def __init__(self, iters: int = 50, lr: float = None, batch_size: int = 4, min_shrink: float = 0.5, seed: int = 0,
-                 targets: str = "float_layer", **unknown) -> None:
+                 targets: str = "float_layer", learn_zero_point: bool = False, **unknown) -> None:
         if unknown:
             raise TypeError(f"signround got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
         for name, value in (("iters", iters), ("batch_size", batch_size)):
@@ -94,6 +94,11 @@ class SignRound:
         #: float_model: the driver carries the float model's hidden states too, and the target is what the float
         #: model computes here — the learnt codes also correct the drift of the layers before (AutoRound's default)
         self.targets = targets
+        if not isinstance(learn_zero_point, bool):
+            raise AlgorithmError(f"signround: learn_zero_point must be true or false, got {learn_zero_point!r}")
+        #: asymmetric schemes: the lower and upper ends of each range shrink separately, so the zero point moves
+        #: (AutoRound's rule); a symmetric scheme's zero point is fixed and this is ignored
+        self.learn_zero_point = learn_zero_point
         self.wants_float_outputs = targets == "float_model"
         self.iters, self.lr, self.batch_size = iters, float(lr), batch_size
         self.min_shrink, self.seed = float(min_shrink), seed
@@ -116,7 +121,7 @@ class SignRound:
                 weight = ctx.targets[name].weight.detach()
                 scale, zero_points[name] = observed_qparams(name, weight, ctx.plans[name].weight_args, ctx)
                 states[name] = RoundingState.start(weight, scale, zero_points[name], ctx.plans[name].weight_args,
-                                                   ctx.round_scale)
+                                                   ctx.round_scale, self.learn_zero_point)
             inputs = [(hidden, _without_cache(kwargs)) for hidden, kwargs in ctx.inputs]
             if self.wants_float_outputs:
                 if ctx.float_outputs is None:
@@ -128,7 +133,8 @@ class SignRound:
         with torch.no_grad():
             for name, state in states.items():
                 state.restore(best[name])
-                ctx.plans[name].weight_qparams = (state.stored_scale(), zero_points[name])  # zero: the observer's
+                ctx.plans[name].weight_qparams = (state.stored_scale(),
+                                                  state.stored_zero_point().to(zero_points[name].dtype))
                 ctx.plans[name].weight_codes = state.codes()
 
     def _learn(self, ctx: LayerContext, states: Dict[str, RoundingState], inputs, targets: List[torch.Tensor]):

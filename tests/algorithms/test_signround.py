@@ -24,25 +24,31 @@ def ragged(args: QuantArgs) -> torch.Tensor:
     return weight(rows=12, columns=80 if args.strategy != "group" else 72)  # 72 = two groups of 32 and one of 8
 
 
+@pytest.mark.parametrize("learn_zero_point", [False, True], ids=["", "learn-zero"])
 @pytest.mark.parametrize("args", ARGS, ids=args_id)
-def test_the_start_is_round_to_nearest(args):
+def test_the_start_is_round_to_nearest(args, learn_zero_point):
     """No offset and no shrink: the fake-quantized weight and the codes are exactly round-to-nearest's."""
     w = ragged(args)
     scale, zero_point = minmax_qparams(w, args)
-    state = RoundingState.start(w, scale, zero_point, args)
+    state = RoundingState.start(w, scale, zero_point, args, learn_zero_point=learn_zero_point)
+    assert (state.shrink_low is not None) == (learn_zero_point and not args.symmetric)  # symmetric: zero fixed
     codes = quantize(w, scale, zero_point, args)
     assert torch.equal(state.codes(), codes) and torch.equal(state.stored_scale(), scale)
+    assert torch.equal(state.stored_zero_point(), zero_point.float())
     assert torch.allclose(state.fake_quantized(), dequantize(codes, scale, zero_point, args), atol=1e-6)
 
 
+@pytest.mark.parametrize("learn_zero_point", [False, True], ids=["", "learn-zero"])
 @pytest.mark.parametrize("args", ARGS, ids=args_id)
-def test_gradients_reach_every_offset_and_scale_straight_through(args):
+def test_gradients_reach_every_offset_and_scale_straight_through(args, learn_zero_point):
     w = ragged(args)
-    state = RoundingState.start(w, *minmax_qparams(w, args), args)
+    state = RoundingState.start(w, *minmax_qparams(w, args), args, learn_zero_point=learn_zero_point)
     target = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
     (state.fake_quantized() * target).sum().backward()
     assert state.offset.grad is not None and state.offset.grad.abs().sum() > 0
     assert state.shrink.grad is not None and state.shrink.grad.shape == state.scale.shape
+    if state.shrink_low is not None:  # the lower end learns through the (stored, straight-through) zero point
+        assert state.shrink_low.grad.shape == state.scale.shape and state.shrink_low.grad.abs().sum() > 0
     state.signed_step(0.3, min_shrink=0.8)
     assert state.offset.grad is None and float(state.offset.detach().abs().max()) == pytest.approx(0.3)
     assert float(state.shrink.detach().min()) >= 0.8 and float(state.shrink.detach().max()) <= 1.0
@@ -68,23 +74,49 @@ def coarse(scale: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.round(mantissa * 16) / 16, exponent)
 
 
+@pytest.mark.parametrize("learn_zero_point", [False, True], ids=["", "learn-zero"])
 @pytest.mark.parametrize("args", ARGS, ids=args_id)
-def test_the_saved_codes_and_scales_are_the_weight_that_was_trained(args):
-    """Whatever the offsets and shrinks, the codes at the stored (backend-rounded) scale dequantize to exactly the
-    fake-quantized weight the loss saw — the shrink's scale is rounded inside the forward, straight through."""
+def test_the_saved_codes_and_scales_are_the_weight_that_was_trained(args, learn_zero_point):
+    """Whatever the offsets and shrinks, the codes at the stored (backend-rounded) scale and stored zero point
+    dequantize to exactly the fake-quantized weight the loss saw — both are rounded inside the forward, straight
+    through."""
     w = ragged(args)
     scale, zero_point = minmax_qparams(w, args)
-    state = RoundingState.start(w, coarse(scale), zero_point, args, round_scale=coarse)
+    state = RoundingState.start(w, coarse(scale), zero_point, args, round_scale=coarse, learn_zero_point=learn_zero_point)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         state.offset.copy_(torch.rand(w.shape, generator=g) - 0.5)
         state.shrink.copy_(0.5 + 0.5 * torch.rand(state.shrink.shape, generator=g))
+        if state.shrink_low is not None:
+            state.shrink_low.copy_(0.5 + 0.5 * torch.rand(state.shrink.shape, generator=g))
     stored = state.stored_scale()
-    assert torch.equal(stored, coarse(stored)) and not torch.equal(stored, state.scale * state.shrink.detach())
+    assert torch.equal(stored, coarse(stored))
+    zero = state.stored_zero_point()
+    if state.shrink_low is None:
+        assert not torch.equal(stored, state.scale * state.shrink.detach()) and torch.equal(zero, zero_point.float())
+    else:  # the zero point moved, and is stored as the format stores it
+        assert not torch.equal(zero, zero_point.float())
+        assert torch.equal(zero, zero.half().float() if args.float_zero_point else zero.round())
     trained = state.fake_quantized()
-    torch.testing.assert_close(dequantize(state.codes(), stored, zero_point, args), trained.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(dequantize(state.codes(), stored, zero, args), trained.detach(), rtol=0, atol=1e-6)
     trained.sum().backward()
     assert state.shrink.grad.abs().sum() > 0  # still learns through the rounding
+
+
+@pytest.mark.parametrize("float_zero", [False, True])
+def test_learning_the_zero_point_shrinks_each_end_of_the_range_on_its_own(float_zero):
+    """shrink_low = ½, shrink = 1: each group's lowest representable value halves, its highest stays (AutoRound's
+    min / max scales), up to how the zero point is stored."""
+    args = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32, float_zero_point=float_zero)
+    w = ragged(args)
+    scale, zero_point = minmax_qparams(w, args)
+    state = RoundingState.start(w, scale, zero_point, args, learn_zero_point=True)
+    with torch.no_grad():
+        state.shrink_low.fill_(0.5)
+    s, z = state.stored_scale(), state.stored_zero_point()
+    lo, hi = (args.qmin - zero_point.float()) * scale, (args.qmax - zero_point.float()) * scale
+    torch.testing.assert_close((args.qmax - z) * s, hi, rtol=0, atol=float(scale.max()) * (0.01 if float_zero else 0.5))
+    torch.testing.assert_close((args.qmin - z) * s, 0.5 * lo, rtol=0, atol=float(scale.max()) * (0.01 if float_zero else 0.5))
 
 
 def test_an_fp16_layer_still_moves_its_offsets():
@@ -147,11 +179,12 @@ def run_layer(algorithm, args, inputs=None, prefix="model.layers.0.", dtype=torc
     QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=16, float_zero_point=True),
     QuantArgs(num_bits=3, symmetric=False, strategy="group", group_size=16),
 ], ids=args_id)
-def test_learnt_rounding_lowers_the_layer_output_error_against_round_to_nearest(args):
+@pytest.mark.parametrize("learn_zero_point", [False, True], ids=["", "learn-zero"])
+def test_learnt_rounding_lowers_the_layer_output_error_against_round_to_nearest(args, learn_zero_point):
     from hfquant_builtins.algorithms.rtn import RoundToNearest
 
     rtn_ctx, rtn_error, inputs = run_layer(RoundToNearest(), args)
-    ctx, error, _ = run_layer(SignRound(iters=60, batch_size=2), args, inputs)
+    ctx, error, _ = run_layer(SignRound(iters=60, batch_size=2, learn_zero_point=learn_zero_point), args, inputs)
     assert error < 0.8 * rtn_error
     for name, mp in ctx.plans.items():
         codes, (scale, zero_point) = mp.weight_codes, mp.weight_qparams
@@ -159,9 +192,15 @@ def test_learnt_rounding_lowers_the_layer_output_error_against_round_to_nearest(
             rtn_ctx.plans[name].weight_codes.shape)
         assert int(codes.min()) >= args.qmin and int(codes.max()) <= args.qmax
         assert torch.equal(scale, scale.half().float())  # stored as the backend rounds it, before the codes
-        observed = rtn_ctx.plans[name].weight_qparams[0]
-        assert bool((scale.abs() <= observed.abs()).all()) and bool((scale.abs() >= 0.5 * observed.abs() - 1e-3).all())
-        assert torch.equal(zero_point, rtn_ctx.plans[name].weight_qparams[1])
+        observed, observed_zero = rtn_ctx.plans[name].weight_qparams
+        assert zero_point.dtype == observed_zero.dtype
+        if learn_zero_point and not args.symmetric:  # the range's ends move on their own (neither grows)
+            assert bool((scale.abs() <= observed.abs() * 1.001).all())
+            if args.float_zero_point:  # an integer zero point moves only once an end has moved half a step
+                assert not torch.equal(zero_point, observed_zero)
+        else:
+            assert bool((scale.abs() <= observed.abs()).all()) and bool((scale.abs() >= 0.5 * observed.abs() - 1e-3).all())
+            assert torch.equal(zero_point, observed_zero)
         # each code at most one step from round-to-nearest at the stored scale
         assert int((codes.int() - quantize(ctx.targets[name].weight, scale, zero_point, args).int()).abs().max()) <= 1
 
@@ -281,6 +320,8 @@ def test_targets_without_calibration_inputs_are_refused_by_name():
     ({"lr": -1}, "lr must be a positive number"),
     ({"min_shrink": 0}, r"min_shrink must be in \(0, 1\]"),
     ({"seed": 1.5}, "seed must be an integer"),
+    ({"targets": "float"}, "targets must be one of float_model, float_layer"),
+    ({"learn_zero_point": "yes"}, "learn_zero_point must be true or false"),
 ])
 def test_options_are_checked(options, message):
     with pytest.raises(AlgorithmError, match=message):
