@@ -60,7 +60,7 @@ class LayerContext:
     #: the float layer's outputs on the float model's own hidden states, per window, computed before any algorithm
     #: touched the layer — set only when an algorithm of the run has `wants_float_outputs = True` (its targets
     #: then include the drift of the quantized layers before this one); None otherwise
-    float_outputs: Optional[List[torch.Tensor]] = None
+    float_outputs: Optional[List[torch.Tensor]] = field(default=None, repr=False)
     _handles: List = field(default_factory=list, repr=False)
 
     def hook(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.Tensor], None]) -> None:
@@ -101,7 +101,7 @@ class Algorithm(Protocol):
         """Edit weights and/or set ``ctx.plans[name].weight_qparams`` and ``.weight_codes``; free statistics."""
 
 
-#: Optional, for one calibration pass instead of two. A weight editor whose edits leave every Linear's function
+#: Optional attributes. For one calibration pass instead of two: a weight editor whose edits leave every Linear's function
 #: unchanged and only multiply the inputs of targets by per-channel factors — recorded with
 #: ``ctx.scale_inputs`` — sets ``rescales_inputs_only = True``; a code producer that can rescale the statistics it
 #: gathered by those factors (``ctx.input_scaling``) sets ``accepts_input_rescaling = True``. When every editor
@@ -111,7 +111,11 @@ class Algorithm(Protocol):
 #: ``wants_float_outputs = True`` makes the driver also carry the float model's own hidden states from layer to
 #: layer and set ``ctx.float_outputs`` (the untouched float layer's outputs on them) before step 1 — targets that
 #: let a producer correct the error the quantized layers before it left in its inputs.
-OPTIONAL_ATTRIBUTES = ("rescales_inputs_only", "accepts_input_rescaling", "check_layer", "wants_float_outputs")
+#: ``problem(scheme) -> str | None`` (on the instance, so it can read the options): why these options cannot serve
+#: this scheme, checked at config time before any model is loaded (e.g. signround's `learn_zero_point` on a
+#: symmetric scheme, whose zero point is fixed).
+OPTIONAL_ATTRIBUTES = ("rescales_inputs_only", "accepts_input_rescaling", "check_layer", "wants_float_outputs",
+                       "problem")
 
 
 class AlgorithmError(HfquantError, ValueError):

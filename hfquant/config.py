@@ -467,9 +467,13 @@ def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str, has_data: bo
         cls = registries().algorithms.get(name)
         _check_options(cls, options, f"algorithm.{name}")
         try:
-            cls(**options)
+            instance = cls(**options)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"algorithm.{name}: {exc}") from None
+        problem = getattr(instance, "problem", None)
+        message = problem(scheme) if callable(problem) else None
+        if message:
+            raise ConfigError(f"algorithm.{name}: {message}")
         algorithms[name] = options
     producers = [n for n in algorithms if getattr(registries().algorithms.get(n), "produces_codes", False)]
     if len(producers) > 1:

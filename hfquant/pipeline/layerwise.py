@@ -42,7 +42,7 @@ class AlgorithmChain:
     handled: Dict[str, str] = field(default_factory=dict)  # module → the algorithm that chose its codes
     #: the float model's own hidden states at the next layer (kept only while an algorithm `wants_float_outputs`;
     #: None before the first layer, where both streams are the captured inputs)
-    float_inputs: Optional[Captured] = None
+    float_inputs: Optional[Captured] = field(default=None, repr=False)
 
     @property
     def requires_data(self) -> bool:
@@ -155,6 +155,7 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
                 for n in missing:
                     if ctx.plans[n].weight_codes is not None:
                         chain.handled[n] = name
+        ctx.float_outputs = None  # the float stream (if any) holds what the next layer needs
         propagate = inputs is not None and ctx.layer is not None and not last
         _account_codes(chain, ctx, write_back=propagate and chain.propagate == "quantized")
         if not propagate:
@@ -165,7 +166,12 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
 def _follow_float_model(chain: AlgorithmChain, ctx: LayerContext, inputs: Captured, last: bool) -> None:
     """The untouched float layer on the float model's own hidden states (`ctx.float_outputs`), before any algorithm
     edits it; they are also the float stream's inputs of the next layer. One extra forward pass per window, and
-    one more set of hidden states held, only for an algorithm that asks (signround's `targets="float_model"`)."""
+    one more set of hidden states held through the run (three sets at the peak of a layer's pass instead of two) — only
+    for an algorithm that asks (signround's `targets="float_model"`); with float propagation the run's own stream is
+    the float model's and nothing extra is held."""
+    if chain.propagate == "float":  # the run's own stream is the float model's: no second one to carry
+        ctx.float_outputs = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
+        return
     own = chain.float_inputs if chain.float_inputs is not None else inputs
     ctx.float_outputs = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in own]
     chain.float_inputs = None if last else [(out, kwargs) for out, (_, kwargs) in zip(ctx.float_outputs, own)]

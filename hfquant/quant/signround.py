@@ -2,8 +2,9 @@
 
 Round-to-nearest picks each code from the weight alone. SignRound (Cheng et al., 2023, the method behind Intel's
 AutoRound) instead learns, per weight, an offset v ∈ [-½, ½] added before rounding (so a code may round the other
-way) and, per scale, a factor a ∈ [a_min, 1] that shrinks the range — both by signed gradient descent on how far a
-decoder layer's output moves from the float layer's. Rounding and clamping pass gradients straight through
+way) and, per scale, a factor a ∈ [a_min, 1] that shrinks the range (for an asymmetric range learning its zero point,
+one factor per end) — all by signed gradient descent on how far a decoder layer's output moves from its targets (the
+float layer's, or the float model's). Rounding and clamping pass gradients straight through
 (the straight-through estimator), so the offsets see the output error of every code they could flip.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from .args import QuantArgs
 from .primitives import code_dtype, expand_qparam
-from .qparams import stored_zero_point
+from .qparams import stored_zero_point as float_zero_point_as_stored
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RoundingState:
-    """One weight's learnable rounding: `offset` per weight, `shrink` per scale (the observer's qparams fixed) and,
+    """One weight's learnable rounding around the observer's qparams: `offset` per weight, `shrink` per scale and,
     when the zero point is learnt too, `shrink_low` per scale: the range's upper end shrinks by `shrink`, its lower
     end by `shrink_low` (AutoRound's rule for asymmetric schemes), which moves the zero point."""
 
@@ -65,7 +66,7 @@ class RoundingState:
     def _stored(self, zero_point: torch.Tensor) -> torch.Tensor:
         """A learnt zero point as the format stores it (rounded integer, or float16 for float zero points)."""
         if self.args.float_zero_point:
-            return stored_zero_point(zero_point, self.args)
+            return float_zero_point_as_stored(zero_point, self.args)
         return torch.round(zero_point).clamp(self.args.qmin, self.args.qmax)
 
     def stored_scale(self) -> torch.Tensor:
@@ -84,8 +85,9 @@ class RoundingState:
         return (self.offset, self.shrink) + (() if self.shrink_low is None else (self.shrink_low,))
 
     def fake_quantized(self) -> torch.Tensor:
-        """ŵ = s·(clamp(round(w/s + v) + z) − z), s = a·s₀ as stored (the backend's rounding, straight through) — the
-        very weight `codes` and `stored_scale` dequantize to; differentiable in v and a."""
+        """ŵ = s·(clamp(round(w/s + v) + z) − z) with the learnt s (a·s₀) and z as stored (the backend's scale
+        rounding and the format's zero point storage, straight through) — the very weight `codes`, `stored_scale`
+        and `stored_zero_point` dequantize to; differentiable in v and the shrinks."""
         scale, zero_point = self._learnt_qparams()
         if self.shrink_low is not None:  # the stored zero point, straight through
             zero_point = zero_point + (self._stored(zero_point.detach()) - zero_point).detach()

@@ -1,6 +1,7 @@
 """`signround`: codes whose rounding is learnt on the layer's output (SignRound, the method behind AutoRound).
 
-Per decoder layer: the float layer's outputs on its calibration inputs are the target; every quantized target
+Per decoder layer: the float layer's outputs on its calibration inputs are the target (or, `targets=float_model`,
+the float model's own outputs at this layer, which the driver carries alongside); every quantized target
 starts at round-to-nearest with the run's observer and learns a rounding offset per weight and a range shrink per
 scale by signed gradient descent on the mean squared error between the fake-quantized layer's output and that
 target (`hfquant.quant.signround`). The offsets that gave the lowest loss are kept; the stored scales are the
@@ -102,8 +103,18 @@ class SignRound:
         self.wants_float_outputs = targets == "float_model"
         self.iters, self.lr, self.batch_size = iters, float(lr), batch_size
         self.min_shrink, self.seed = float(min_shrink), seed
-        #: layer prefix → (output error at round-to-nearest, the lowest reached): for logs and benchmarks
+        #: layer prefix → (output error against the targets at round-to-nearest, the lowest reached): for logs and
+        #: benchmarks (with targets=float_model it includes the drift of the layers before, so the two settings'
+        #: numbers do not compare)
         self.losses: Dict[str, tuple] = {}
+
+    def problem(self, scheme) -> str:
+        """Config time: options that cannot apply to `scheme` (see `hfquant.algorithm.OPTIONAL_ATTRIBUTES`)."""
+        weights = getattr(scheme, "weights", None)
+        if self.learn_zero_point and weights is not None and weights.symmetric:
+            return (f"learn_zero_point needs an asymmetric scheme (scheme {scheme.name!r} is symmetric: its zero point "
+                    "is fixed); use e.g. scheme=w4a16-asym, or drop learn_zero_point")
+        return ""
 
     def start_layer(self, ctx: LayerContext) -> None:
         pass
@@ -174,7 +185,8 @@ class SignRound:
             for state in states.values():
                 state.signed_step(lr, self.min_shrink)
         self.losses[ctx.prefix] = (first_loss, best_loss)
-        log.debug("signround %s: output error %.4g at round-to-nearest, %.4g learnt", ctx.prefix, first_loss, best_loss)
+        log.debug("signround %s: output error against the %s targets %.4g at round-to-nearest, %.4g learnt",
+                  ctx.prefix, self.targets, first_loss, best_loss)
         return best
 
 

@@ -25,6 +25,14 @@ def _model(tiny_llm_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
 
 
+def _deep_model(tiny_llm_dir, layers: int = 3):
+    """The tiny model's architecture with more decoder layers (random weights): a stream that lives past layer 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llm_dir, num_hidden_layers=layers)).eval()
+
+
 class _Windows:
     def __init__(self, ids):
         self.input_ids = ids
@@ -124,12 +132,13 @@ class FloatRecorder(Recorder):
 
 def test_float_outputs_are_the_float_models_own_while_quantized_inputs_drift(tiny_llm_dir):
     """With quantized propagation, each layer's `ctx.float_outputs` are what the untouched float model computes
-    there (its hidden states after that layer), not the float layer on the drifted inputs."""
+    there (its hidden states after that layer), not the float layer on the drifted inputs — also on a second run
+    with the same chain (the float stream starts again at the captured inputs)."""
     from hfquant.pipeline.layerwise import layer_output
 
-    torch.manual_seed(0)
-    ids = torch.randint(2, 300, (3, 24))
-    model = _model(tiny_llm_dir)
+    ids = torch.randint(2, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    model = _deep_model(tiny_llm_dir, layers=3)
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
     float_outputs = {}
     hooks = [layer.register_forward_hook(lambda m, a, out, i=i: float_outputs.setdefault(i, []).append(
         layer_output(out).clone())) for i, layer in enumerate(model.model.layers)]
@@ -143,13 +152,33 @@ def test_float_outputs_are_the_float_models_own_while_quantized_inputs_drift(tin
     reg.add("float-recorder", FloatRecorder, "test")
     chain = make_chain({"float-recorder": {}}, "quantized", registry=reg)
     assert chain.wants_float_outputs
-    quantize_in_memory(model, plan, chain, make_observer, windows=_Windows(ids))
-    seen = chain.steps[0][1].seen
-    for i in range(len(model.model.layers)):
-        torch.testing.assert_close(torch.cat(seen[f"model.layers.{i}."]), torch.cat(float_outputs[i]),
-                                   rtol=1e-5, atol=1e-5)
-    assert chain.float_inputs is None  # released after the last layer
+    for run in range(2):
+        model.load_state_dict(pristine)  # quantized propagation wrote codes into the weights
+        chain.steps[0][1].seen = {}
+        quantize_in_memory(model, plan, chain, make_observer, windows=_Windows(ids))
+        seen = chain.steps[0][1].seen
+        for i in range(len(model.model.layers)):
+            torch.testing.assert_close(torch.cat(seen[f"model.layers.{i}."]), torch.cat(float_outputs[i]),
+                                       rtol=1e-5, atol=1e-5)
+        assert chain.float_inputs is None  # released after the last layer
     assert not make_chain({"recorder": {}}, registry=reg).wants_float_outputs
+
+
+def test_signround_float_model_targets_reach_the_codes(tiny_llm_dir):
+    """Layer 0's inputs are the float model's, so both settings give its codes alike; from layer 1 on the targets
+    differ (the float model's own outputs vs the float layer on drifted inputs), and so do the codes."""
+    ids = torch.randint(2, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    codes = {}
+    for targets in ("float_layer", "float_model"):
+        model = _deep_model(tiny_llm_dir, layers=3)
+        plan, make_observer = _plan(model)
+        quantize_in_memory(model, plan, make_chain({"signround": {"iters": 8, "batch_size": 2, "targets": targets}}),
+                           make_observer, windows=_Windows(ids))
+        codes[targets] = {n: mp.weight_codes for n, mp in plan.modules.items()}
+    first = [n for n in codes["float_layer"] if n.startswith("model.layers.0.")]
+    assert first and all(torch.equal(codes["float_layer"][n], codes["float_model"][n]) for n in first)
+    assert any(not torch.equal(c, codes["float_model"][n]) for n, c in codes["float_layer"].items()
+               if n.startswith("model.layers.2."))
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -158,6 +187,8 @@ def test_float_outputs_are_the_float_models_own_while_quantized_inputs_drift(tin
     (["algorithm=[signround,gptq]"], "signround and gptq both choose the integer codes"),
     (["algorithm=signround", "algorithm.signround.iters=0"], "signround: iters must be a positive integer"),
     (["algorithm=signround", "algorithm.signround.targets=float"], "signround: targets must be one of float_model"),
+    (["algorithm=signround", "algorithm.signround.learn_zero_point=true"],
+     "algorithm.signround: learn_zero_point needs an asymmetric scheme (scheme 'w4a16' is symmetric"),
     (["algorithm=[gptq,awq]"], "gptq chooses the codes, so it must come last (e.g. algorithm=[awq,gptq])"),
     (["algorithm=[hqq,gptq]"], "hqq and gptq both choose the integer codes"),
     (["algorithm=gptq", "scheme=nf4", "backend=bitsandbytes"], "backend=bitsandbytes computes its own codes"),
@@ -179,15 +210,23 @@ def test_algorithm_list_composes_in_order(tiny_llm_dir, tmp_path):
     assert list(validate(compose(tiny_overrides(tiny_llm_dir, tmp_path / "o"))).algorithms) == ["rtn"]
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]", "signround", "signround-float-model"])
+@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]", "signround", "signround-float-model-learn-zero"])
 def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, algorithm):
     options = ["algorithm.signround.iters=6", "algorithm.signround.batch_size=2"] if "signround" in algorithm else []
-    if algorithm == "signround-float-model":  # the driver carries the float model's hidden states in both pipelines
-        algorithm, options = "signround", [*options, "algorithm.signround.targets=float_model"]
-    common = ["model=hub", f"model.path={tiny_llm_dir}", "evaluation=none", "scheme=w4a16", "scheme.weights.group_size=32",
+    scheme, evaluate = ["scheme=w4a16"], ["evaluation=none"]
+    learnt_zero = algorithm == "signround-float-model-learn-zero"
+    if learnt_zero:  # the driver carries the float stream in both pipelines; learnt float16 zero points reload exactly
+        algorithm = "signround"
+        options += ["algorithm.signround.targets=float_model", "algorithm.signround.learn_zero_point=true"]
+        scheme = ["scheme=w4a16-asym", "scheme.weights.float_zero_point=true", "backend=cpu"]
+        evaluate = ["evaluation.seq_len=64", "evaluation.max_windows=2", "++evaluation.out_of_domain=none"]
+    common = ["model=hub", f"model.path={tiny_llm_dir}", *scheme, "scheme.weights.group_size=32",
               f"algorithm={algorithm}", *options, "calibration.generated=0", "calibration.seq_len=64",
               "calibration.num_samples=4"]
-    mem = run(compose([f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory", *common]))
+    mem = run(compose([f"output_dir={tmp_path / 'mem'}", "pipeline=in_memory", *common, *evaluate]))
+    if learnt_zero:
+        assert mem["reload_check"]["max_abs_logit_difference"] == 0.0
+    common.append("evaluation=none")
     streamed = run(compose([f"output_dir={tmp_path / 'str'}", "pipeline=streaming", *common]))
     assert streamed["run"]["pipeline"] == "streaming" and "learned from layer inputs" in streamed["calibration"]["status"]
     assert "{" not in streamed["calibration"]["status"]  # the windows in words, not a dict repr
