@@ -1,7 +1,8 @@
 """`signround`: codes whose rounding is learnt on the layer's output (SignRound, the method behind AutoRound).
 
-Per decoder layer: the float layer's outputs on its calibration inputs are the target (or, `targets=float_model`,
-the float model's own outputs at this layer, which the driver carries alongside); every quantized target
+Per decoder layer: the float model's own outputs at this layer are the target (`targets=float_model`, the default:
+the driver carries the float model's hidden states alongside the quantized ones, so the codes also correct the drift
+of the layers before; `float_layer`: the float layer on the quantized inputs); every quantized target
 starts at round-to-nearest with the run's observer and learns a rounding offset per weight and a range shrink per
 scale by signed gradient descent on the mean squared error between the fake-quantized layer's output and that
 target (`hfquant.quant.signround`). The offsets that gave the lowest loss are kept; the stored scales are the
@@ -73,7 +74,7 @@ class SignRound:
     accepts_input_rescaling = True
 
     def __init__(self, iters: int = 50, lr: float = None, batch_size: int = 4, min_shrink: float = 0.5, seed: int = 0,
-                 targets: str = "float_layer", learn_zero_point: bool = False, **unknown) -> None:
+                 targets: str = "float_model", learn_zero_point: bool = False, **unknown) -> None:
         if unknown:
             raise TypeError(f"signround got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
         for name, value in (("iters", iters), ("batch_size", batch_size)):

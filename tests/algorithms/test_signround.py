@@ -141,7 +141,7 @@ def test_an_fp16_layer_still_moves_its_offsets():
     ctx = LayerContext("", layer, {"0": layer[0]}, {"0": ModulePlan("0", args)}, QuantScheme("t", weights=args),
                        make_observer=lambda a: Observer(a))
     ctx.inputs = inputs
-    algorithm = SignRound(iters=30, batch_size=2)
+    algorithm = SignRound(iters=30, batch_size=2, targets="float_layer")  # no driver here to carry the float model
     algorithm.finish_layer(ctx)
     scale, zero_point = minmax_qparams(layer[0].weight.float(), args)
     rtn = quantize(layer[0].weight.float(), scale, zero_point, args)
@@ -247,7 +247,7 @@ def test_a_kv_cache_among_the_inputs_is_never_grown_and_unequal_windows_run_one_
         ctx = context(layer, {f"model.layers.0.{n}": m for n, m in layer.named_modules()
                               if isinstance(m, torch.nn.Linear)}, args, prefix="model.layers.0.")
         ctx.inputs = inputs
-        SignRound(iters=6, batch_size=3).finish_layer(ctx)
+        SignRound(iters=6, batch_size=3, targets="float_layer").finish_layer(ctx)
         codes.append({n: mp.weight_codes for n, mp in ctx.plans.items()})
         assert [c.get_seq_length() for c in caches] == lengths
     assert all(torch.equal(c, codes[1][n]) for n, c in codes[0].items())
@@ -321,8 +321,8 @@ def test_float_model_targets_without_a_driver_that_sets_them_are_refused():
     ctx = context(layer, targets, QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=16),
                   prefix="model.layers.0.")
     ctx.inputs = layer_inputs(model, layer)
-    algorithm = SignRound(iters=2, targets="float_model")
-    assert algorithm.wants_float_outputs and not SignRound().wants_float_outputs
+    algorithm = SignRound(iters=2)  # targets=float_model, the default
+    assert algorithm.wants_float_outputs and not SignRound(targets="float_layer").wants_float_outputs
     with pytest.raises(AlgorithmError, match="targets=float_model needs a driver that sets ctx.float_outputs"):
         algorithm.finish_layer(ctx)
 

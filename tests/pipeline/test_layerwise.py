@@ -210,14 +210,14 @@ def test_algorithm_list_composes_in_order(tiny_llm_dir, tmp_path):
     assert list(validate(compose(tiny_overrides(tiny_llm_dir, tmp_path / "o"))).algorithms) == ["rtn"]
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]", "signround", "signround-float-model-learn-zero"])
+@pytest.mark.parametrize("algorithm", ["gptq", "[awq,gptq]", "signround", "signround-float-layer-learn-zero"])
 def test_streaming_gptq_equals_in_memory_byte_for_byte(tiny_llm_dir, tmp_path, algorithm):
     options = ["algorithm.signround.iters=6", "algorithm.signround.batch_size=2"] if "signround" in algorithm else []
     scheme, evaluate = ["scheme=w4a16"], ["evaluation=none"]
-    learnt_zero = algorithm == "signround-float-model-learn-zero"
-    if learnt_zero:  # the driver carries the float stream in both pipelines; learnt float16 zero points reload exactly
+    learnt_zero = algorithm == "signround-float-layer-learn-zero"
+    if learnt_zero:  # (plain signround: the float stream in both pipelines); learnt float16 zero points reload exactly
         algorithm = "signround"
-        options += ["algorithm.signround.targets=float_model", "algorithm.signround.learn_zero_point=true"]
+        options += ["algorithm.signround.targets=float_layer", "algorithm.signround.learn_zero_point=true"]
         scheme = ["scheme=w4a16-asym", "scheme.weights.float_zero_point=true", "backend=cpu"]
         evaluate = ["evaluation.seq_len=64", "evaluation.max_windows=2", "++evaluation.out_of_domain=none"]
     common = ["model=hub", f"model.path={tiny_llm_dir}", *scheme, "scheme.weights.group_size=32",
