@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plan import target_modules
-from .layerwise import capture_first_layer_inputs
+from .layerwise import capture_first_layer_inputs, layer_output
 from .streaming import StreamingError, TensorSource, build_skeleton
 
 log = logging.getLogger("hfquant")
@@ -109,17 +109,13 @@ def calibrate_sequentially(folder: str, source: TensorSource, spec, windows, obs
             obs = observers[name] = observer_cls(spec.scheme.input_activations, **spec.observer_options)
             handles.append(module.register_forward_pre_hook(lambda _m, args, obs=obs: obs.observe(args[0])))
         try:
-            return [(_first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in captured]
+            return [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in captured]
         finally:
             for h in handles:
                 h.remove()
 
     for_each_layer(folder, source, spec, windows, dtype, observe)
     return {name: obs.qparams() for name, obs in observers.items()}
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
