@@ -6,7 +6,8 @@ inputs and the producer rescales its statistics to match, as AWQ / SmoothQuant a
 run through the layer (only when an algorithm of the phase `requires_data`) → `finish_layer`, in configured
 order → targets still without codes get round-to-nearest → the reported error of exactly those codes is accumulated → the layer runs again
 with its quantized weights (or float ones, `propagate="float"`) so the next layer sees what it will see at
-inference. Both pipelines call `quantize_layer`; they differ only in how a layer's weights become available
+inference. When an algorithm `wants_float_outputs`, a second stream — the float model's own hidden states — is carried
+alongside, and each layer's untouched float outputs on it are handed over as `ctx.float_outputs`. Both pipelines call `quantize_layer`; they differ only in how a layer's weights become available
 (the model in memory, or tensors read from the checkpoint — `sequential.py`) and a data-free run needs no layer
 at all (`quantize_module`, used tensor by tensor by the streaming writer).
 """
@@ -165,7 +166,8 @@ def quantize_layer(chain: AlgorithmChain, ctx: LayerContext, inputs: Optional[Ca
 
 def _follow_float_model(chain: AlgorithmChain, ctx: LayerContext, inputs: Captured, last: bool) -> None:
     """The untouched float layer on the float model's own hidden states (`ctx.float_outputs`), before any algorithm
-    edits it; they are also the float stream's inputs of the next layer. One extra forward pass per window, and
+    edits it; they are also the float stream's inputs of the next layer. One more forward pass per window (signround
+    skips its own target pass in exchange), and
     one more set of hidden states held through the run (three sets at the peak of a layer's pass instead of two) — only
     for an algorithm that asks (signround's `targets="float_model"`); with float propagation the run's own stream is
     the float model's and nothing extra is held."""

@@ -4,7 +4,7 @@ Per decoder layer: the float model's own outputs at this layer are the target (`
 the driver carries the float model's hidden states alongside the quantized ones, so the codes also correct the drift
 of the layers before; `float_layer`: the float layer on the quantized inputs); every quantized target
 starts at round-to-nearest with the run's observer and learns a rounding offset per weight and a range shrink per
-scale by signed gradient descent on the mean squared error between the fake-quantized layer's output and that
+scale by signed gradient descent on the squared error between the fake-quantized layer's output and that
 target (`hfquant.quant.signround`). The offsets that gave the lowest loss are kept; the stored scales are the
 backend's rounding of the learnt ones, so the saved codes and scales are plain groups every format stores.
 
@@ -99,7 +99,7 @@ class SignRound:
         if not isinstance(learn_zero_point, bool):
             raise AlgorithmError(f"signround: learn_zero_point must be true or false, got {learn_zero_point!r}")
         #: asymmetric schemes: the lower and upper ends of each range shrink separately, so the zero point moves
-        #: (AutoRound's rule); a symmetric scheme's zero point is fixed and this is ignored
+        #: (AutoRound's rule); a symmetric scheme, whose zero point is fixed, is refused at config time (`problem`)
         self.learn_zero_point = learn_zero_point
         self.wants_float_outputs = targets == "float_model"
         self.iters, self.lr, self.batch_size = iters, float(lr), batch_size
