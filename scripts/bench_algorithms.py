@@ -73,6 +73,7 @@ RECIPES = [
     Recipe("hqq asym g64, float zero (data-free)", "w4a16-asym", {"hqq": {}}, group_size=64, float_zero=True),
     Recipe("hqq asym, float zero (data-free)", "w4a16-asym", {"hqq": {}}, float_zero=True),
     Recipe("rtn asym g64, float zero", "w4a16-asym", {"rtn": {}}, group_size=64, float_zero=True),
+    Recipe("rtn asym, float zero", "w4a16-asym", {"rtn": {}}, float_zero=True),
     Recipe("awq + gptq asym, float zero", "w4a16-asym", {"awq": {}, "gptq": {}}, float_zero=True),
     Recipe("awq + gptq (sequential) asym, float zero", "w4a16-asym", {"awq": {}, "gptq": {"sequential": True}},
            float_zero=True),
