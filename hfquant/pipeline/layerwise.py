@@ -171,12 +171,11 @@ def _follow_float_model(chain: AlgorithmChain, ctx: LayerContext, inputs: Captur
     one more set of hidden states held through the run (three sets at the peak of a layer's pass instead of two) — only
     for an algorithm that asks (signround's `targets="float_model"`); with float propagation the run's own stream is
     the float model's and nothing extra is held."""
-    if chain.propagate == "float":  # the run's own stream is the float model's: no second one to carry
-        ctx.float_outputs = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in inputs]
-        return
-    own = chain.float_inputs if chain.float_inputs is not None else inputs
+    carried = chain.propagate != "float"  # with float propagation the run's own stream is the float model's
+    own = chain.float_inputs if carried and chain.float_inputs is not None else inputs
     ctx.float_outputs = [layer_output(ctx.layer(hidden, **kwargs)) for hidden, kwargs in own]
-    chain.float_inputs = None if last else [(out, kwargs) for out, (_, kwargs) in zip(ctx.float_outputs, own)]
+    if carried:
+        chain.float_inputs = None if last else [(out, kwargs) for out, (_, kwargs) in zip(ctx.float_outputs, own)]
 
 
 def _phases(steps):

@@ -63,7 +63,7 @@ class RoundingState:
         factor = 1 + (self.shrink - 1) * up - (self.shrink_low - 1) * down  # new range / old range
         return self.scale * factor, z + (qmin - z) * (1 - self.shrink_low / factor)
 
-    def _stored(self, zero_point: torch.Tensor) -> torch.Tensor:
+    def _zero_as_stored(self, zero_point: torch.Tensor) -> torch.Tensor:
         """A learnt zero point as the format stores it (rounded integer, or float16 for float zero points)."""
         if self.args.float_zero_point:
             return float_zero_point_as_stored(zero_point, self.args)
@@ -79,7 +79,7 @@ class RoundingState:
         with torch.no_grad():
             if self.shrink_low is None:
                 return self.zero_point
-            return self._stored(self._learnt_qparams()[1])
+            return self._zero_as_stored(self._learnt_qparams()[1])
 
     def parameters(self):
         return (self.offset, self.shrink) + (() if self.shrink_low is None else (self.shrink_low,))
@@ -90,8 +90,9 @@ class RoundingState:
         and `stored_zero_point` dequantize to; differentiable in v and the shrinks."""
         scale, zero_point = self._learnt_qparams()
         if self.shrink_low is not None:  # the stored zero point, straight through
-            zero_point = zero_point + (self._stored(zero_point.detach()) - zero_point).detach()
-        s = expand_qparam(scale + (self.stored_scale() - scale).detach(), self.weight, self.args)
+            zero_point = zero_point + (self._zero_as_stored(zero_point.detach()) - zero_point).detach()
+        stored = self.round_scale(scale.detach()).to(torch.float32)  # = stored_scale(), without computing it again
+        s = expand_qparam(scale + (stored - scale).detach(), self.weight, self.args)
         z = expand_qparam(zero_point, self.weight, self.args)
         y = self.weight / s + self.offset
         if self.args.float_zero_point:

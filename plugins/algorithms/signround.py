@@ -101,13 +101,17 @@ class SignRound:
         #: asymmetric schemes: the lower and upper ends of each range shrink separately, so the zero point moves
         #: (AutoRound's rule); a symmetric scheme, whose zero point is fixed, is refused at config time (`problem`)
         self.learn_zero_point = learn_zero_point
-        self.wants_float_outputs = targets == "float_model"
         self.iters, self.lr, self.batch_size = iters, float(lr), batch_size
         self.min_shrink, self.seed = float(min_shrink), seed
         #: layer prefix → (output error against the targets at round-to-nearest, the lowest reached): for logs and
         #: benchmarks (with targets=float_model it includes the drift of the layers before, so the two settings'
         #: numbers do not compare)
         self.losses: Dict[str, tuple] = {}
+
+    @property
+    def wants_float_outputs(self) -> bool:
+        """Asks the driver for `ctx.float_outputs` (see `hfquant.algorithm.OPTIONAL_ATTRIBUTES`)."""
+        return self.targets == "float_model"
 
     def problem(self, scheme) -> str:
         """Config time: options that cannot apply to `scheme` (see `hfquant.algorithm.OPTIONAL_ATTRIBUTES`)."""
