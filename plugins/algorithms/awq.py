@@ -13,6 +13,7 @@ architecture. After Lin et al., "AWQ" (2023).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, Optional
 
 import torch
@@ -21,12 +22,14 @@ from hfquant import hookimpl
 from hfquant.algorithm import AlgorithmError, LayerContext
 from hfquant.quant import fake_quantize
 from hfquant.quant.clipping import clip_by_output_error
-from hfquant.quant.smoothing import alpha_grid, awq_scales, error_basis, output_error, scaled_quant_delta
+from hfquant.quant.smoothing import (alpha_grid, awq_scales, coarse_to_fine_argmin, error_basis, output_error,
+                                     scaled_quant_delta)
 from hfquant.smoothing import LayerGroups, SmoothGroup, fold
 from hfquant_builtins.algorithms.rtn import observed_qparams
 
 log = logging.getLogger("hfquant")
-OPTIONS = ("grid", "max_tokens", "linear_pairs", "clip")
+OPTIONS = ("grid", "max_tokens", "linear_pairs", "clip", "search")
+SEARCHES = ("coarse_to_fine", "full")
 # AWQ's rule: the query and key projections meet in a softmax, where a clipped outlier costs more than elsewhere
 NOT_CLIPPED = ("q_proj", "k_proj", "query", "key")
 
@@ -37,13 +40,16 @@ class ActivationAwareScaling:
     rescales_inputs_only = True  # folds keep each Linear's function; consumers' inputs are divided by s
 
     def __init__(self, *, grid: int = 20, max_tokens: int = 2048, linear_pairs: bool = True, clip: bool = False,
-                 **unknown) -> None:
+                 search: str = "coarse_to_fine", **unknown) -> None:
         if unknown:
             raise TypeError(f"awq got unknown option(s) {sorted(unknown)}; allowed: {', '.join(OPTIONS)}")
         for key, value in (("grid", grid), ("max_tokens", max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"awq: {key} must be a positive integer, got {value!r}")
+        if search not in SEARCHES:
+            raise ValueError(f"awq: search must be one of {', '.join(SEARCHES)}, got {search!r}")
         self.grid, self.max_tokens, self.linear_pairs, self.clip = grid, max_tokens, bool(linear_pairs), bool(clip)
+        self.search = search
         self.chosen: Dict[str, float] = {}  # "model.layers.3.input_layernorm -> ..." → the α picked (for reports)
         self._layer = LayerGroups("awq", self.linear_pairs, _quantized, max_rows=max_tokens)
 
@@ -57,7 +63,7 @@ class ActivationAwareScaling:
     def finish_layer(self, ctx: LayerContext) -> None:
         searched = []
         for group, inputs in self._layer.walk(ctx):
-            alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid)
+            alpha, s = search(group, inputs.mean_abs, inputs.rows, ctx, self.grid, self.search == "full")
             self.chosen[ctx.prefix + group.label] = alpha
             if alpha:
                 fold(group, s, ctx)
@@ -81,27 +87,35 @@ def _weight_args(ctx: LayerContext, local: str):
 
 
 def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tensor], ctx: LayerContext,
-           grid: int):
-    """(α, s) with the smallest quantized output error of the group's quantized consumers on `rows`."""
+           grid: int, full: bool = False):
+    """(α, s) with the smallest quantized output error of the group's quantized consumers on `rows`: every α of
+    the grid when `full`, else coarse to fine (the same α whenever the error has one basin along the grid)."""
     device = group.consumers[0].weight.device
     basis = error_basis(rows.to(device))
     mean_abs = mean_abs.to(device)
-    best = None
-    for alpha in alpha_grid(grid):
-        s = awq_scales(mean_abs, alpha)
+    alphas = alpha_grid(grid)
+
+    def error(i: int) -> float:
+        s = awq_scales(mean_abs, alphas[i])
         err = 0.0
         for local, linear in zip(group.consumer_names, group.consumers):
             args = _weight_args(ctx, local)
             if args is not None:
                 fake_quant = weight_quantizer(ctx, args, ctx.prefix + local)
                 err += output_error(scaled_quant_delta(linear.weight, s, fake_quant), basis)
-        if best is None or err < best[0]:
-            best = (err, alpha, s)
-    if best[0] != best[0]:  # NaN: even unscaled round-to-nearest overflowed
+        return err
+
+    if full:
+        errors = [error(i) for i in range(grid)]
+        best = min(range(grid), key=lambda i: (math.inf if errors[i] != errors[i] else errors[i], i))
+        best_error = errors[best]
+    else:
+        best, best_error, _ = coarse_to_fine_argmin(grid, error)
+    if best_error != best_error:  # NaN: every candidate tried overflowed
         raise AlgorithmError(f"awq: the quantized error of {ctx.prefix}{group.label} is NaN; check the weights and "
                              "calibration inputs for overflow")
-    log.debug("awq %s%s: alpha=%.2f", ctx.prefix, group.label, best[1])
-    return best[1], best[2]
+    log.debug("awq %s%s: alpha=%.2f", ctx.prefix, group.label, alphas[best])
+    return alphas[best], awq_scales(mean_abs, alphas[best])
 
 
 def clip_consumers(group: SmoothGroup, rows: torch.Tensor, ctx: LayerContext) -> None:

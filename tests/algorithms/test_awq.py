@@ -66,6 +66,19 @@ def test_under_the_layerwise_driver_logits_beat_round_to_nearest():
     assert errors["awq"] < 0.85 * errors["rtn"]
 
 
+def test_coarse_to_fine_search_picks_the_full_grids_scales():
+    base = two_layer_llama()
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    chosen, weights = {}, {}
+    for search in ("full", "coarse_to_fine"):
+        model = copy.deepcopy(base)
+        chain = run_driver(model, {"awq": {"search": search}}, W4, calib)
+        chosen[search] = dict(chain.steps[0][1].chosen)
+        weights[search] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert chosen["full"] == chosen["coarse_to_fine"] and any(chosen["full"].values())
+    assert all(torch.equal(weights["full"][n], weights["coarse_to_fine"][n]) for n in weights["full"])
+
+
 def test_full_range_negative_scales():
     scheme = QuantScheme("t-q4_0", weights=QuantArgs(num_bits=4, strategy="group", group_size=16, full_range=True))
     model, x = tiny_model("llama"), outlier_inputs()
@@ -177,8 +190,10 @@ def test_clipping_lowers_round_to_nearest_error_and_leaves_query_and_key_alone()
 
 
 def test_options():
-    with pytest.raises(TypeError, match="alpha.*allowed: grid, max_tokens, linear_pairs, clip"):
+    with pytest.raises(TypeError, match="alpha.*allowed: grid, max_tokens, linear_pairs, clip, search"):
         ActivationAwareScaling(alpha=0.5)
+    with pytest.raises(ValueError, match="search must be one of coarse_to_fine, full, got 'fast'"):
+        ActivationAwareScaling(search="fast")
     with pytest.raises(ValueError, match="grid"):
         ActivationAwareScaling(grid=0)
     assert ActivationAwareScaling(grid=5, max_tokens=64).grid == 5

@@ -9,8 +9,8 @@ import transformers
 from hfquant.algorithm import AlgorithmError, LayerContext
 from hfquant.plan import ModulePlan
 from hfquant.quant import QuantArgs, dequantize
-from hfquant.quant.smoothing import (alpha_grid, awq_scales, column_max_abs, error_basis, output_error,
-                                     scaled_quant_delta, smoothquant_scales)
+from hfquant.quant.smoothing import (alpha_grid, awq_scales, coarse_to_fine_argmin, column_max_abs, error_basis,
+                                     output_error, scaled_quant_delta, smoothquant_scales)
 from hfquant.scheme import QuantScheme
 from hfquant.smoothing import LINEAR, NORM, NORM_PLUS_ONE, InputStats, SmoothGroup, find_groups, fold
 from hfquant_builtins.observers.minmax import MinMaxObserver
@@ -228,6 +228,30 @@ def test_alpha_zero_is_no_scaling_and_scales_are_centred():
     s = awq_scales(act, 0.5)
     assert torch.isclose(s.max() * s.min(), torch.tensor(1.0)) and bool((s > 0).all())
     assert alpha_grid(4) == [0.0, 0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("points", [1, 2, 5, 9, 10, 19, 20, 33, 64])
+def test_coarse_to_fine_finds_the_minimum_of_one_basin_with_fewer_evaluations(points):
+    gen = torch.Generator().manual_seed(points)
+    for _ in range(20):  # random one-basin costs: |i - centre|^p with random centre, power and slope
+        centre, power = float(torch.rand(1, generator=gen)) * points, 0.5 + 2 * float(torch.rand(1, generator=gen))
+        costs = [abs(i - centre) ** power for i in range(points)]
+        calls = []
+        best, cost, evaluated = coarse_to_fine_argmin(points, lambda i: calls.append(i) or costs[i])
+        assert best == min(range(points), key=costs.__getitem__) and cost == costs[best]
+        assert evaluated == len(set(calls)) == len(calls)  # each point evaluated at most once
+        assert evaluated == points if points < 10 else evaluated <= (points + 1) // 2 + 4
+    assert coarse_to_fine_argmin(20, lambda i: (i - 7) ** 2)[2] == 9  # AWQ's 20-point grid: 9 evaluations
+
+
+def test_coarse_to_fine_ties_go_low_and_nan_never_wins():
+    assert coarse_to_fine_argmin(20, lambda i: 1.0)[:2] == (0, 1.0)
+    nan_at_zero = coarse_to_fine_argmin(20, lambda i: float("nan") if i == 0 else (i - 12) ** 2)
+    assert nan_at_zero[:2] == (12, 0)
+    best, cost, _ = coarse_to_fine_argmin(20, lambda i: float("nan"))
+    assert best == 0 and cost != cost  # every candidate NaN: the caller sees NaN and refuses
+    with pytest.raises(ValueError, match="points"):
+        coarse_to_fine_argmin(0, lambda i: 0.0)
 
 
 def test_smoothquant_scales_balance_activation_and_weight_ranges():
