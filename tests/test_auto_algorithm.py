@@ -21,10 +21,25 @@ from tests.conftest import compose, tiny_overrides
     (["scheme=nf4"], ["rtn"], "bitsandbytes backend computes its own codes"),
     (["scheme=nf4", "backend=bitsandbytes"], ["rtn"], "bitsandbytes backend computes its own codes"),
     (["calibration=none"], ["rtn"], "no calibration data"),
+    (["calibration=none", "scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], ["hqq"],
+     "float zero points: HQQ's data-free zero-point optimisation"),
+    (["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"], ["awq", "gptq"], "4-bit weights"),
 ])
 def test_auto_picks_the_recipe_for_the_scheme(tmp_path, extra, chosen, why):
     spec = validate(compose([f"output_dir={tmp_path / 'o'}", *extra]))
     assert list(spec.algorithms) == chosen and why in spec.algorithm_reason and spec.algorithm_auto
+
+
+def test_plain_rtn_with_float_zero_points_is_warned_about(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="hfquant")
+    float_zero = ["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"]
+    validate(compose([f"output_dir={tmp_path / 'o'}", "algorithm=rtn", *float_zero]))
+    warned = [r.getMessage() for r in caplog.records if "algorithm=rtn with float zero points" in r.getMessage()]
+    assert len(warned) == 1 and "algorithm=hqq" in warned[0] and "1.500" in warned[0]
+    caplog.clear()
+    for quiet in (["algorithm=rtn", "scheme=w4a16-asym"], ["algorithm=hqq", *float_zero], ["algorithm=[awq,gptq]", *float_zero]):
+        validate(compose([f"output_dir={tmp_path / 'o'}", *quiet]))
+    assert not [r for r in caplog.records if "float zero points" in r.getMessage()]
 
 
 def test_named_algorithms_are_not_auto_and_auto_does_not_combine(tmp_path):
