@@ -13,7 +13,6 @@ architecture. After Lin et al., "AWQ" (2023).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Dict, Optional
 
 import torch
@@ -105,12 +104,7 @@ def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tens
                 err += output_error(scaled_quant_delta(linear.weight, s, fake_quant), basis)
         return err
 
-    if full:
-        errors = [error(i) for i in range(grid)]
-        best = min(range(grid), key=lambda i: (math.inf if errors[i] != errors[i] else errors[i], i))
-        best_error = errors[best]
-    else:
-        best, best_error, _ = coarse_to_fine_argmin(grid, error)
+    best, best_error, _ = coarse_to_fine_argmin(grid, error, coarse=grid if full else 5)  # coarse=grid: every α
     if best_error != best_error:  # NaN: every candidate tried overflowed
         raise AlgorithmError(f"awq: the quantized error of {ctx.prefix}{group.label} is NaN; check the weights and "
                              "calibration inputs for overflow")
