@@ -152,6 +152,8 @@ RECIPES = [
            {"awq": {}, "signround": {"iters": 50, "targets": "float_model"}}, full_range=True),
     Recipe("awq + signround asym (50 steps), float-model targets", "w4a16-asym",
            {"awq": {}, "signround": {"iters": 50, "targets": "float_model"}}),
+    Recipe("awq + signround asym (50 steps), float-model targets, seed 1", "w4a16-asym",
+           {"awq": {}, "signround": {"iters": 50, "targets": "float_model", "seed": 1}}),
     Recipe("awq + signround asym (50 steps), learnt zero point, float-model targets", "w4a16-asym",
            {"awq": {}, "signround": {"iters": 50, "learn_zero_point": True, "targets": "float_model"}}),
     Recipe("awq + signround asym, float zero (50 steps), float-model targets, seed 1", "w4a16-asym",
