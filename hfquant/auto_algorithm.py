@@ -8,7 +8,7 @@ Measurements behind the choices: docs/benchmarks.md, "Algorithms side by side".
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from .scheme import QuantScheme
 
@@ -40,3 +40,14 @@ def choose(scheme: QuantScheme, backend_format: str, has_data: bool) -> Tuple[Di
     if activations is not None:
         return {"gptq": {}}, "static activation scales are observed before the codes, so no weight edits: GPTQ alone"
     return {"awq": {}, "gptq": {}}, f"{bits}-bit weights: AWQ-style scales, then GPTQ codes"
+
+
+def named_recipe_warning(scheme: QuantScheme, algorithms: Iterable[str]) -> Optional[str]:
+    """What a run whose algorithms were named (not auto) should be warned about, or None: plain round-to-nearest
+    with float zero points (logged once, when the run starts)."""
+    weights = scheme.weights
+    if list(algorithms) == ["rtn"] and weights is not None and weights.float_zero_point and weights.num_bits < 8 \
+            and scheme.format == "int":
+        return (f"algorithm=rtn with float zero points: {RTN_FLOAT_ZERO}; a calibrated recipe (algorithm=auto, e.g. "
+                "[awq,gptq]) or the data-free algorithm=hqq makes better codes for the same bits")
+    return None

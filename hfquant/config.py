@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .auto_algorithm import AUTO, RTN_FLOAT_ZERO
+from .auto_algorithm import AUTO
 from .auto_algorithm import choose as choose_algorithms
 from .plugins import registries
 from .quant import QuantArgsError
@@ -491,12 +491,6 @@ def _algorithms(cfg: DictConfig, scheme: QuantScheme, backend: str, has_data: bo
         if fmt != "hfquant":
             raise ConfigError(f"backend={backend} computes its own codes ({fmt} format), so algorithm="
                               f"{','.join(algorithms)} cannot apply; use backend=cpu (or fake), or algorithm=rtn")
-    weights = scheme.weights
-    if not reason and list(algorithms) == ["rtn"] and weights is not None and weights.float_zero_point \
-            and weights.num_bits < 8 and scheme.format == "int":
-        logging.getLogger("hfquant").warning(
-            "algorithm=rtn with float zero points: %s; a calibrated recipe (algorithm=auto, e.g. [awq,gptq]) or the "
-            "data-free algorithm=hqq makes better codes for the same bits", RTN_FLOAT_ZERO)
     propagate = str(cfg.get("propagate", "quantized"))
     if propagate not in ("quantized", "float"):
         raise ConfigError(f"propagate={propagate!r}; allowed: quantized (each layer sees the previous layers' "

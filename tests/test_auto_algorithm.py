@@ -30,16 +30,21 @@ def test_auto_picks_the_recipe_for_the_scheme(tmp_path, extra, chosen, why):
     assert list(spec.algorithms) == chosen and why in spec.algorithm_reason and spec.algorithm_auto
 
 
-def test_plain_rtn_with_float_zero_points_is_warned_about(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="hfquant")
+def test_plain_rtn_with_float_zero_points_is_warned_about_once(tiny_llm_dir, tmp_path, caplog):
+    from hfquant.auto_algorithm import named_recipe_warning
+
     float_zero = ["scheme=w4a16-asym", "scheme.weights.float_zero_point=true"]
-    validate(compose([f"output_dir={tmp_path / 'o'}", "algorithm=rtn", *float_zero]))
-    warned = [r.getMessage() for r in caplog.records if "algorithm=rtn with float zero points" in r.getMessage()]
-    assert len(warned) == 1 and "algorithm=hqq" in warned[0] and "1.500" in warned[0]
-    caplog.clear()
-    for quiet in (["algorithm=rtn", "scheme=w4a16-asym"], ["algorithm=hqq", *float_zero], ["algorithm=[awq,gptq]", *float_zero]):
-        validate(compose([f"output_dir={tmp_path / 'o'}", *quiet]))
-    assert not [r for r in caplog.records if "float zero points" in r.getMessage()]
+    spec = validate(compose([f"output_dir={tmp_path / 'o'}", "algorithm=rtn", *float_zero]))
+    warning = named_recipe_warning(spec.scheme, spec.algorithms)
+    assert "algorithm=rtn with float zero points" in warning and "algorithm=hqq" in warning and "1.500" in warning
+    for quiet in (["algorithm=rtn", "scheme=w4a16-asym"], ["algorithm=hqq", *float_zero],
+                  ["algorithm=[awq,gptq]", *float_zero], ["algorithm=rtn", "scheme=w8a16", "scheme.weights.symmetric=false",
+                                                          "scheme.weights.float_zero_point=true"]):
+        spec = validate(compose([f"output_dir={tmp_path / 'o'}", *quiet]))
+        assert named_recipe_warning(spec.scheme, spec.algorithms) is None, quiet
+    caplog.set_level(logging.WARNING, logger="hfquant")
+    run(compose(tiny_overrides(tiny_llm_dir, tmp_path / "run", "algorithm=rtn", *float_zero)))
+    assert sum("algorithm=rtn with float zero points" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_named_algorithms_are_not_auto_and_auto_does_not_combine(tmp_path):

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..allocator import keep_freed_memory
+from ..auto_algorithm import named_recipe_warning
 from ..config import ConfigError, RunSpec, validate, written_from
 from ..errors import HfquantError
 from ..redact import redact, redact_tokens
@@ -150,6 +151,8 @@ def _run_locked(cfg, spec: RunSpec, ranks: Ranks, backend: str, backend_reason: 
     log.info("backend %s (%s)", backend, backend_reason)
     if spec.algorithm_auto:
         log.info("algorithm %s (auto: %s)", ",".join(spec.algorithms), spec.algorithm_reason)
+    elif (warning := named_recipe_warning(spec.scheme, spec.algorithms)) is not None:
+        log.warning("%s", warning)
     log.info("pipeline %s (%s)", pipeline, pipeline_reason)
     if pipeline == "streaming":
         try:

@@ -26,12 +26,13 @@ def alpha_grid(points: int) -> List[float]:
 def coarse_to_fine_argmin(points: int, cost: Callable[[int], float], coarse: int = 5) -> Tuple[int, float, int]:
     """(index in range(points) with the smallest `cost`, that cost, how many points were evaluated) without
     evaluating them all: every step-th point first (the largest power-of-two step that leaves at least `coarse`
-    points), then the neighbours at half the step around the best so far, down to step 1. It finds the grid's
-    minimum whenever the cost has one basin at the coarse resolution — AWQ's error along α does: it picked the
-    same α as the full 20-point grid in all 90 groups of the embedded model (docs/benchmarks.md), evaluating 9.
-    Ties go to the lower index; a NaN cost never wins unless every evaluated one is NaN."""
-    if points < 1:
-        raise ValueError(f"points must be >= 1, got {points}")
+    points; `coarse=points` evaluates every point), then the neighbours at half the step around the best so far,
+    down to step 1. It finds the grid's minimum whenever the cost has a single strict minimum and falls on both
+    sides of it (a flat stretch can stop it early, since ties go to the lower index). AWQ's error along α measured
+    so: the same α as the full 20-point grid in all 90 groups of the embedded model, evaluating at most 9 of the
+    20 (docs/benchmarks.md, "Default run wall time"). A NaN cost loses to any other, +inf included."""
+    if points < 1 or coarse < 1:
+        raise ValueError(f"points and coarse must be >= 1, got points={points}, coarse={coarse}")
     step = 1
     while points // (step * 2) >= coarse:
         step *= 2
@@ -41,7 +42,7 @@ def coarse_to_fine_argmin(points: int, cost: Callable[[int], float], coarse: int
         if i not in seen:
             seen[i] = cost(i)
         value = seen[i]
-        return (math.inf if value != value else value, i)
+        return (1, 0.0, i) if value != value else (0, value, i)
 
     best = min(range(0, points, step), key=key)
     while step > 1:

@@ -66,7 +66,18 @@ def test_under_the_layerwise_driver_logits_beat_round_to_nearest():
     assert errors["awq"] < 0.85 * errors["rtn"]
 
 
-def test_coarse_to_fine_search_picks_the_full_grids_scales():
+def test_coarse_to_fine_search_picks_the_full_grids_scales(monkeypatch):
+    import hfquant_builtins.algorithms.awq as awq_module
+
+    evaluated = {"full": [], "coarse_to_fine": []}
+    real = awq_module.coarse_to_fine_argmin
+
+    def counting(points, cost, coarse=5):
+        best, value, count = real(points, cost, coarse)
+        evaluated[search].append(count)
+        return best, value, count
+
+    monkeypatch.setattr(awq_module, "coarse_to_fine_argmin", counting)
     base = two_layer_llama()
     calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     chosen, weights = {}, {}
@@ -75,6 +86,8 @@ def test_coarse_to_fine_search_picks_the_full_grids_scales():
         chain = run_driver(model, {"awq": {"search": search}}, W4, calib)
         chosen[search] = dict(chain.steps[0][1].chosen)
         weights[search] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert evaluated["full"] == [20] * 6 and len(evaluated["coarse_to_fine"]) == 6  # 3 groups × 2 layers
+    assert all(count <= 9 for count in evaluated["coarse_to_fine"])
     assert chosen["full"] == chosen["coarse_to_fine"] and any(chosen["full"].values())
     assert all(torch.equal(weights["full"][n], weights["coarse_to_fine"][n]) for n in weights["full"])
 

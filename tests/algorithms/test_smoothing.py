@@ -244,14 +244,24 @@ def test_coarse_to_fine_finds_the_minimum_of_one_basin_with_fewer_evaluations(po
     assert coarse_to_fine_argmin(20, lambda i: (i - 7) ** 2)[2] == 9  # AWQ's 20-point grid: 9 evaluations
 
 
-def test_coarse_to_fine_ties_go_low_and_nan_never_wins():
+def test_coarse_to_fine_ties_go_low_and_nan_loses_to_everything():
     assert coarse_to_fine_argmin(20, lambda i: 1.0)[:2] == (0, 1.0)
     nan_at_zero = coarse_to_fine_argmin(20, lambda i: float("nan") if i == 0 else (i - 12) ** 2)
     assert nan_at_zero[:2] == (12, 0)
+    assert coarse_to_fine_argmin(8, lambda i: float("nan") if i == 0 else float("inf"))[:2] == (1, float("inf"))
     best, cost, _ = coarse_to_fine_argmin(20, lambda i: float("nan"))
     assert best == 0 and cost != cost  # every candidate NaN: the caller sees NaN and refuses
-    with pytest.raises(ValueError, match="points"):
-        coarse_to_fine_argmin(0, lambda i: 0.0)
+    for points, coarse in ((0, 5), (5, 0)):
+        with pytest.raises(ValueError, match="points and coarse must be >= 1"):
+            coarse_to_fine_argmin(points, lambda i: 0.0, coarse=coarse)
+
+
+def test_coarse_equal_to_points_evaluates_every_point():
+    """What awq's search=full uses: two basins, the deeper one missed by the coarse steps, found when all are tried."""
+    costs = [3, 1, 2, 4, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 0.0, 7, 6, 6, 6, 6]
+    best, cost, evaluated = coarse_to_fine_argmin(len(costs), costs.__getitem__, coarse=len(costs))
+    assert (best, cost, evaluated) == (14, 0.0, 20)
+    assert coarse_to_fine_argmin(len(costs), costs.__getitem__)[:2] == (1, 1)  # the coarse steps miss index 14
 
 
 def test_smoothquant_scales_balance_activation_and_weight_ranges():
