@@ -88,7 +88,8 @@ def _weight_args(ctx: LayerContext, local: str):
 def search(group: SmoothGroup, mean_abs: torch.Tensor, rows: Optional[torch.Tensor], ctx: LayerContext,
            grid: int, full: bool = False):
     """(α, s) with the smallest quantized output error of the group's quantized consumers on `rows`: every α of
-    the grid when `full`, else coarse to fine (the same α whenever the error has one basin along the grid)."""
+    the grid when `full`, else coarse to fine (the same α whenever the error along the grid has a single strict
+    minimum and falls on both sides of it)."""
     device = group.consumers[0].weight.device
     basis = error_basis(rows.to(device))
     mean_abs = mean_abs.to(device)
