@@ -6,7 +6,8 @@ down, inside the previous op) gives them finer quantization steps. For each grou
 Linears reading its output) the scales are s = mean|x|^α for the α in a grid that minimises the group's
 quantized output error on a sample of calibration rows, ‖(Q(W·s)/s − W) Xᵀ‖², with the run's own quantizer
 (observer + backend scale rounding). α = 0 is "no scaling", so the result is never worse than round-to-nearest
-on the sample. It edits weights only: a code producer (rtn, gptq) runs after it, and the saved model keeps its
+on the sample; the grid is searched coarse to fine by default (at most 9 of its 20 points; `search=full` tries
+them all). It edits weights only: a code producer (rtn, gptq) runs after it, and the saved model keeps its
 architecture. After Lin et al., "AWQ" (2023).
 """
 
