@@ -27,7 +27,7 @@ def choose(scheme: QuantScheme, backend_format: str, has_data: bool) -> Tuple[Di
     if scheme.weights is None:
         return {"rtn": {}}, "no weights are quantized"
     if not has_data:
-        if scheme.weights.float_zero_point and scheme.weights.num_bits < 8:
+        if _low_bit_float_zero(scheme):
             return {"hqq": {}}, ("no calibration data (calibration=none) and float zero points: HQQ's data-free "
                                  "zero-point optimisation (" + RTN_FLOAT_ZERO + ")")
         return {"rtn": {}}, "no calibration data (calibration=none): round-to-nearest (algorithm=hqq is data-free too)"
@@ -45,9 +45,13 @@ def choose(scheme: QuantScheme, backend_format: str, has_data: bool) -> Tuple[Di
 def named_recipe_warning(scheme: QuantScheme, algorithms: Iterable[str]) -> Optional[str]:
     """What a run whose algorithms were named (not auto) should be warned about, or None: plain round-to-nearest
     with float zero points (logged once, when the run starts)."""
-    weights = scheme.weights
-    if list(algorithms) == ["rtn"] and weights is not None and weights.float_zero_point and weights.num_bits < 8 \
-            and scheme.format == "int":
+    if list(algorithms) == ["rtn"] and _low_bit_float_zero(scheme):
         return (f"algorithm=rtn with float zero points: {RTN_FLOAT_ZERO}; a calibrated recipe (algorithm=auto, e.g. "
                 "[awq,gptq]) or the data-free algorithm=hqq makes better codes for the same bits")
     return None
+
+
+def _low_bit_float_zero(scheme: QuantScheme) -> bool:
+    """hfquant integer codes below 8 bits with float zero points: where plain round-to-nearest measured worst."""
+    weights = scheme.weights
+    return scheme.format == "int" and weights is not None and weights.float_zero_point and weights.num_bits < 8

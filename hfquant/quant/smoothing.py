@@ -7,7 +7,6 @@ X), so ``X' W'^T = X W^T`` in exact arithmetic. What changes is how well `W'` an
 
 from __future__ import annotations
 
-import math
 from typing import Callable, List, Sequence, Tuple
 
 import torch
