@@ -87,8 +87,41 @@ def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtyp
     whole = k.dense(x[0])
     monkeypatch.setattr(kernels, "DENSE_CHUNK", 576 * 50)  # 192 output rows in slices of 50: a large lm_head's path
     monkeypatch.setattr(kernels, "FLOAT_SLICE", 576 * 50)  # (int8 weights in float32 slice by this one)
+    monkeypatch.setattr(kernels, "NATIVE_SLICE", 576 * 50)  # (int4 weights dequantized by the native loop by this one)
     sliced = k.dense(x[0])  # the same GEMM per slice: equal up to a bf16 rounding of a differently blocked sum
     assert sliced.shape == whole.shape and float((sliced - whole).abs().max()) <= 1e-2 * float(whole.abs().max())
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32], ids=["bf16-dot-products", "no-bf16-hardware"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] is Int4WeightLinear], ids=["w4a16", "w4a16-asym", "w4-unsigned-g64", "w4-float-zero"])
+def test_int4_prefill_is_the_same_with_and_without_the_native_loop(case, dense_dtype, monkeypatch):
+    """The dense path dequantizes int4 weights in one native pass where hfquant's C loops are built, with torch ops
+    elsewhere: the same outputs bit for bit, whole and in slices of output rows."""
+    from hfquant.quant import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here: only the torch-op path exists")
+    monkeypatch.setattr(kernels, "_BF16_FAST", dense_dtype == torch.bfloat16)
+    w_args = case[0]
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192)
+    s, z = compute_qparams(*min_max(lin.weight, w_args), w_args)
+    k = kernel_module_for(QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z))
+    x = torch.randn(64, 576)
+    calls = []
+    dequant = native.dequant_int4
+    monkeypatch.setattr(native, "dequant_int4", lambda *a, **kw: calls.append(1) or dequant(*a, **kw))
+    whole = k(x)
+    assert len(calls) == 1  # the native loop ran
+    for chunk in ("NATIVE_SLICE", "DENSE_CHUNK"):  # what each way slices by: 192 rows in slices of 50
+        monkeypatch.setattr(kernels, chunk, 576 * 50)
+    sliced = k(x)
+    assert len(calls) == 5
+    monkeypatch.setenv("HFQUANT_NATIVE_KERNELS", "0")
+    calls.clear()
+    assert torch.equal(k(x), sliced) and not calls
+    monkeypatch.setattr(kernels, "DENSE_CHUNK", 1 << 24)
+    assert torch.equal(k(x), whole) and not calls
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])

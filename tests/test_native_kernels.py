@@ -228,3 +228,60 @@ def test_a_damaged_cached_library_is_built_again(builds, monkeypatch, tmp_path):
     lib = native.library()
     w = weight(30, 64, torch.float32)
     assert lib is not None and native.min_max(w, ARGS["int8 sym channel"], lib) is not None
+
+
+def dequant_reference(packed, cols, group, scales_zeros, row0, dtype):
+    """The int4 kernel's rule in float32 torch ops: (q − 8)·scale + zero per group, then `dtype`."""
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :cols].float() - 8
+    index = torch.arange(cols) // group
+    sz = scales_zeros[:, row0:row0 + packed.shape[0]].float()  # (groups, rows, 2)
+    return (q * sz[index, :, 0].t() + sz[index, :, 1].t()).to(dtype)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cols, group", [(576, 64), (1001, 128), (256, 256), (7, 8), (96, 32)])
+def test_int4_dequantization_gives_the_kernels_values_bit_for_bit(builds, build, dtype, cols, group):
+    """The prefill path's dequantization: every nibble of every byte, ragged last groups (odd ones too), scales of any
+    sign and size — equal to the float32 ops and their rounding to bfloat16, on this CPU's build and the portable one;
+    rows taken from the middle of the weight read their own (scale, zero) pairs."""
+    g = torch.Generator().manual_seed(cols)
+    rows, groups = 37, -(-cols // group)
+    packed = torch.randint(0, 256, (rows, -(-cols // 2)), dtype=torch.uint8, generator=g)
+    packed[0] = torch.arange(packed.shape[1]) % 256  # every byte value
+    scales_zeros = (torch.randn(groups, rows + 5, 2, generator=g) * torch.logspace(-6, 3, rows + 5)[None, :, None])
+    scales_zeros = scales_zeros.to(torch.bfloat16).contiguous()
+    for row0, part in [(0, packed), (5, packed[:30])]:
+        expected = dequant_reference(part, cols, group, scales_zeros, row0, dtype)
+        got = native.dequant_int4(part.contiguous(), cols, group, scales_zeros, row0, dtype, builds[build])
+        assert got.dtype == dtype and torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                                  expected.view(got.view(torch.int16 if dtype == torch.bfloat16
+                                                                         else torch.int32).dtype))
+
+
+def test_int4_dequantization_splits_rows_across_threads_the_same(builds, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (301, 288), dtype=torch.uint8, generator=g)
+    scales_zeros = torch.randn(9, 301, 2, generator=g).to(torch.bfloat16)
+    one = native.dequant_int4(packed, 576, 64, scales_zeros, 0, torch.bfloat16)
+    monkeypatch.setattr(native, "THREADS_FROM", 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert torch.equal(native.dequant_int4(packed, 576, 64, scales_zeros, 0, torch.bfloat16), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int4_dequantization_declines_what_it_does_not_take(builds):
+    packed = torch.zeros(4, 288, dtype=torch.uint8)
+    sz = torch.ones(9, 4, 2, dtype=torch.bfloat16)
+    assert native.dequant_int4(packed, 576, 64, sz, 0, torch.float32) is not None  # the baseline the rest differs from
+    assert native.dequant_int4(packed, 576, 64, sz, 0, torch.float16) is None  # an output dtype it does not write
+    assert native.dequant_int4(packed, 576, 64, sz.float(), 0, torch.float32) is None  # float32 pairs
+    assert native.dequant_int4(packed, 574, 64, sz, 0, torch.float32) is None  # packed width of another row length
+    assert native.dequant_int4(packed, 576, 64, sz, 1, torch.float32) is None  # rows past the pairs' end
+    assert native.dequant_int4(packed, 576, 32, sz, 0, torch.float32) is None  # pairs for another group count
+    assert native.dequant_int4(packed.t().contiguous().t(), 576, 64, sz, 0, torch.float32) is None  # not contiguous
+    big = torch.ones(1, 4, 2, dtype=torch.bfloat16)
+    assert native.dequant_int4(packed, 576, 1024, big, 0, torch.float32) is None  # wider than the loop's groups

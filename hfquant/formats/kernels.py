@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..quant import pack, unpack
+from ..quant import native, pack, unpack
 from .qembedding import QuantEmbedding
 from .qlinear import QuantLinear
 
@@ -24,6 +24,9 @@ DENSE_FROM_ROWS = 32
 
 DENSE_CHUNK = 1 << 24  # weights dequantized at most this many elements at a time (64 MB in float32)
 FLOAT_SLICE = 1 << 19  # int8 weights over 2x this many elements are dequantized in float32 slices of this size
+# int4 weights dequantized by the native loop go in slices of this many elements (8 MB in bf16): fastest of 0.5M–16M
+# for Llama-7B-sized layers at 512 rows, in bf16 and float32 (docs/benchmarks.md)
+NATIVE_SLICE = 1 << 22
 
 
 def by_output_rows(out_features: int, in_features: int, gemm, slice_elements: Optional[int] = None,
@@ -213,21 +216,30 @@ class Int4WeightLinear(_KernelLinear):
         # w = (q_u − 8)·scale + zero per kernel group, from the packed bytes (low nibble first), for one GEMM
         dtype = dense_dtype()
         x2 = x2.to(dtype)
-        sz = self._scales_zeros.transpose(0, 1)  # (out, groups, 2)
+
+        lib = native.library()
 
         def rows_of(rows):
             packed = self.weight_packed[rows]
-            n = packed.shape[0]
-            # both nibbles written straight into their float slots (one strided copy each, no stacked byte tensor:
-            # 6.8x faster on an AVX2 CPU), then one multiply-add per weight: (q_u − 8)·scale + zero
-            q = torch.empty(n, packed.shape[1], 2, dtype=torch.float32, device=packed.device)
-            q[..., 0].copy_((packed & 15).view(torch.int8) - 8)
-            q[..., 1].copy_((packed >> 4).view(torch.int8) - 8)
-            q = q.reshape(n, -1)[:, : self.in_features].reshape(n, -1, self.kernel_group)
-            w = torch.addcmul(sz[rows, :, 1:].float(), q, sz[rows, :, :1].float())
-            return F.linear(x2, w.reshape(n, self.in_features).to(dtype))
+            w = native.dequant_int4(packed, self.in_features, self.kernel_group, self._scales_zeros, rows.start or 0,
+                                    dtype, lib) if lib is not None else None
+            return F.linear(x2, self.dequantize_eager(packed, rows).to(dtype) if w is None else w)
 
-        return by_output_rows(self.out_features, self.in_features, rows_of)
+        return by_output_rows(self.out_features, self.in_features, rows_of,
+                              slice_elements=NATIVE_SLICE if lib is not None else None)
+
+    def dequantize_eager(self, packed: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The dense path's weights in float32 with torch ops, where the one-pass native loop is not available (no C
+        compiler, `HFQUANT_NATIVE_KERNELS=0`): the same values, ~5x slower (docs/benchmarks.md)."""
+        sz = self._scales_zeros.transpose(0, 1)[rows]  # (rows, groups, 2)
+        n = packed.shape[0]
+        # both nibbles written straight into their float slots (one strided copy each, no stacked byte tensor: 6.8x
+        # faster on an AVX2 CPU than the first version), then one multiply-add per weight: (q_u − 8)·scale + zero
+        q = torch.empty(n, packed.shape[1], 2, dtype=torch.float32, device=packed.device)
+        q[..., 0].copy_((packed & 15).view(torch.int8) - 8)
+        q[..., 1].copy_((packed >> 4).view(torch.int8) - 8)
+        q = q.reshape(n, -1)[:, : self.in_features].reshape(n, -1, self.kernel_group)
+        return torch.addcmul(sz[:, :, 1:].float(), q, sz[:, :, :1].float()).reshape(n, self.in_features)
 
 
 class Int8DynamicLinear(_KernelLinear):

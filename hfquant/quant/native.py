@@ -36,6 +36,7 @@ log = logging.getLogger("hfquant")
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernels.c")
 DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+THREADS_FROM = 1 << 21  # dequantize_int4 splits a weight across threads from this many elements on
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-pthread"]
 
 _lock = threading.Lock()
@@ -148,6 +149,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.hfq_codes.restype = ctypes.c_int
     lib.hfq_pack.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ctypes.c_int]
     lib.hfq_pack.restype = ctypes.c_int
+    lib.hfq_dequant_int4.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
+    lib.hfq_dequant_int4.restype = ctypes.c_int
     return lib
 
 
@@ -227,3 +230,27 @@ def pack(q: torch.Tensor, args: QuantArgs, bits: int, out: torch.Tensor, lib: Op
         return False
     return lib.hfq_pack(q.data_ptr(), q.shape[0], q.shape[1], bits, args.qmin, out.data_ptr(),
                         torch.get_num_threads()) == 0
+
+
+def dequant_int4(packed: torch.Tensor, in_features: int, group: int, scales_zeros: torch.Tensor, row0: int,
+                 out_dtype: torch.dtype, lib: Optional[ctypes.CDLL] = None) -> Optional[torch.Tensor]:
+    """Rows of packed int4 codes (uint8, low nibble first, stored value q in 0..15) as (q − 8)·scale + zero in
+    `out_dtype` (float32 or bfloat16), one pass: the dense (prefill) path of `formats.kernels.Int4WeightLinear`, whose
+    eager version is seven torch ops over the weight. `scales_zeros`: the int4 kernel's (groups, out, 2) bfloat16
+    pairs; `packed`'s first row is row `row0` there. None when this path does not apply (the caller's torch ops run)."""
+    if (packed.dim() != 2 or packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.device.type != "cpu"
+            or packed.shape[1] != -(-in_features // 2) or out_dtype not in (torch.float32, torch.bfloat16)
+            or scales_zeros.dtype != torch.bfloat16 or not scales_zeros.is_contiguous() or scales_zeros.dim() != 3
+            or scales_zeros.device.type != "cpu" or scales_zeros.shape[0] != -(-in_features // group)
+            or not 0 <= row0 <= scales_zeros.shape[1] - packed.shape[0] or packed.numel() == 0):
+        return None
+    lib = lib or library()
+    if lib is None:
+        return None
+    out = torch.empty(packed.shape[0], in_features, dtype=out_dtype)
+    # one thread below THREADS_FROM elements: starting a second costs more than it saves (~70 µs vs 0.1 ms for a
+    # 1536 × 576 weight on one core; docs/benchmarks.md)
+    threads = torch.get_num_threads() if out.numel() >= THREADS_FROM else 1
+    status = lib.hfq_dequant_int4(packed.data_ptr(), packed.shape[0], in_features, group, scales_zeros.data_ptr(),
+                                  scales_zeros.shape[1], row0, int(out_dtype == torch.bfloat16), out.data_ptr(), threads)
+    return out if status == 0 else None

@@ -60,6 +60,11 @@ typedef struct {
     const uint8_t *in;
     int bits;
     uint8_t *packed;
+    /* int4 dequantization */
+    const uint16_t *sz;
+    int64_t sz_rows, sz_row0;
+    int out_bf16;
+    void *out;
     double error, energy;
     int bad;
 } job;
@@ -91,6 +96,16 @@ static inline float hmax8(__m256 v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+/* bfloat16 bits of 8 floats (in the low half of each 32-bit lane), rounded to nearest even; NaN → 0x7FC0 */
+static inline __m256i bf16_bits8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_srli_epi32(_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
+                                                                  _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                                                                  nan)), 16);
 }
 #else
 #define VECTOR 0
@@ -266,6 +281,105 @@ static void *pack_worker(void *arg) {
     return NULL;
 }
 
+/* bfloat16 bits of a float, rounded to nearest even — what torch's float → bfloat16 conversion gives (NaN → 0x7FC0). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)((f != f ? 0x7FC00000u : rounded) >> 16); /* a select, not a branch: the loop vectorises */
+}
+
+/* Rows of int4 codes (packed low nibble first, stored value q in 0..15) dequantized as (q − 8)·scale + zero, the
+ * int4 kernel's rule, into float32 or bfloat16 rows of `cols` values. (scale, zero) are bfloat16 pairs in the kernel's
+ * layout (groups, sz_rows, 2), per group of `group` columns; row r of this call is row sz_row0 + r there. (q − 8)·scale
+ * is exact in float32 (a 4-bit integer times a bfloat16), so the one rounding is the add's, with or without a fused
+ * multiply-add: the values are bit-identical to the eager path's float32 addcmul (and its bfloat16 conversion).
+ * Each group's 16 possible values are computed once; the codes then look them up (with AVX2, 16 bytes of codes at a
+ * time through byte shuffles). */
+static void *dequant_int4_worker(void *arg) {
+    job *j = (job *)arg;
+    const int64_t cols = j->cols, width = (cols + 1) / 2, group = j->group, groups = groups_of(cols, group);
+    for (int64_t r = j->row0; r < j->row1; r++) {
+        const uint8_t *restrict p = j->in + r * width;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t a = g * group, n = a + group < cols ? group : cols - a;
+            const uint16_t *pair = j->sz + (g * j->sz_rows + j->sz_row0 + r) * 2;
+            const float s = load_bf16(pair, 0), z = load_bf16(pair, 1);
+            float table[16];
+            uint16_t table_bf16[16];
+#if VECTOR
+            /* the 16 values as two float vectors, and (for bfloat16) their low and high bytes as two shuffle tables */
+            const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+            const __m256 t0 = _mm256_add_ps(_mm256_mul_ps(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), vs), vz),
+                         t1 = _mm256_add_ps(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), vs), vz);
+            __m128i tlo = _mm_setzero_si128(), thi = _mm_setzero_si128();
+            _mm256_storeu_ps(table, t0);
+            _mm256_storeu_ps(table + 8, t1);
+            if (j->out_bf16) {
+                const __m256i r0 = bf16_bits8(t0), r1 = bf16_bits8(t1); /* 32-bit lanes holding bfloat16 bits */
+                const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8); /* entries 0..15 */
+                const __m256i split = _mm256_shuffle_epi8(words, _mm256_setr_epi8(
+                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+                const __m128i first = _mm256_castsi256_si128(split), second = _mm256_extracti128_si256(split, 1);
+                tlo = _mm_unpacklo_epi64(first, second);
+                thi = _mm_unpackhi_epi64(first, second);
+                _mm_storeu_si128((__m128i *)table_bf16, _mm_unpacklo_epi8(tlo, thi));
+                _mm_storeu_si128((__m128i *)(table_bf16 + 8), _mm_unpackhi_epi8(tlo, thi));
+            }
+#else
+            for (int k = 0; k < 16; k++) {
+                table[k] = (float)(k - 8) * s + z;
+                table_bf16[k] = to_bf16(table[k]);
+            }
+#endif
+            const uint8_t *restrict codes = p + a / 2;
+            int64_t k = 0; /* codes done */
+            if (j->out_bf16) {
+                uint16_t *restrict o = (uint16_t *)j->out + r * cols + a;
+#if VECTOR
+                const __m128i mask = _mm_set1_epi8(0x0F);
+                for (; k + 32 <= n; k += 32) {
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(codes + k / 2));
+                    const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                    const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+                    __m128i l = _mm_shuffle_epi8(tlo, first), h = _mm_shuffle_epi8(thi, first);
+                    _mm_storeu_si128((__m128i *)(o + k), _mm_unpacklo_epi8(l, h));
+                    _mm_storeu_si128((__m128i *)(o + k + 8), _mm_unpackhi_epi8(l, h));
+                    l = _mm_shuffle_epi8(tlo, second);
+                    h = _mm_shuffle_epi8(thi, second);
+                    _mm_storeu_si128((__m128i *)(o + k + 16), _mm_unpacklo_epi8(l, h));
+                    _mm_storeu_si128((__m128i *)(o + k + 24), _mm_unpackhi_epi8(l, h));
+                }
+#endif
+                for (; k < n; k++) o[k] = table_bf16[(codes[k / 2] >> (4 * (k % 2))) & 15];
+            } else {
+                float *restrict o = (float *)j->out + r * cols + a;
+#if VECTOR
+                const __m128i mask = _mm_set1_epi8(0x0F);
+                const __m256i seven = _mm256_set1_epi32(7);
+                for (; k + 32 <= n; k += 32) {
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(codes + k / 2));
+                    const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                    const __m128i halves[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+                    for (int half = 0; half < 2; half++) {
+                        for (int eighth = 0; eighth < 2; eighth++) {
+                            const __m256i idx = _mm256_cvtepu8_epi32(
+                                eighth ? _mm_srli_si128(halves[half], 8) : halves[half]);
+                            const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx),
+                                                              _mm256_permutevar8x32_ps(t1, idx),
+                                                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+                            _mm256_storeu_ps(o + k + 16 * half + 8 * eighth, v);
+                        }
+                    }
+                }
+#endif
+                for (; k < n; k++) o[k] = table[(codes[k / 2] >> (4 * (k % 2))) & 15];
+            }
+        }
+    }
+    return NULL;
+}
+
 typedef void *(*worker)(void *);
 
 #define MAX_THREADS 64
@@ -331,4 +445,15 @@ int hfq_pack(const uint8_t *codes, int64_t rows, int64_t cols, int bits, int qmi
     if (bits != 2 && bits != 4 && bits != 8) return 2;
     job proto = {.in = codes, .rows = rows, .cols = cols, .bits = bits, .qmin = (float)qmin, .packed = packed};
     return run_split(pack_worker, &proto, threads, NULL);
+}
+
+/* packed: (rows, ceil(cols / 2)) int4 codes; sz: the int4 kernel's (groups, sz_rows, 2) bfloat16 (scale, zero) pairs,
+ * this call's rows starting at row sz_row0; out: (rows, cols) float32 (out_bf16 = 0) or bfloat16 (1). Returns 0, or 2
+ * for a group wider than 512 columns or an odd group (in any group but the last), which this loop does not take. */
+int hfq_dequant_int4(const uint8_t *packed, int64_t rows, int64_t cols, int64_t group, const uint16_t *sz,
+                     int64_t sz_rows, int64_t sz_row0, int out_bf16, void *out, int threads) {
+    if (group < 2 || group > 512 || (group % 2 && group < cols)) return 2;
+    job proto = {.in = packed, .rows = rows, .cols = cols, .group = group, .sz = sz, .sz_rows = sz_rows,
+                 .sz_row0 = sz_row0, .out_bf16 = out_bf16, .out = out};
+    return run_split(dequant_int4_worker, &proto, threads, NULL);
 }
