@@ -230,7 +230,8 @@ class Int4WeightLinear(_KernelLinear):
 
     def dequantize_eager(self, packed: torch.Tensor, rows: slice) -> torch.Tensor:
         """The dense path's weights in float32 with torch ops, where the one-pass native loop is not available (no C
-        compiler, `HFQUANT_NATIVE_KERNELS=0`): the same values, ~5x slower (docs/benchmarks.md)."""
+        compiler, `HFQUANT_NATIVE_KERNELS=0`): the same values; a Llama-7B-sized layer's 512-row forward takes
+        2.5–2.9x as long this way (scripts/bench_prefill.py)."""
         sz = self._scales_zeros.transpose(0, 1)[rows]  # (rows, groups, 2)
         n = packed.shape[0]
         # both nibbles written straight into their float slots (one strided copy each, no stacked byte tensor: 6.8x
