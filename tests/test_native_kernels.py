@@ -282,6 +282,7 @@ def test_int4_dequantization_declines_what_it_does_not_take(builds):
     assert native.dequant_int4(packed, 574, 64, sz, 0, torch.float32) is None  # packed width of another row length
     assert native.dequant_int4(packed, 576, 64, sz, 1, torch.float32) is None  # rows past the pairs' end
     assert native.dequant_int4(packed, 576, 32, sz, 0, torch.float32) is None  # pairs for another group count
+    assert native.dequant_int4(packed, 576, 64, torch.ones(9, 4, 3, dtype=torch.bfloat16), 0, torch.float32) is None
     assert native.dequant_int4(packed.t().contiguous().t(), 576, 64, sz, 0, torch.float32) is None  # not contiguous
     big = torch.ones(1, 4, 2, dtype=torch.bfloat16)
     assert native.dequant_int4(packed, 576, 1024, big, 0, torch.float32) is None  # wider than the loop's groups

@@ -242,6 +242,7 @@ def dequant_int4(packed: torch.Tensor, in_features: int, group: int, scales_zero
             or packed.shape[1] != -(-in_features // 2) or out_dtype not in (torch.float32, torch.bfloat16)
             or scales_zeros.dtype != torch.bfloat16 or not scales_zeros.is_contiguous() or scales_zeros.dim() != 3
             or scales_zeros.device.type != "cpu" or scales_zeros.shape[0] != -(-in_features // group)
+            or scales_zeros.shape[2] != 2
             or not 0 <= row0 <= scales_zeros.shape[1] - packed.shape[0] or packed.numel() == 0):
         return None
     lib = lib or library()
