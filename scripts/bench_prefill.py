@@ -4,10 +4,14 @@ against the torch-op (eager) version, side by side in one process, with fp32 tim
 512-token forwards on the embedded model, and single 512-row layer forwards of its int4 weight shapes and of
 Llama-2-7B's (random weights: speed only) against a float32 GEMM of the same shape.
 
-    .venv/bin/python scripts/bench_prefill.py [--rounds 5] [--float32-dense] [--out docs/results/bench_prefill.json]
+    .venv/bin/python scripts/bench_prefill.py [--rounds 5] [--float32-dense] [--slice-sweep]
+                                              [--out docs/results/bench_prefill.json]
 
-Rounds interleave fp32 and every variant both ways, so the VM's drift lands on all of them; each row reports the
-median over rounds and its ratio to fp32 from the same rounds. The logits of the two ways are compared bit for bit.
+Rounds interleave fp32 and every variant both ways, in an order that flips every round, so the VM's drift lands on all
+of them; each row reports the median over rounds and its ratio to fp32 from the same rounds. The whole-model logits
+of the two ways are compared bit for bit, and each layer's outputs too. Both ways slice a weight's output rows at
+`kernels.INT4_SLICE_BYTES` of dequantized weights; `--slice-sweep` times the native path at other slice sizes (how
+that one was chosen) and says whether they all gave the same output.
 `--float32-dense` runs the dense path in float32, as on CPUs without bf16 dot products (on this CPU the GEMMs
 keep its own instruction set, so the speed is not an AVX2 machine's; the dequantization's share is what it shows).
 """
@@ -66,7 +70,8 @@ def int4_layer(out_features: int, in_features: int):
 @torch.no_grad()
 def layer_times(model, repeats: int) -> list:
     """One 512-row forward of each int4 weight shape of the model and of Llama-2-7B on the dense path, its weights
-    dequantized both ways, against a float32 GEMM of the same shape (median ms; interleaved)."""
+    dequantized both ways, against a float32 GEMM of the same shape (median ms; interleaved), and whether the two
+    ways' outputs are equal bit for bit."""
     shapes = sorted({(m.out_features, m.in_features) for m in model.modules() if isinstance(m, kernels.Int4WeightLinear)})
     rows = []
     for source, shape in [("embedded model", s) for s in shapes] + [("Llama-2-7B shape", s) for s in LLAMA_7B_SHAPES]:
@@ -77,15 +82,50 @@ def layer_times(model, repeats: int) -> list:
         ways = {"eager_ms": lambda: (native_dequant(False), layer(x)),
                 "native_ms": lambda: (native_dequant(True), layer(x)),
                 "fp32_gemm_ms": lambda: torch.nn.functional.linear(x, w32)}
+        same = bool(torch.equal(ways["eager_ms"]()[1], ways["native_ms"]()[1]))
         times = {k: [] for k in ways}
-        for r in range(repeats + 1):
-            for key, fn in ways.items():
+        for r in range(repeats + 1):  # round 0 warms up; the order flips every round, as in the whole-model rounds
+            for key, fn in (list(ways.items()) if r % 2 else list(ways.items())[::-1]):
                 start = time.perf_counter()
                 fn()
                 if r:
                     times[key].append(time.perf_counter() - start)
         native_dequant(True)
-        rows.append({"source": source, "shape": list(shape), **{k: statistics.median(v) * 1e3 for k, v in times.items()}})
+        rows.append({"source": source, "shape": list(shape), "same_output_both_ways": same,
+                     **{k: statistics.median(v) * 1e3 for k, v in times.items()}})
+    return rows
+
+
+@torch.no_grad()
+def slice_sweep(repeats: int, exponents=range(20, 26)) -> list:
+    """The native dense path's 512-row forward of each Llama-2-7B int4 shape with its weights dequantized in slices of
+    2**e bytes (`kernels.INT4_SLICE_BYTES`), e over `exponents`, interleaved per round (median ms): how that size was
+    chosen. Each row also says whether every slice size gave the same output bit for bit (GEMM libraries may block a
+    narrower output differently, so this is measured, not assumed)."""
+    default = kernels.INT4_SLICE_BYTES
+    rows = []
+    try:
+        for shape in LLAMA_7B_SHAPES:
+            torch.manual_seed(0)
+            layer = int4_layer(*shape)
+            x = torch.randn(512, shape[1])
+            times = {e: [] for e in exponents}
+            outputs = []
+            for e in exponents:
+                kernels.INT4_SLICE_BYTES = 1 << e
+                outputs.append(layer(x))
+            same = all(torch.equal(o, outputs[0]) for o in outputs[1:])
+            for r in range(repeats + 1):
+                for e in (list(exponents) if r % 2 else list(exponents)[::-1]):
+                    kernels.INT4_SLICE_BYTES = 1 << e
+                    start = time.perf_counter()
+                    layer(x)
+                    if r:
+                        times[e].append(time.perf_counter() - start)
+            rows.append({"shape": list(shape), "same_output_every_slice": same,
+                         **{f"2**{e} B_ms": statistics.median(t) * 1e3 for e, t in times.items()}})
+    finally:
+        kernels.INT4_SLICE_BYTES = default
     return rows
 
 
@@ -93,6 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--float32-dense", action="store_true")
+    parser.add_argument("--slice-sweep", action="store_true", help="also time the native path's slices of "
+                        "1-32 MiB on Llama-2-7B shapes (how kernels.INT4_SLICE_BYTES was chosen)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_prefill.json"))
     args = parser.parse_args()
     if args.float32_dense:
@@ -130,10 +172,12 @@ def main() -> None:
     rows = [{"variant": c, "prefill_s": statistics.median(t), "prefill_tok_s": 512 / statistics.median(t),
              "ratio_to_fp32": fp32 / statistics.median(t), "all_s": t} for c, t in times.items()]
     layers = layer_times(models["cpu w4a16"], args.rounds)
+    sweep = slice_sweep(args.rounds) if args.slice_sweep else None
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_flags": cpu_flags(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "dense_dtype": str(kernels.dense_dtype()), "rounds": args.rounds,
-              "same_logits_native_and_eager": same_logits, "rows": rows, "layers": layers}
+              "same_logits_native_and_eager": same_logits, "rows": rows, "layers": layers,
+              "slice_sweep": sweep}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -142,11 +186,18 @@ def main() -> None:
     for row in rows:
         print(f"| {row['variant']} | {row['prefill_tok_s']:.0f} | {row['ratio_to_fp32']:.2f} |")
     print("\n| layer (out × in), 512 rows | eager dequantize + GEMM ms | native + GEMM ms | fp32 GEMM ms | eager ×fp32 | "
-          "native ×fp32 |\n|---|---|---|---|---|---|")
+          "native ×fp32 | same output |\n|---|---|---|---|---|---|---|")
     for row in layers:
         print(f"| {row['source']} {row['shape'][0]} × {row['shape'][1]} | {row['eager_ms']:.2f} | {row['native_ms']:.2f} | "
               f"{row['fp32_gemm_ms']:.2f} | {row['fp32_gemm_ms'] / row['eager_ms']:.2f} | "
-              f"{row['fp32_gemm_ms'] / row['native_ms']:.2f} |")
+              f"{row['fp32_gemm_ms'] / row['native_ms']:.2f} | {row['same_output_both_ways']} |")
+    if sweep:
+        keys = [k for k in sweep[0] if k.endswith("_ms")]
+        print(f"\n| Llama-2-7B shape, 512 rows, native, ms | {' | '.join(k[:-3] for k in keys)} | same output |\n|---|"
+              + "---|" * (len(keys) + 1))
+        for row in sweep:
+            print(f"| {row['shape'][0]} × {row['shape'][1]} | " + " | ".join(f"{row[k]:.1f}" for k in keys)
+                  + f" | {row['same_output_every_slice']} |")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtyp
     whole = k.dense(x[0])
     monkeypatch.setattr(kernels, "DENSE_CHUNK", 576 * 50)  # 192 output rows in slices of 50: a large lm_head's path
     monkeypatch.setattr(kernels, "FLOAT_SLICE", 576 * 50)  # (int8 weights in float32 slice by this one)
-    monkeypatch.setattr(kernels, "NATIVE_SLICE", 576 * 50)  # (int4 weights dequantized by the native loop by this one)
+    monkeypatch.setattr(kernels, "INT4_SLICE_BYTES", 576 * 50 * kernels.dense_dtype().itemsize)  # (int4 weights)
     sliced = k.dense(x[0])  # the same GEMM per slice: equal up to a bf16 rounding of a differently blocked sum
     assert sliced.shape == whole.shape and float((sliced - whole).abs().max()) <= 1e-2 * float(whole.abs().max())
 
@@ -96,7 +96,7 @@ def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtyp
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] is Int4WeightLinear], ids=["w4a16", "w4a16-asym", "w4-unsigned-g64", "w4-float-zero"])
 def test_int4_prefill_is_the_same_with_and_without_the_native_loop(case, dense_dtype, monkeypatch):
     """The dense path dequantizes int4 weights in one native pass where hfquant's C loops are built, with torch ops
-    elsewhere: the same outputs bit for bit, whole and in slices of output rows."""
+    elsewhere: the same outputs bit for bit, whole and in slices of output rows (both ways slice at `INT4_SLICE_BYTES`)."""
     from hfquant.quant import native
 
     if native.library() is None:
@@ -110,17 +110,22 @@ def test_int4_prefill_is_the_same_with_and_without_the_native_loop(case, dense_d
     x = torch.randn(64, 576)
     calls = []
     dequant = native.dequant_int4
-    monkeypatch.setattr(native, "dequant_int4", lambda *a, **kw: calls.append(1) or dequant(*a, **kw))
+
+    def counted(*a, **kw):  # records whether the native loop produced the weights (None: the torch ops ran instead)
+        out = dequant(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native, "dequant_int4", counted)
     whole = k(x)
-    assert len(calls) == 1  # the native loop ran
-    for chunk in ("NATIVE_SLICE", "DENSE_CHUNK"):  # what each way slices by: 192 rows in slices of 50
-        monkeypatch.setattr(kernels, chunk, 576 * 50)
+    assert calls == [True]  # the native loop ran, and did not decline
+    monkeypatch.setattr(kernels, "INT4_SLICE_BYTES", 576 * 50 * dense_dtype.itemsize)  # 192 rows in slices of 50, both ways
     sliced = k(x)
-    assert len(calls) == 5
+    assert calls == [True] * 5
     monkeypatch.setenv("HFQUANT_NATIVE_KERNELS", "0")
     calls.clear()
     assert torch.equal(k(x), sliced) and not calls
-    monkeypatch.setattr(kernels, "DENSE_CHUNK", 1 << 24)
+    monkeypatch.setattr(kernels, "INT4_SLICE_BYTES", 1 << 24)
     assert torch.equal(k(x), whole) and not calls
 
 

@@ -240,7 +240,8 @@ def dequant_reference(packed, cols, group, scales_zeros, row0, dtype):
 
 @pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("cols, group", [(576, 64), (1001, 128), (256, 256), (7, 8), (96, 32)])
+@pytest.mark.parametrize("cols, group", [(576, 64), (1001, 128), (256, 256), (7, 8), (96, 32), (1001, 1001),
+                                         (4096, 4096)])
 def test_int4_dequantization_gives_the_kernels_values_bit_for_bit(builds, build, dtype, cols, group):
     """The prefill path's dequantization: every nibble of every byte, ragged last groups (odd ones too), scales of any
     sign and size — equal to the float32 ops and their rounding to bfloat16, on this CPU's build and the portable one;
@@ -284,5 +285,8 @@ def test_int4_dequantization_declines_what_it_does_not_take(builds):
     assert native.dequant_int4(packed, 576, 32, sz, 0, torch.float32) is None  # pairs for another group count
     assert native.dequant_int4(packed, 576, 64, torch.ones(9, 4, 3, dtype=torch.bfloat16), 0, torch.float32) is None
     assert native.dequant_int4(packed.t().contiguous().t(), 576, 64, sz, 0, torch.float32) is None  # not contiguous
-    big = torch.ones(1, 4, 2, dtype=torch.bfloat16)
-    assert native.dequant_int4(packed, 576, 1024, big, 0, torch.float32) is None  # wider than the loop's groups
+    assert native.dequant_int4(packed, 576, 1, torch.ones(576, 4, 2, dtype=torch.bfloat16), 0, torch.float32) is None
+    odd = torch.ones(10, 4, 2, dtype=torch.bfloat16)
+    assert native.dequant_int4(packed, 576, 63, odd, 0, torch.float32) is None  # groups that start mid-byte
+    whole_row = torch.ones(1, 4, 2, dtype=torch.bfloat16)
+    assert native.dequant_int4(packed, 576, 1024, whole_row, 0, torch.float32) is not None  # one group: the row

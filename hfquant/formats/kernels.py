@@ -24,9 +24,11 @@ DENSE_FROM_ROWS = 32
 
 DENSE_CHUNK = 1 << 24  # weights dequantized at most this many elements at a time (64 MB in float32)
 FLOAT_SLICE = 1 << 19  # int8 weights over 2x this many elements are dequantized in float32 slices of this size
-# int4 weights dequantized by the native loop go in slices of this many elements (8 MB in bf16): fastest of 0.5M–16M
-# for Llama-7B-sized layers at 512 rows, in bf16 and float32 (docs/benchmarks.md)
-NATIVE_SLICE = 1 << 22
+# int4 weights are dequantized for prefill in slices of this many bytes (2**23 bf16 or 2**22 float32 weights), by the
+# native loop or the torch ops alike, so both give the same outputs (a GEMM's last bits can depend on its width). The
+# fastest of 1–32 MiB on Llama-7B-sized layers at 512 rows in both dtypes: one size in elements was not (2**23
+# elements is fastest in bf16 and 11% slower than 2**22 in float32; scripts/bench_prefill.py --slice-sweep)
+INT4_SLICE_BYTES = 1 << 24
 
 
 def by_output_rows(out_features: int, in_features: int, gemm, slice_elements: Optional[int] = None,
@@ -226,7 +228,7 @@ class Int4WeightLinear(_KernelLinear):
             return F.linear(x2, self.dequantize_eager(packed, rows).to(dtype) if w is None else w)
 
         return by_output_rows(self.out_features, self.in_features, rows_of,
-                              slice_elements=NATIVE_SLICE if lib is not None else None)
+                              slice_elements=INT4_SLICE_BYTES // dtype.itemsize)
 
     def dequantize_eager(self, packed: torch.Tensor, rows: slice) -> torch.Tensor:
         """The dense path's weights in float32 with torch ops, where the one-pass native loop is not available (no C

@@ -1,8 +1,10 @@
 """hfquant's fused CPU loops for the passes every weight goes through — its min / max per group, its codes with their
 squared error, and their 2- / 4-bit packing — one trip through memory each instead of a chain of eager ops per row
-chunk (docs/benchmarks.md, "Weight quantization primitives"). Same numbers as the eager path: the same IEEE float32 division and half-to-even
-rounding, so the codes are bit-identical (tests/test_native_kernels.py); the error sums are float32 per group, as the
-eager path's, and float64 across groups.
+chunk (docs/benchmarks.md, "Weight quantization primitives"); and, at run time, the `cpu` backend's int4 weights
+dequantized for prefill in one pass (`dequant_int4`; the first such prefill on a machine may wait for the build).
+Same numbers as the eager path: the same IEEE float32 division and half-to-even rounding, so the codes are
+bit-identical (tests/test_native_kernels.py); the error sums are float32 per group, as the eager path's, and float64
+across groups.
 
 The C source (`native_kernels.c`) is compiled on first use with the system's C compiler (`$CC`, else `cc`) into
 `$HFQUANT_CACHE/native/`, keyed by the source, the compiler and the instruction sets it resolves for this CPU; a cache
@@ -237,18 +239,20 @@ def dequant_int4(packed: torch.Tensor, in_features: int, group: int, scales_zero
     """Rows of packed int4 codes (uint8, low nibble first, stored value q in 0..15) as (q − 8)·scale + zero in
     `out_dtype` (float32 or bfloat16), one pass: the dense (prefill) path of `formats.kernels.Int4WeightLinear`, whose
     eager version is seven torch ops over the weight. `scales_zeros`: the int4 kernel's (groups, out, 2) bfloat16
-    pairs; `packed`'s first row is row `row0` there. None when this path does not apply (the caller's torch ops run)."""
+    pairs; `packed`'s first row is row `row0` there. The values are bit-identical to the torch ops' for finite scales
+    and zeros. None when this path does not apply (the caller's torch ops run)."""
     if (packed.dim() != 2 or packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.device.type != "cpu"
             or packed.shape[1] != -(-in_features // 2) or out_dtype not in (torch.float32, torch.bfloat16)
             or scales_zeros.dtype != torch.bfloat16 or not scales_zeros.is_contiguous() or scales_zeros.dim() != 3
             or scales_zeros.device.type != "cpu" or scales_zeros.shape[0] != -(-in_features // group)
             or scales_zeros.shape[2] != 2
-            or not 0 <= row0 <= scales_zeros.shape[1] - packed.shape[0] or packed.numel() == 0):
+            or not 0 <= row0 <= scales_zeros.shape[1] - packed.shape[0] or packed.numel() == 0
+            or group < 2 or (group % 2 and group < in_features)):  # the C loop's rule: a group starts on a whole byte
         return None
     lib = lib or library()
     if lib is None:
         return None
-    out = torch.empty(packed.shape[0], in_features, dtype=out_dtype)
+    out = torch.empty(packed.shape[0], in_features, dtype=out_dtype, device="cpu")
     # one thread below THREADS_FROM elements: starting a second costs more than it saves (~70 µs vs 0.1 ms for a
     # 1536 × 576 weight on one core; docs/benchmarks.md)
     threads = torch.get_num_threads() if out.numel() >= THREADS_FROM else 1

@@ -6,8 +6,12 @@
  *
  * Layout: x is a contiguous (rows, cols) weight in bfloat16, float16 or float32. Column c belongs to group c / group
  * (the last group may be shorter); per-group values live at [row * groups + c / group]. Channel strategy is
- * group == cols. Every function returns 0, or 1 when the weight holds NaN or Inf (the caller then takes the eager
- * path, which names the problem). Work is split across `threads` POSIX threads by rows.
+ * group == cols. Every function returns 0, 1 when the weight holds NaN or Inf (the caller then takes the eager
+ * path, which names the problem), or 2 for arguments its loop does not take. Work is split across `threads` POSIX
+ * threads by rows.
+ *
+ * One more loop runs at inference, not quantization: hfq_dequant_int4 turns the cpu backend's packed int4 codes back
+ * into float32 or bfloat16 weights for a prefill GEMM (layout at its definition).
  */
 #include <math.h>
 #include <pthread.h>
@@ -97,7 +101,8 @@ static inline float hmax8(__m256 v) {
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
-/* bfloat16 bits of 8 floats (in the low half of each 32-bit lane), rounded to nearest even; NaN → 0x7FC0 */
+/* bfloat16 bits of 8 floats (in the low half of each 32-bit lane), rounded to nearest even as torch does for finite
+ * values; NaN → 0x7FC0 (a quiet NaN; torch's own bits for NaN differ by path) */
 static inline __m256i bf16_bits8(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -281,7 +286,8 @@ static void *pack_worker(void *arg) {
     return NULL;
 }
 
-/* bfloat16 bits of a float, rounded to nearest even — what torch's float → bfloat16 conversion gives (NaN → 0x7FC0). */
+/* bfloat16 bits of a float, rounded to nearest even — what torch's float → bfloat16 conversion gives for finite values
+ * (NaN → 0x7FC0, a quiet NaN; torch's bits for NaN differ by path). */
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -293,7 +299,8 @@ static inline uint16_t to_bf16(float f) {
  * int4 kernel's rule, into float32 or bfloat16 rows of `cols` values. (scale, zero) are bfloat16 pairs in the kernel's
  * layout (groups, sz_rows, 2), per group of `group` columns; row r of this call is row sz_row0 + r there. (q − 8)·scale
  * is exact in float32 (a 4-bit integer times a bfloat16), so the one rounding is the add's, with or without a fused
- * multiply-add: the values are bit-identical to the eager path's float32 addcmul (and its bfloat16 conversion).
+ * multiply-add: for finite scales and zeros the values are bit-identical to the eager path's float32 addcmul (and its
+ * bfloat16 conversion).
  * Each group's 16 possible values are computed once; the codes then look them up (with AVX2, 16 bytes of codes at a
  * time through byte shuffles). */
 static void *dequant_int4_worker(void *arg) {
@@ -449,10 +456,10 @@ int hfq_pack(const uint8_t *codes, int64_t rows, int64_t cols, int bits, int qmi
 
 /* packed: (rows, ceil(cols / 2)) int4 codes; sz: the int4 kernel's (groups, sz_rows, 2) bfloat16 (scale, zero) pairs,
  * this call's rows starting at row sz_row0; out: (rows, cols) float32 (out_bf16 = 0) or bfloat16 (1). Returns 0, or 2
- * for a group wider than 512 columns or an odd group (in any group but the last), which this loop does not take. */
+ * for a group under 2 columns or an odd group that is not the whole row (each group must start on a whole byte). */
 int hfq_dequant_int4(const uint8_t *packed, int64_t rows, int64_t cols, int64_t group, const uint16_t *sz,
                      int64_t sz_rows, int64_t sz_row0, int out_bf16, void *out, int threads) {
-    if (group < 2 || group > 512 || (group % 2 && group < cols)) return 2;
+    if (group < 2 || (group % 2 && group < cols)) return 2;
     job proto = {.in = packed, .rows = rows, .cols = cols, .group = group, .sz = sz, .sz_rows = sz_rows,
                  .sz_row0 = sz_row0, .out_bf16 = out_bf16, .out = out};
     return run_split(dequant_int4_worker, &proto, threads, NULL);
