@@ -233,7 +233,7 @@ class Int4WeightLinear(_KernelLinear):
     def dequantize_eager(self, packed: torch.Tensor, rows: slice) -> torch.Tensor:
         """The dense path's weights in float32 with torch ops, where the one-pass native loop is not available (no C
         compiler, `HFQUANT_NATIVE_KERNELS=0`): the same values; a Llama-7B-sized layer's 512-row forward takes
-        2.5–2.9x as long this way (scripts/bench_prefill.py)."""
+        1.5–1.8x as long this way with a bf16 GEMM, 1.1–1.2x with a float32 one (scripts/bench_prefill.py)."""
         sz = self._scales_zeros.transpose(0, 1)[rows]  # (rows, groups, 2)
         n = packed.shape[0]
         # both nibbles written straight into their float slots (one strided copy each, no stacked byte tensor: 6.8x
