@@ -72,7 +72,8 @@ def layer_times(model, repeats: int) -> list:
     """One 512-row forward of each int4 weight shape of the model and of Llama-2-7B on the dense path, its weights
     dequantized both ways, against a float32 GEMM of the same shape (median ms; interleaved), and whether the two
     ways' outputs are equal bit for bit."""
-    shapes = sorted({(m.out_features, m.in_features) for m in model.modules() if isinstance(m, kernels.Int4WeightLinear)})
+    shapes = sorted({(m.out_features, m.in_features) for m in model.modules()
+                     if isinstance(m, kernels.Int4WeightLinear)})
     rows = []
     for source, shape in [("embedded model", s) for s in shapes] + [("Llama-2-7B shape", s) for s in LLAMA_7B_SHAPES]:
         torch.manual_seed(0)
@@ -103,6 +104,7 @@ def slice_sweep(repeats: int, exponents=range(20, 26)) -> list:
     chosen. Each row also says whether every slice size gave the same output bit for bit (GEMM libraries may block a
     narrower output differently, so this is measured, not assumed)."""
     default = kernels.INT4_SLICE_BYTES
+    native_dequant(True)
     rows = []
     try:
         for shape in LLAMA_7B_SHAPES:
@@ -185,11 +187,11 @@ def main() -> None:
     print("\n| variant | prefill tok/s (median) | ×fp32 |\n|---|---|---|")
     for row in rows:
         print(f"| {row['variant']} | {row['prefill_tok_s']:.0f} | {row['ratio_to_fp32']:.2f} |")
-    print("\n| layer (out × in), 512 rows | eager dequantize + GEMM ms | native + GEMM ms | fp32 GEMM ms | eager ×fp32 | "
-          "native ×fp32 | same output |\n|---|---|---|---|---|---|---|")
+    print("\n| layer (out × in), 512 rows | eager dequantize + GEMM ms | native + GEMM ms | fp32 GEMM ms | "
+          "eager ×fp32 | native ×fp32 | same output |\n|---|---|---|---|---|---|---|")
     for row in layers:
-        print(f"| {row['source']} {row['shape'][0]} × {row['shape'][1]} | {row['eager_ms']:.2f} | {row['native_ms']:.2f} | "
-              f"{row['fp32_gemm_ms']:.2f} | {row['fp32_gemm_ms'] / row['eager_ms']:.2f} | "
+        print(f"| {row['source']} {row['shape'][0]} × {row['shape'][1]} | {row['eager_ms']:.2f} | "
+              f"{row['native_ms']:.2f} | {row['fp32_gemm_ms']:.2f} | {row['fp32_gemm_ms'] / row['eager_ms']:.2f} | "
               f"{row['fp32_gemm_ms'] / row['native_ms']:.2f} | {row['same_output_both_ways']} |")
     if sweep:
         keys = [k for k in sweep[0] if k.endswith("_ms")]

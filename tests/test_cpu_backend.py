@@ -96,7 +96,8 @@ def test_prefill_rows_take_the_dense_path_with_the_same_numbers(case, dense_dtyp
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] is Int4WeightLinear], ids=["w4a16", "w4a16-asym", "w4-unsigned-g64", "w4-float-zero"])
 def test_int4_prefill_is_the_same_with_and_without_the_native_loop(case, dense_dtype, monkeypatch):
     """The dense path dequantizes int4 weights in one native pass where hfquant's C loops are built, with torch ops
-    elsewhere: the same outputs bit for bit, whole and in slices of output rows (both ways slice at `INT4_SLICE_BYTES`)."""
+    elsewhere: the same outputs bit for bit, whole and in slices of output rows — both ways slice at
+    `INT4_SLICE_BYTES`, which the row slices each way receives show (a GEMM's last bits can depend on its width)."""
     from hfquant.quant import native
 
     if native.library() is None:
@@ -108,25 +109,35 @@ def test_int4_prefill_is_the_same_with_and_without_the_native_loop(case, dense_d
     s, z = compute_qparams(*min_max(lin.weight, w_args), w_args)
     k = kernel_module_for(QuantLinear.from_linear(lin, w_args, s.bfloat16().float(), z))
     x = torch.randn(64, 576)
-    calls = []
-    dequant = native.dequant_int4
+    native_rows, eager_rows = [], []  # (first row, row count) of each weight slice each way dequantized
+    dequant, eager = native.dequant_int4, Int4WeightLinear.dequantize_eager
 
-    def counted(*a, **kw):  # records whether the native loop produced the weights (None: the torch ops ran instead)
-        out = dequant(*a, **kw)
-        calls.append(out is not None)
+    def counted_native(packed, in_features, group, scales_zeros, row0, *a, **kw):  # only slices it produced
+        out = dequant(packed, in_features, group, scales_zeros, row0, *a, **kw)
+        if out is not None:  # (None: it declined, and the torch ops ran)
+            native_rows.append((row0, packed.shape[0]))
         return out
 
-    monkeypatch.setattr(native, "dequant_int4", counted)
+    def counted_eager(self, packed, rows):
+        eager_rows.append((rows.start or 0, packed.shape[0]))
+        return eager(self, packed, rows)
+
+    monkeypatch.setattr(native, "dequant_int4", counted_native)
+    monkeypatch.setattr(Int4WeightLinear, "dequantize_eager", counted_eager)
+    default_slice = kernels.INT4_SLICE_BYTES
     whole = k(x)
-    assert calls == [True]  # the native loop ran, and did not decline
-    monkeypatch.setattr(kernels, "INT4_SLICE_BYTES", 576 * 50 * dense_dtype.itemsize)  # 192 rows in slices of 50, both ways
+    assert native_rows == [(0, 192)] and not eager_rows  # the native loop ran, and did not decline
+    slices = [(0, 50), (50, 50), (100, 50), (150, 42)]
+    monkeypatch.setattr(kernels, "INT4_SLICE_BYTES", 576 * 50 * dense_dtype.itemsize)  # 192 rows in slices of 50
+    native_rows.clear()
     sliced = k(x)
-    assert calls == [True] * 5
+    assert native_rows == slices and not eager_rows
     monkeypatch.setenv("HFQUANT_NATIVE_KERNELS", "0")
-    calls.clear()
-    assert torch.equal(k(x), sliced) and not calls
-    monkeypatch.setattr(kernels, "INT4_SLICE_BYTES", 1 << 24)
-    assert torch.equal(k(x), whole) and not calls
+    native_rows.clear()
+    assert torch.equal(k(x), sliced) and eager_rows == slices and not native_rows
+    monkeypatch.setattr(kernels, "INT4_SLICE_BYTES", default_slice)
+    eager_rows.clear()
+    assert torch.equal(k(x), whole) and eager_rows == [(0, 192)] and not native_rows
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])

@@ -190,7 +190,7 @@ def test_no_compiler_means_the_eager_path(monkeypatch, tmp_path, caplog):
         lo, hi = min_max(w, args)
         codes = quantize(w, *compute_qparams(lo, hi, args), args)
     assert codes.shape == (40, 64)
-    assert "native quantization kernels are unavailable (no C compiler" in caplog.text
+    assert "native kernels are unavailable (no C compiler" in caplog.text
     assert not os.path.exists(tmp_path / "cache" / "native")  # nothing written
 
 
@@ -255,9 +255,8 @@ def test_int4_dequantization_gives_the_kernels_values_bit_for_bit(builds, build,
     for row0, part in [(0, packed), (5, packed[:30])]:
         expected = dequant_reference(part, cols, group, scales_zeros, row0, dtype)
         got = native.dequant_int4(part.contiguous(), cols, group, scales_zeros, row0, dtype, builds[build])
-        assert got.dtype == dtype and torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                                                  expected.view(got.view(torch.int16 if dtype == torch.bfloat16
-                                                                         else torch.int32).dtype))
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # compared as bit patterns
+        assert got.dtype == dtype and torch.equal(got.view(bits), expected.view(bits))
 
 
 def test_int4_dequantization_splits_rows_across_threads_the_same(builds, monkeypatch):
@@ -290,3 +289,27 @@ def test_int4_dequantization_declines_what_it_does_not_take(builds):
     assert native.dequant_int4(packed, 576, 63, odd, 0, torch.float32) is None  # groups that start mid-byte
     whole_row = torch.ones(1, 4, 2, dtype=torch.bfloat16)
     assert native.dequant_int4(packed, 576, 1024, whole_row, 0, torch.float32) is not None  # one group: the row
+    assert native.dequant_int4(packed, 576, 0, sz, 0, torch.float32) is None  # no groups at all: declined, no raise
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_int4_dequantization_library_refuses_what_its_wrapper_would(builds, build):
+    """The C entry point checks its own arguments too (status 2, nothing written): a caller that skips the Python
+    wrapper cannot make it read past the (scale, zero) pairs or start a group mid-byte."""
+    lib = builds[build]
+    packed = torch.zeros(4, 288, dtype=torch.uint8)
+    sz = torch.ones(10, 4, 2, dtype=torch.bfloat16)
+    out = torch.full((4, 576), 7.0)
+
+    def status(group, sz_rows, row0, rows=4):
+        return lib.hfq_dequant_int4(packed.data_ptr(), rows, 576, group, sz.data_ptr(), sz_rows, row0, 0,
+                                    out.data_ptr(), 1)
+
+    assert status(64, 4, 0) == 0 and torch.equal(out, torch.full((4, 576), -7.0))  # (0 − 8)·1 + 1
+    out.fill_(7.0)
+    assert status(63, 4, 0) == 2  # odd groups that start mid-byte
+    assert status(1, 4, 0) == 2
+    assert status(64, 4, 1) == 2  # rows 1..4 of 4 pairs
+    assert status(64, 4, -1) == 2
+    assert status(64, 4, 0, rows=-1) == 2
+    assert torch.equal(out, torch.full((4, 576), 7.0))  # nothing written

@@ -26,8 +26,8 @@ DENSE_CHUNK = 1 << 24  # weights dequantized at most this many elements at a tim
 FLOAT_SLICE = 1 << 19  # int8 weights over 2x this many elements are dequantized in float32 slices of this size
 # int4 weights are dequantized for prefill in slices of this many bytes (2**23 bf16 or 2**22 float32 weights), by the
 # native loop or the torch ops alike, so both give the same outputs (a GEMM's last bits can depend on its width). The
-# fastest of 1–32 MiB on Llama-7B-sized layers at 512 rows in both dtypes: one size in elements was not (2**23
-# elements is fastest in bf16 and 11% slower than 2**22 in float32; scripts/bench_prefill.py --slice-sweep)
+# fastest of 1–32 MiB summed over Llama-7B's three layer shapes at 512 rows, in both dtypes; one size in elements was
+# not (2**23 elements: the fastest in bf16, 6% slower in float32; scripts/bench_prefill.py --slice-sweep)
 INT4_SLICE_BYTES = 1 << 24
 
 

@@ -38,7 +38,7 @@ log = logging.getLogger("hfquant")
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_kernels.c")
 DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-THREADS_FROM = 1 << 21  # dequantize_int4 splits a weight across threads from this many elements on
+THREADS_FROM = 1 << 21  # dequant_int4 splits a weight across torch's threads from this many elements on
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-pthread"]
 
 _lock = threading.Lock()
@@ -62,8 +62,9 @@ def library() -> Optional[ctypes.CDLL]:
             try:
                 _library = _cached_or_private()
             except Exception as exc:  # whatever a compiler or loader does, quantizing goes on without them
-                log.info("hfquant's native quantization kernels are unavailable (%s); the eager path runs instead "
-                         "(same codes, slower)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                log.info("hfquant's native kernels are unavailable (%s); torch ops run instead (same codes and "
+                         "weights, slower quantization and int4 prefill)",
+                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 _library = None
             _tried = True  # after `_library` is set: the unlocked check above must not see a half-done build
         return _library
@@ -239,15 +240,16 @@ def dequant_int4(packed: torch.Tensor, in_features: int, group: int, scales_zero
     """Rows of packed int4 codes (uint8, low nibble first, stored value q in 0..15) as (q − 8)·scale + zero in
     `out_dtype` (float32 or bfloat16), one pass: the dense (prefill) path of `formats.kernels.Int4WeightLinear`, whose
     eager version is seven torch ops over the weight. `scales_zeros`: the int4 kernel's (groups, out, 2) bfloat16
-    pairs; `packed`'s first row is row `row0` there. The values are bit-identical to the torch ops' for finite scales
-    and zeros. None when this path does not apply (the caller's torch ops run)."""
-    if (packed.dim() != 2 or packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.device.type != "cpu"
+    pairs; `packed`'s first row is row `row0` there. The values are bit-identical to the torch ops' for finite
+    results. None when this path does not apply (the caller's torch ops run)."""
+    if (group < 2 or (group % 2 and group < in_features)  # the C loop's rule: each group starts on a whole byte
+            or packed.dim() != 2 or packed.dtype != torch.uint8 or not packed.is_contiguous()
+            or packed.device.type != "cpu"
             or packed.shape[1] != -(-in_features // 2) or out_dtype not in (torch.float32, torch.bfloat16)
             or scales_zeros.dtype != torch.bfloat16 or not scales_zeros.is_contiguous() or scales_zeros.dim() != 3
             or scales_zeros.device.type != "cpu" or scales_zeros.shape[0] != -(-in_features // group)
             or scales_zeros.shape[2] != 2
-            or not 0 <= row0 <= scales_zeros.shape[1] - packed.shape[0] or packed.numel() == 0
-            or group < 2 or (group % 2 and group < in_features)):  # the C loop's rule: a group starts on a whole byte
+            or not 0 <= row0 <= scales_zeros.shape[1] - packed.shape[0] or packed.numel() == 0):
         return None
     lib = lib or library()
     if lib is None:
@@ -257,5 +259,6 @@ def dequant_int4(packed: torch.Tensor, in_features: int, group: int, scales_zero
     # 1536 × 576 weight on one core; docs/benchmarks.md)
     threads = torch.get_num_threads() if out.numel() >= THREADS_FROM else 1
     status = lib.hfq_dequant_int4(packed.data_ptr(), packed.shape[0], in_features, group, scales_zeros.data_ptr(),
-                                  scales_zeros.shape[1], row0, int(out_dtype == torch.bfloat16), out.data_ptr(), threads)
+                                  scales_zeros.shape[1], row0, int(out_dtype == torch.bfloat16), out.data_ptr(),
+                                  threads)
     return out if status == 0 else None

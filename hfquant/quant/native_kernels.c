@@ -298,11 +298,10 @@ static inline uint16_t to_bf16(float f) {
 /* Rows of int4 codes (packed low nibble first, stored value q in 0..15) dequantized as (q − 8)·scale + zero, the
  * int4 kernel's rule, into float32 or bfloat16 rows of `cols` values. (scale, zero) are bfloat16 pairs in the kernel's
  * layout (groups, sz_rows, 2), per group of `group` columns; row r of this call is row sz_row0 + r there. (q − 8)·scale
- * is exact in float32 (a 4-bit integer times a bfloat16), so the one rounding is the add's, with or without a fused
- * multiply-add: for finite scales and zeros the values are bit-identical to the eager path's float32 addcmul (and its
- * bfloat16 conversion).
- * Each group's 16 possible values are computed once; the codes then look them up (with AVX2, 16 bytes of codes at a
- * time through byte shuffles). */
+ * is exact in float32 (a 4-bit integer times a bfloat16) unless it overflows, so the one rounding is the add's, with
+ * or without a fused multiply-add: for finite products the values are bit-identical to the eager path's float32
+ * addcmul (and its bfloat16 conversion). Each group's 16 possible values are computed once; the codes then look them
+ * up (with AVX2, 16 bytes of codes at a time: byte shuffles for bfloat16, lane permutes for float32). */
 static void *dequant_int4_worker(void *arg) {
     job *j = (job *)arg;
     const int64_t cols = j->cols, width = (cols + 1) / 2, group = j->group, groups = groups_of(cols, group);
@@ -325,8 +324,9 @@ static void *dequant_int4_worker(void *arg) {
             if (j->out_bf16) {
                 const __m256i r0 = bf16_bits8(t0), r1 = bf16_bits8(t1); /* 32-bit lanes holding bfloat16 bits */
                 const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8); /* entries 0..15 */
-                const __m256i split = _mm256_shuffle_epi8(words, _mm256_setr_epi8(
-                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+                const __m256i split = _mm256_shuffle_epi8(words, _mm256_setr_epi8( /* low bytes, then high */
+                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
                 const __m128i first = _mm256_castsi256_si128(split), second = _mm256_extracti128_si256(split, 1);
                 tlo = _mm_unpacklo_epi64(first, second);
                 thi = _mm_unpackhi_epi64(first, second);
@@ -456,10 +456,12 @@ int hfq_pack(const uint8_t *codes, int64_t rows, int64_t cols, int bits, int qmi
 
 /* packed: (rows, ceil(cols / 2)) int4 codes; sz: the int4 kernel's (groups, sz_rows, 2) bfloat16 (scale, zero) pairs,
  * this call's rows starting at row sz_row0; out: (rows, cols) float32 (out_bf16 = 0) or bfloat16 (1). Returns 0, or 2
- * for a group under 2 columns or an odd group that is not the whole row (each group must start on a whole byte). */
+ * for a group under 2 columns, an odd group that is not the whole row (each group must start on a whole byte), or
+ * rows outside the pairs. */
 int hfq_dequant_int4(const uint8_t *packed, int64_t rows, int64_t cols, int64_t group, const uint16_t *sz,
                      int64_t sz_rows, int64_t sz_row0, int out_bf16, void *out, int threads) {
     if (group < 2 || (group % 2 && group < cols)) return 2;
+    if (rows < 0 || cols < 1 || sz_row0 < 0 || sz_row0 + rows > sz_rows) return 2; /* rows past the pairs' end */
     job proto = {.in = packed, .rows = rows, .cols = cols, .group = group, .sz = sz, .sz_rows = sz_rows,
                  .sz_row0 = sz_row0, .out_bf16 = out_bf16, .out = out};
     return run_split(dequant_int4_worker, &proto, threads, NULL);
