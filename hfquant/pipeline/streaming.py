@@ -326,7 +326,9 @@ class ModuleQuantizer:
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)
             quantize_module(self.chain, mp, linear, self.scheme, self.make_observer, self.round_scale)
         out = self.format.compress(mp, {"weight": weight, **({"bias": bias} if bias is not None else {})})
-        mp.weight_codes = None  # written: the codes need not stay in memory
+        # compressed: neither the codes nor the per-group scales need stay in memory. The scales (with int32 zero
+        # points, 8 bytes per group of 128) were kept once, and grew a 28 GiB w4a16 stream's RSS by ~0.9 GiB.
+        mp.weight_codes = mp.weight_qparams = None
         return out
 
     def stats(self) -> dict:

@@ -138,6 +138,25 @@ def test_reader_reads_one_tensor_at_a_time(tiny_llm_dir, tmp_path, monkeypatch):
     assert torch.is_tensor(load_file(str(tmp_path / "out" / "model" / "model.safetensors"))["model.norm.weight"])
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_a_compressed_module_keeps_nothing_of_its_weight_in_memory(tiny_llm_dir, tmp_path, monkeypatch, scheme):
+    """Once a module's tensors are laid out for the writer, its plan holds neither codes nor weight scales: memory
+    stays flat over a stream instead of growing with the model (per-group scales and zero points kept for every
+    module once raised a 28 GiB w4a16 run's peak RSS by ~0.9 GiB). Static input scales stay: they are per tensor."""
+    plans = []
+    original = streaming.ModuleQuantizer.__call__
+
+    def recording(self, mp, *args, **kwargs):
+        out = original(self, mp, *args, **kwargs)
+        plans.append(mp)
+        return out
+
+    monkeypatch.setattr(streaming.ModuleQuantizer, "__call__", recording)
+    run(compose(_overrides(tiny_llm_dir, tmp_path / "out", f"scheme={scheme}", "pipeline=streaming",
+                           "scheme.weights.group_size=32" if scheme == "w4a16" else "max_shard_size=5GB")))
+    assert plans and all(mp.weight_codes is None and mp.weight_qparams is None for mp in plans)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
 def test_default_model_streams_to_the_same_bytes(tmp_path, scheme):
